@@ -1,0 +1,270 @@
+"""Configuration dataclasses: frozen, validated at construction, loaded from and saved to YAML.
+
+`ConfigBase` gives every config the same behaviour: `from_dict` rejects unknown keys (listing the
+valid ones), nested configs are rebuilt from nested dicts, `to_dict`/`to_yaml`/`from_yaml` round
+trip, and `replace(**changes)` re-validates.  Subsystem configs (MoE, SSM, HRM, train, RL, quant)
+live beside their code and subclass `ConfigBase`; `ModelConfig` is the decoder's single source of
+truth for shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+
+import yaml
+
+T = TypeVar("T", bound="ConfigBase")
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check(cond: bool, field: str, value: Any, why: str) -> None:
+    """Raise ValueError naming `field` and `value` unless `cond` holds."""
+    if not cond:
+        raise ValueError(f"invalid config: {field}={value!r}: {why}")
+
+
+def check_positive(obj: Any, *fields: str) -> None:
+    for f in fields:
+        v = getattr(obj, f)
+        check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, f, v, "must be > 0")
+
+
+def check_choice(obj: Any, field: str, choices: Sequence[Any]) -> None:
+    v = getattr(obj, field)
+    check(v in choices, field, v, f"must be one of {list(choices)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigBase:
+    """Frozen dataclass with strict dict/YAML round trips. Subclasses validate in `validate()`."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # overridden by subclasses
+        pass
+
+    # ---- dict / yaml -------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls: Type[T], d: Mapping[str, Any]) -> T:
+        """Build from a mapping; unknown keys raise ValueError listing the valid ones."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{cls.__name__}.from_dict expects a mapping, got {type(d).__name__}")
+        valid = cls.field_names()
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(valid)}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for k, v in d.items():
+            kwargs[k] = _coerce(hints.get(k), v)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, ConfigBase):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = [x.to_dict() if isinstance(x, ConfigBase) else (list(x) if isinstance(x, tuple) else x) for x in v]
+            elif isinstance(v, dict):
+                v = dict(v)
+            out[f.name] = v
+        return out
+
+    def to_yaml(self, path: Optional[str | Path] = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls: Type[T], path_or_text: str | Path, **overrides: Any) -> T:
+        """Load from a YAML file path (or YAML text); `overrides` replace keys after loading."""
+        p = Path(path_or_text)
+        if isinstance(path_or_text, Path) or (len(str(path_or_text)) < 4096 and p.suffix in (".yaml", ".yml")):
+            if not p.exists():
+                raise FileNotFoundError(f"config file not found: {p}")
+            data = yaml.safe_load(p.read_text()) or {}
+        else:
+            data = yaml.safe_load(str(path_or_text)) or {}
+        data.update(overrides)
+        return cls.from_dict(data)
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(hint: Any, v: Any) -> Any:
+    """Turn YAML values (lists, dicts) into the dataclass field's declared type."""
+    if v is None or hint is None:
+        return v
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        non_none = [a for a in args if a is not type(None)]
+        for a in non_none:
+            if isinstance(a, type) and issubclass(a, ConfigBase) and isinstance(v, Mapping):
+                return a.from_dict(v)
+        if len(non_none) == 1:
+            return _coerce(non_none[0], v)
+        return v
+    if isinstance(hint, type) and issubclass(hint, ConfigBase) and isinstance(v, Mapping):
+        return hint.from_dict(v)
+    if origin in (tuple, Tuple) and isinstance(v, (list, tuple)):
+        inner = args[0] if args else None
+        return tuple(_coerce(inner, x) if inner not in (Ellipsis,) else x for x in v)
+    if hint is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    return v
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling(ConfigBase):
+    """RoPE scaling as transformers defines it (`rope_scaling` / `rope_parameters` in config.json)."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: Optional[int] = None
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    attention_factor: Optional[float] = None
+    truncate: bool = True
+
+    def validate(self) -> None:
+        check_choice(self, "rope_type", ROPE_TYPES)
+        check(self.factor > 0, "rope_scaling.factor", self.factor, "must be > 0")
+        if self.rope_type == "llama3":
+            check(self.original_max_position_embeddings is not None and self.original_max_position_embeddings > 0,
+                  "rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings,
+                  "llama3 scaling needs it")
+            check(self.high_freq_factor > self.low_freq_factor, "rope_scaling.high_freq_factor",
+                  self.high_freq_factor, "must exceed low_freq_factor")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(ConfigBase):
+    """Decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 families)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: Optional[int] = None  # default hidden_size // num_attention_heads
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    partial_rotary_factor: float = 1.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # qkv bias (Qwen2); o_proj never has one in these families
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    sliding_window: Optional[int] = None  # keys at distance >= window are masked (Mistral)
+    max_position_embeddings: int = 4096
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype
+    model_type: str = "llama"  # family tag used by the bridge
+    attn_impl: str = "auto"  # "auto" | "xla" | "pallas" : kernels dispatcher choice
+    norm_impl: str = "auto"
+    mlp_impl: str = "auto"
+    scan_layers: bool = True
+    remat: str = "none"  # "none" | "full" | "dots_saveable"
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[Tuple[int, ...]] = None
+    pad_token_id: Optional[int] = None
+
+    def validate(self) -> None:
+        check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "num_key_value_heads", "rope_theta", "rms_norm_eps",
+                       "max_position_embeddings")
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            v = getattr(self, f)
+            check(isinstance(v, int) and not isinstance(v, bool), f, v, "must be an integer")
+        check(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+              self.num_key_value_heads, f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is None:
+            check(self.hidden_size % self.num_attention_heads == 0, "hidden_size", self.hidden_size,
+                  f"must be divisible by num_attention_heads={self.num_attention_heads} when head_dim is unset")
+        else:
+            check(isinstance(self.head_dim, int) and self.head_dim > 0 and self.head_dim % 2 == 0,
+                  "head_dim", self.head_dim, "must be a positive even integer")
+        check(0.0 < self.partial_rotary_factor <= 1.0, "partial_rotary_factor", self.partial_rotary_factor,
+              "must be in (0, 1]")
+        check(self.rotary_dim % 2 == 0, "partial_rotary_factor", self.partial_rotary_factor,
+              f"gives an odd rotary dim {self.rotary_dim}")
+        if self.sliding_window is not None:
+            check(isinstance(self.sliding_window, int) and self.sliding_window > 0, "sliding_window",
+                  self.sliding_window, "must be a positive integer or None")
+        check_choice(self, "param_dtype", _DTYPES)
+        check_choice(self, "dtype", _DTYPES)
+        for f in ("attn_impl", "norm_impl", "mlp_impl"):
+            check_choice(self, f, ("auto", "xla", "pallas", "triton", "mosaic"))
+        check_choice(self, "remat", ("none", "full", "dots_saveable"))
+        if self.eos_token_id is not None:
+            check(all(isinstance(t, int) and 0 <= t < self.vocab_size for t in self.eos_token_id),
+                  "eos_token_id", self.eos_token_id, "ids must be in [0, vocab_size)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.resolved_head_dim * self.partial_rotary_factor)
+
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        d, f, hd = self.hidden_size, self.intermediate_size, self.resolved_head_dim
+        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.attention_bias else 0)
+        attn += 2 * hd if self.qk_norm else 0
+        layer = attn + 3 * d * f + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * layer + emb + d
+
+
+def dtype_of(name: str):
+    """The jnp dtype for a config dtype string."""
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """`key=value` CLI overrides (values parsed as YAML scalars; dotted keys make nested dicts)."""
+    out: dict = {}
+    for it in items:
+        if "=" not in it:
+            raise ValueError(f"override {it!r} is not of the form key=value")
+        k, v = it.split("=", 1)
+        node = out
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(v)
+    return out
+

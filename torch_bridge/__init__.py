@@ -1,0 +1,1 @@
+"""Bridge between Hugging Face / torch checkpoints (safetensors, GGUF) and iva-jax params."""

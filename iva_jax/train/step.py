@@ -1,0 +1,367 @@
+"""Train state, losses, and the jitted train / eval step builders (model-agnostic).
+
+Model protocol (anything flax-like):
+    apply_fn(variables, input_ids, *, rngs=..., mutable=["losses", "metrics"], **forward_kwargs)
+      -> (out, collections)
+  * `variables = {"params": trainable}` plus `{"frozen": state.frozen}` when the state has frozen
+    weights (LoRA's base); params are cast to `compute_dtype` for the call (f32 master weights stay).
+  * `out` is `logits [B, S, V]` or `(logits, extras)`; `extras["mtp_logits"]` is a sequence of K
+    logits arrays, head k (1-based) predicting the token k positions after the next one.
+  * Every leaf the model sows into the "losses" collection (`self.sow("losses", name, scalar)`; under
+    `nn.scan` a per-layer stack) is summed, times `aux_loss_coef`, and added to the objective: MoE
+    balance / router z losses go there, already weighted by the model's own coefficients.
+  * Leaves sown into "metrics" are averaged and reported as `metrics["model/<path>"]`.
+  * Forward kwargs: batch entries named in `forward_keys` (default segment_ids, positions) when present.
+
+Batch: `input_ids [B, S]`; optional `labels [B, S]` (HF convention: aligned with the inputs, shifted
+here; -100 ignored), `loss_mask [B, S]` (aligned with labels), `segment_ids` (packing: targets in
+another segment, or in segment 0 = padding, are ignored), `positions`.
+
+Gradient accumulation splits the batch into `microbatches` strided slices (row j goes to slice
+j % M, so every slice spans all data shards) and scans over them.  Token losses are summed and
+divided by the token count of the whole batch, so the gradient equals the large-batch gradient
+exactly; sown aux losses are averaged over the slices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from iva_jax.config import dtype_of
+from iva_jax.parallel.mesh import mesh_context
+from iva_jax.parallel.rules import DEFAULT_RULES
+from iva_jax.parallel.sharding import batch_sharding, replicated, sharded_jit, tree_shardings, unbox
+from iva_jax.train.config import TrainConfig
+from iva_jax.train.optim import optimizer_metrics
+from iva_jax.train.remat import remat_module, remat_policy  # noqa: F401  (re-exported: one lookup)
+
+IGNORE_INDEX = -100
+DEFAULT_FORWARD_KEYS = ("segment_ids", "positions")
+
+
+# ------------------------------------------------------------------------------------------------
+# state
+# ------------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class TrainState:
+    """step (train_step calls), params (f32 master), opt_state, rng (raw uint32 key), frozen weights."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    frozen: Any = None
+
+    @property
+    def skipped(self) -> jax.Array:
+        """Updates skipped for non-finite gradients (0 when the optimizer has no guard)."""
+        return optimizer_metrics(self.opt_state).get("skipped", jnp.zeros([], jnp.int32))
+
+    @classmethod
+    def create(cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array, frozen: Any = None) -> "TrainState":
+        return cls(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                   rng=jnp.asarray(rng), frozen=frozen)
+
+
+def _cast_floating(tree: Any, dtype) -> Any:
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+
+
+def init_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, rng: jax.Array, *,
+                     mesh: Optional[Mesh] = None, rules=DEFAULT_RULES, param_dtype: str = "float32",
+                     frozen: Any = None, frozen_shardings: Any = None) -> Tuple[TrainState, Any]:
+    """Build the TrainState directly in its sharded layout; return (state, state_shardings).
+
+    `init_fn(rng)` returns the (boxed, logically annotated) params; shardings come from those boxes,
+    and the optimizer state inherits them.  `frozen` (already placed arrays) rides along untrained.
+    Without a mesh the state lives on the default device and the shardings are None.
+    """
+    dtype = dtype_of(param_dtype)
+
+    def make(key):
+        k_params, k_state = jax.random.split(key)
+        params = _cast_floating(init_fn(k_params), dtype)
+        return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=k_state, frozen=None)
+
+    if mesh is None:
+        state = jax.jit(lambda k: unbox(make(k)))(rng)
+        return state.replace(frozen=frozen), None
+    abstract = jax.eval_shape(make, rng)
+    shardings = tree_shardings(abstract, mesh, rules)
+    with mesh_context(mesh), flax.linen.logical_axis_rules(rules):
+        state = jax.jit(lambda k: unbox(make(k)), out_shardings=shardings)(rng)
+    if frozen is not None:
+        if frozen_shardings is None:
+            frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+        shardings = shardings.replace(frozen=frozen_shardings)
+        state = state.replace(frozen=frozen)
+    return state, shardings
+
+
+# ------------------------------------------------------------------------------------------------
+# losses
+# ------------------------------------------------------------------------------------------------
+def shifted_targets(batch: Mapping[str, jax.Array], shift: int = 1) -> Tuple[jax.Array, jax.Array]:
+    """(targets [B, S-shift], weights [B, S-shift] f32): position t predicts labels[t + shift]."""
+    ids = batch["input_ids"]
+    labels = batch.get("labels", ids)
+    tgt = labels[:, shift:]
+    w = tgt != IGNORE_INDEX
+    if "loss_mask" in batch:
+        w = w & (batch["loss_mask"][:, shift:] > 0)
+    if "segment_ids" in batch:
+        seg = batch["segment_ids"]
+        w = w & (seg[:, shift:] == seg[:, :-shift]) & (seg[:, shift:] != 0)
+    return jnp.where(w, tgt, 0).astype(jnp.int32), w.astype(jnp.float32)
+
+
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                       label_smoothing: float = 0.0) -> Dict[str, jax.Array]:
+    """Weighted sums over tokens (f32): `loss` (CE with label smoothing), `nll`, `z` (logsumexp^2), `tokens`.
+
+    `logits [..., V]`, `targets [...]` int, `weights [...]`.  Smoothing mixes the one-hot target with
+    the uniform distribution: (1 - eps) * nll + eps * mean_v(-log p_v).
+    """
+    if logits.shape[:-1] != targets.shape or targets.shape != weights.shape:
+        raise ValueError(f"logits {logits.shape}, targets {targets.shape}, weights {weights.shape} disagree")
+    lf = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(lf, axis=-1)
+    nll = lse - jnp.take_along_axis(lf, targets[..., None], axis=-1)[..., 0]
+    loss = nll if label_smoothing == 0 else (1 - label_smoothing) * nll + label_smoothing * (lse - lf.mean(-1))
+    return {"loss": jnp.sum(loss * weights), "nll": jnp.sum(nll * weights), "z": jnp.sum(lse * lse * weights),
+            "tokens": jnp.sum(weights)}
+
+
+def _flatten_collection(tree: Any) -> Dict[str, jax.Array]:
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/") if tree else {}
+    out = {}
+    for k, v in flat.items():
+        leaves = jax.tree_util.tree_leaves(v)
+        out[k] = jnp.mean(jnp.stack([jnp.mean(jnp.asarray(x, jnp.float32)) for x in leaves]))
+    return out
+
+
+def _sum_collection(tree: Any) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return sum((jnp.sum(jnp.asarray(x, jnp.float32)) for x in leaves), jnp.zeros([], jnp.float32))
+
+
+def _forward(apply_fn, params, frozen, batch, rng, cfg: TrainConfig, forward_keys, apply_kwargs):
+    dtype = dtype_of(cfg.compute_dtype)
+    variables = {"params": _cast_floating(params, dtype)}
+    if frozen is not None:
+        variables["frozen"] = _cast_floating(frozen, dtype)
+    kwargs = {k: batch[k] for k in forward_keys if k in batch}
+    kwargs.update(apply_kwargs)
+    rngs = {"dropout": rng} if rng is not None else None
+    out, cols = apply_fn(variables, batch["input_ids"], rngs=rngs, mutable=["losses", "metrics"], **kwargs)
+    logits, extras = (out if isinstance(out, tuple) else (out, {}))
+    return logits, dict(extras or {}), cols
+
+
+def _batch_sums(apply_fn, params, frozen, batch, rng, cfg, forward_keys, apply_kwargs):
+    """Per-(micro)batch sums: the loss terms before normalization, plus aux loss and model metrics."""
+    logits, extras, cols = _forward(apply_fn, params, frozen, batch, rng, cfg, forward_keys, apply_kwargs)
+    tgt, w = shifted_targets(batch, 1)
+    sums = cross_entropy_sums(logits[:, :-1], tgt, w, cfg.label_smoothing)
+    if cfg.mtp_heads:
+        mtp = tuple(extras.get("mtp_logits", ()))
+        if len(mtp) != cfg.mtp_heads:
+            raise ValueError(f"mtp_heads={cfg.mtp_heads} but the model returned {len(mtp)} mtp_logits")
+        for k, lk in enumerate(mtp, start=1):
+            tk, wk = shifted_targets(batch, 1 + k)
+            s = cross_entropy_sums(lk[:, : -(1 + k)], tk, wk, cfg.label_smoothing)
+            sums[f"mtp{k}_loss"], sums[f"mtp{k}_tokens"] = s["loss"], s["tokens"]
+    sums["aux"] = _sum_collection(cols.get("losses", {}))
+    model_metrics = {f"model/{k}": v for k, v in _flatten_collection(cols.get("metrics", {})).items()}
+    return sums, model_metrics
+
+
+def _token_counts(batch, cfg: TrainConfig) -> Dict[str, jax.Array]:
+    counts = {"tokens": jnp.maximum(shifted_targets(batch, 1)[1].sum(), 1.0)}
+    for k in range(1, cfg.mtp_heads + 1):
+        counts[f"mtp{k}_tokens"] = jnp.maximum(shifted_targets(batch, 1 + k)[1].sum(), 1.0)
+    return counts
+
+
+def _objective(sums, counts, cfg: TrainConfig, n_micro: int) -> jax.Array:
+    """The scalar optimized: token terms / whole-batch counts, aux terms / number of microbatches."""
+    obj = (sums["loss"] + cfg.z_loss_coef * sums["z"]) / counts["tokens"] + cfg.aux_loss_coef * sums["aux"] / n_micro
+    if cfg.mtp_heads:
+        mtp = sum(sums[f"mtp{k}_loss"] / counts[f"mtp{k}_tokens"] for k in range(1, cfg.mtp_heads + 1))
+        obj = obj + cfg.mtp_loss_coef * mtp / cfg.mtp_heads
+    return obj
+
+
+def _summarize(sums, counts, cfg: TrainConfig, n_micro: int) -> Dict[str, jax.Array]:
+    t = counts["tokens"]
+    m = {"loss": _objective(sums, counts, cfg, n_micro), "ce": sums["loss"] / t, "nll": sums["nll"] / t,
+         "ppl": jnp.exp(sums["nll"] / t), "tokens": sums["tokens"]}
+    if cfg.z_loss_coef:
+        m["z_loss"] = cfg.z_loss_coef * sums["z"] / t
+    m["aux_loss"] = cfg.aux_loss_coef * sums["aux"] / n_micro
+    for k in range(1, cfg.mtp_heads + 1):
+        m[f"mtp{k}_loss"] = sums[f"mtp{k}_loss"] / counts[f"mtp{k}_tokens"]
+    return m
+
+
+def split_microbatches(batch: Mapping[str, jax.Array], n: int) -> Dict[str, jax.Array]:
+    """[B, ...] -> [n, B/n, ...] with row j in slice j % n (each slice spans every data shard)."""
+    def one(x):
+        b = x.shape[0]
+        if b % n:
+            raise ValueError(f"batch of {b} rows cannot be split into {n} microbatches")
+        return jnp.swapaxes(x.reshape((b // n, n) + x.shape[1:]), 0, 1)
+    return {k: one(v) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# batch checks
+# ------------------------------------------------------------------------------------------------
+def check_batch(batch: Mapping[str, Any], microbatches: int = 1) -> Tuple[int, int]:
+    """ValueError unless `batch` has int `input_ids [B, S]` and every entry is [B, S]; returns (B, S)."""
+    if "input_ids" not in batch:
+        raise ValueError(f"batch needs 'input_ids'; got keys {sorted(batch)}")
+    shape = tuple(np.shape(batch["input_ids"]))
+    if len(shape) != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {shape}")
+    if not jnp.issubdtype(batch["input_ids"].dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integers, got {batch['input_ids'].dtype}")
+    for k, v in batch.items():
+        if tuple(np.shape(v)) != shape:
+            raise ValueError(f"batch[{k!r}] has shape {tuple(np.shape(v))}, expected {shape} like input_ids")
+    if shape[1] < 2:
+        raise ValueError(f"sequence length {shape[1]} < 2 leaves no next-token targets")
+    if shape[0] % microbatches:
+        raise ValueError(f"batch size {shape[0]} is not divisible by microbatches={microbatches}")
+    return shape
+
+
+# ------------------------------------------------------------------------------------------------
+# builders
+# ------------------------------------------------------------------------------------------------
+def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, config: TrainConfig, *,
+                    schedule: Optional[optax.Schedule] = None, mesh: Optional[Mesh] = None,
+                    state_shardings: Any = None, rules=DEFAULT_RULES,
+                    forward_keys: Sequence[str] = DEFAULT_FORWARD_KEYS,
+                    apply_kwargs: Optional[Mapping[str, Any]] = None, donate: bool = True) -> Callable:
+    """One jitted `train_step(state, batch) -> (state, metrics)` (see the module docstring).
+
+    With a mesh, `state_shardings` (from `init_train_state`) and the batch sharding are declared as
+    in/out shardings; metrics come back replicated.  The state is donated unless `donate=False`.
+    """
+    tx = optax.with_extra_args_support(tx)
+    apply_kwargs = dict(apply_kwargs or {})
+    n_micro = config.microbatches
+    if mesh is not None and state_shardings is None:
+        raise ValueError("make_train_step: a mesh needs state_shardings (from init_train_state)")
+    bsh = batch_sharding(mesh, rules, config.batch_size // n_micro * n_micro) if mesh is not None else None
+    micro_sh = batch_sharding(mesh, rules, config.batch_size // n_micro) if mesh is not None else None
+    param_sh = state_shardings.params if state_shardings is not None else None
+
+    def constrain(x, sh):
+        return jax.lax.with_sharding_constraint(x, sh) if sh is not None else x
+
+    def train_step(state: TrainState, batch):
+        counts = _token_counts(batch, config)
+        rng, step_rng = jax.random.split(state.rng)
+
+        def grads_of(mb, key):
+            def f(p):
+                sums, mm = _batch_sums(apply_fn, p, state.frozen, mb, key, config, forward_keys, apply_kwargs)
+                return _objective(sums, counts, config, n_micro), (sums, mm)
+            (_, (sums, mm)), g = jax.value_and_grad(f, has_aux=True)(state.params)
+            return g, sums, mm
+
+        if n_micro == 1:
+            grads, sums, mm = grads_of(batch, step_rng)
+        else:
+            mbs = split_microbatches(batch, n_micro)
+            first = jax.tree_util.tree_map(lambda x: x[0], mbs)
+            shapes = jax.eval_shape(grads_of, first, step_rng)
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+            def body(carry, xs):
+                mb, i = xs
+                mb = {k: constrain(v, micro_sh) for k, v in mb.items()}
+                g, s, m = grads_of(mb, jax.random.fold_in(step_rng, i))
+                acc = jax.tree_util.tree_map(jnp.add, carry, (g, s, m))
+                return (constrain(acc[0], param_sh),) + acc[1:], None
+
+            (grads, sums, mm), _ = jax.lax.scan(body, zeros, (mbs, jnp.arange(n_micro)))
+            mm = {k: v / n_micro for k, v in mm.items()}
+        metrics = _summarize(sums, counts, config, n_micro)
+        metrics.update(mm)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, value=metrics["loss"])
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        metrics.update(optimizer_metrics(opt_state, schedule))
+        return new_state, metrics
+
+    jitted = sharded_jit(train_step, mesh=mesh, in_shardings=(state_shardings, bsh),
+                         out_shardings=(state_shardings, replicated(mesh) if mesh is not None else None),
+                         donate_argnums=(0,) if donate else (), rules=rules)
+
+    def call(state: TrainState, batch: Mapping[str, Any]):
+        b, _ = check_batch(batch, n_micro)
+        if b != config.batch_size:
+            raise ValueError(f"batch has {b} rows but TrainConfig.batch_size={config.batch_size}")
+        return jitted(state, dict(batch))
+
+    call.jitted = jitted.jitted
+    call.lower = lambda state, batch: jitted.lower(state, dict(batch))
+    return call
+
+
+def make_eval_step(apply_fn: Callable, config: TrainConfig, *, mesh: Optional[Mesh] = None,
+                   state_shardings: Any = None, rules=DEFAULT_RULES,
+                   forward_keys: Sequence[str] = DEFAULT_FORWARD_KEYS,
+                   apply_kwargs: Optional[Mapping[str, Any]] = None) -> Callable:
+    """Jitted `eval_step(state, batch) -> sums` (nll, loss, tokens: f32 scalars); combine with `evaluate`."""
+    apply_kwargs = dict(apply_kwargs or {})
+    cache: Dict[int, Callable] = {}
+
+    def eval_step(state: TrainState, batch):
+        sums, _ = _batch_sums(apply_fn, state.params, state.frozen, batch, None, config, forward_keys, apply_kwargs)
+        return {"nll": sums["nll"], "loss": sums["loss"], "tokens": sums["tokens"]}
+
+    def call(state: TrainState, batch: Mapping[str, Any]):
+        b, _ = check_batch(batch)
+        if b not in cache:
+            bsh = batch_sharding(mesh, rules, b) if mesh is not None else None
+            cache[b] = sharded_jit(eval_step, mesh=mesh, in_shardings=(state_shardings, bsh),
+                                   out_shardings=replicated(mesh) if mesh is not None else None, rules=rules)
+        return cache[b](state, dict(batch))
+
+    return call
+
+
+def evaluate(eval_step: Callable, state: TrainState, batches) -> Dict[str, float]:
+    """Token-weighted mean loss / nll and perplexity over an iterable of batches."""
+    tot = {"nll": 0.0, "loss": 0.0, "tokens": 0.0}
+    for batch in batches:
+        s = jax.device_get(eval_step(state, batch))
+        for k in tot:
+            tot[k] += float(s[k])
+    if tot["tokens"] == 0:
+        raise ValueError("evaluate: the batches held no target tokens")
+    nll = tot["nll"] / tot["tokens"]
+    return {"eval_loss": tot["loss"] / tot["tokens"], "eval_nll": nll, "eval_ppl": float(np.exp(nll)),
+            "eval_tokens": tot["tokens"]}
+
+
+def make_tx_and_schedule(config: TrainConfig):
+    """(tx, schedule) from a TrainConfig (convenience around `optim.make_optimizer`)."""
+    from iva_jax.train.optim import make_optimizer, make_schedule
+    sched = make_schedule(config)
+    return make_optimizer(config, sched), sched

@@ -14,7 +14,7 @@ from iva_jax.rl.advantages import (  # noqa: F401
 from iva_jax.rl.config import RLConfig, TaskConfig  # noqa: F401
 from iva_jax.rl.distill import distillation_loss, nt_xent_loss  # noqa: F401
 from iva_jax.rl.kl import AdaptiveKLController, FixedKLController, adaptive_kl_update, kl_penalty  # noqa: F401
-from iva_jax.rl.masking import agg_loss, masked_mean, masked_sum, masked_var, masked_whiten  # noqa: F401
+from iva_jax.rl.masking import agg_loss, fill_masked, masked_mean, masked_sum, masked_var, masked_whiten  # noqa: F401
 from iva_jax.rl.policy_losses import (  # noqa: F401
     clipped_surrogate_pg_loss,
     clipped_value_loss,

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from iva_jax.rl.kl import kl_penalty
+from iva_jax.rl.masking import fill_masked
 
 Array = jnp.ndarray
 
@@ -134,7 +135,7 @@ def kl_penalized_rewards(scores: Array, log_prob: Array, ref_log_prob: Array, re
         raise ValueError(f"log_prob {log_prob.shape} and response_mask {mask.shape} must be the same [batch, T]")
     if jnp.shape(scores) != log_prob.shape[:1]:
         raise ValueError(f"scores shape {jnp.shape(scores)} must be [batch] = {log_prob.shape[:1]}")
-    kl = jnp.where(mask, kl_penalty(log_prob, ref_log_prob, estimator), 0)
+    kl = jnp.where(mask, kl_penalty(fill_masked(log_prob, mask), fill_masked(ref_log_prob, mask), estimator), 0)
     t = jnp.arange(mask.shape[-1])
     last = jnp.max(jnp.where(mask, t, -1), axis=-1)
     at_last = (t[None, :] == last[:, None]) & mask

@@ -7,7 +7,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from iva_jax.rl.masking import masked_mean
+from iva_jax.rl.masking import fill_masked, masked_mean
 
 Array = jnp.ndarray
 
@@ -26,6 +26,7 @@ def distillation_loss(student_logits: Array, teacher_logits: Array, temperature:
         raise ValueError(f"student_logits shape {student_logits.shape} != teacher_logits shape {teacher_logits.shape}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    student_logits, teacher_logits = fill_masked(student_logits, mask), fill_masked(teacher_logits, mask)
     t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature, axis=-1)
     s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     t_p = jnp.exp(t_logp)

@@ -28,6 +28,21 @@ def _as_mask(values: Array, mask: Optional[Array]) -> Array:
     return jnp.asarray(mask).astype(bool)
 
 
+def fill_masked(x: Array, mask: Optional[Array], value: float = 0.0) -> Array:
+    """`x` with masked-out entries replaced by `value` (mask broadcast over trailing axes of x).
+
+    Apply to the *inputs* of a loss so NaN/inf padding cannot reach the value or the gradient
+    (a `where` on the output alone still lets 0 * NaN into the backward pass).
+    """
+    if mask is None:
+        return x
+    x, m = jnp.asarray(x), jnp.asarray(mask).astype(bool)
+    if x.shape[:m.ndim] != m.shape:
+        raise ValueError(f"mask shape {m.shape} must be a leading part of shape {x.shape}")
+    m = m.reshape(m.shape + (1,) * (x.ndim - m.ndim))
+    return jnp.where(m, x, jnp.asarray(value, x.dtype))
+
+
 def masked_sum(values: Array, mask: Optional[Array] = None, axis=None) -> Array:
     """Sum of `values` where `mask` is set (masked entries contribute exactly 0)."""
     m = _as_mask(values, mask)

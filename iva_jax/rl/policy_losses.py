@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from iva_jax.rl.masking import agg_loss, masked_mean
+from iva_jax.rl.masking import agg_loss, fill_masked, masked_mean
 
 Array = jnp.ndarray
 
@@ -39,7 +39,7 @@ def entropy_from_logits(logits: Array) -> Array:
 
 def masked_entropy(logits: Array, mask: Optional[Array], loss_agg_mode: str = "token-mean") -> Array:
     """Mean policy entropy over valid tokens of [batch, T, V] logits, aggregated as `agg_loss`."""
-    return agg_loss(entropy_from_logits(logits), mask, loss_agg_mode)
+    return agg_loss(entropy_from_logits(fill_masked(logits, mask)), mask, loss_agg_mode)
 
 
 def policy_gradient_loss(logits_t: Array, a_t: Array, adv_t: Array, w_t: Array,
@@ -97,12 +97,11 @@ def clipped_surrogate_pg_loss(prob_ratios_t: Array, adv_t: Array, epsilon: float
 
 def _token_advantages(advantages: Array, shape) -> Array:
     advantages = jnp.asarray(advantages)
-    if advantages.shape == shape[:1]:  # one advantage per sequence (GRPO)
-        advantages = advantages[:, None]
-    try:
-        return jnp.broadcast_to(advantages, shape)
-    except ValueError:
-        raise ValueError(f"advantages shape {advantages.shape} must be [batch] or [batch, T] = {shape}") from None
+    if advantages.shape == tuple(shape[:1]):  # one advantage per sequence (GRPO)
+        return jnp.broadcast_to(advantages[:, None], shape)
+    if advantages.shape != tuple(shape):
+        raise ValueError(f"advantages shape {advantages.shape} must be [batch] or [batch, T] = {tuple(shape)}")
+    return advantages
 
 
 def ppo_policy_loss(
@@ -130,6 +129,7 @@ def ppo_policy_loss(
     if not (0 < clip_ratio_low < 1 and eps_high > 0):
         raise ValueError(f"need 0 < clip_ratio_low < 1 and clip_ratio_high > 0, got {clip_ratio_low}, {eps_high}")
     adv = jax.lax.stop_gradient(_token_advantages(advantages, log_prob.shape).astype(jnp.float32))
+    adv, log_prob, old_log_prob = (fill_masked(x, response_mask) for x in (adv, log_prob, old_log_prob))
     log_ratio = jnp.clip(log_prob.astype(jnp.float32) - jax.lax.stop_gradient(old_log_prob).astype(jnp.float32), -20.0, 20.0)
     ratio = jnp.exp(log_ratio)
     losses, clipped, dual = ppo_clip_objective(ratio, adv, clip_ratio_low, eps_high, clip_ratio_c)
@@ -159,8 +159,9 @@ def clipped_value_loss(
     for name, x in (("old_values", old_values), ("returns", returns)):
         if jnp.shape(x) != values.shape:
             raise ValueError(f"{name} shape {jnp.shape(x)} must equal values shape {values.shape}")
-    returns = jax.lax.stop_gradient(returns)
-    old_values = jax.lax.stop_gradient(old_values)
+    values = fill_masked(values, response_mask)
+    returns = jax.lax.stop_gradient(fill_masked(returns, response_mask))
+    old_values = jax.lax.stop_gradient(fill_masked(old_values, response_mask))
     l1 = jnp.square(values - returns)
     if clip_range_value is None:
         return 0.5 * agg_loss(l1, response_mask, loss_agg_mode), {"vf_clipfrac": jnp.zeros((), jnp.float32)}

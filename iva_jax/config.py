@@ -176,9 +176,14 @@ class ModelConfig(ConfigBase):
     partial_rotary_factor: float = 1.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # qkv bias (Qwen2); o_proj never has one in these families
+    attention_bias: bool = False  # bias on q_proj/k_proj/v_proj (Qwen2; Llama/Qwen3 attention_bias)
+    attention_out_bias: bool = False  # bias on o_proj (Llama/Qwen3 attention_bias; not Qwen2)
+    mlp_bias: bool = False  # bias on gate/up/down projections (Llama mlp_bias)
+    hidden_act: str = "silu"
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     sliding_window: Optional[int] = None  # keys at distance >= window are masked (Mistral)
+    # per-layer "full_attention" | "sliding_attention" (Qwen2/Qwen3); None = every layer uses sliding_window
+    layer_types: Optional[Tuple[str, ...]] = None
     max_position_embeddings: int = 4096
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
@@ -215,6 +220,14 @@ class ModelConfig(ConfigBase):
         if self.sliding_window is not None:
             check(isinstance(self.sliding_window, int) and self.sliding_window > 0, "sliding_window",
                   self.sliding_window, "must be a positive integer or None")
+        if self.layer_types is not None:
+            check(len(self.layer_types) == self.num_hidden_layers, "layer_types", self.layer_types,
+                  f"needs one entry per layer ({self.num_hidden_layers})")
+            bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            check(not bad, "layer_types", bad, "entries must be 'full_attention' or 'sliding_attention'")
+            check(self.sliding_window is not None or "sliding_attention" not in self.layer_types,
+                  "sliding_window", self.sliding_window, "sliding_attention layers need a sliding_window")
+        check_choice(self, "hidden_act", ("silu",))
         check_choice(self, "param_dtype", _DTYPES)
         check_choice(self, "dtype", _DTYPES)
         for f in ("attn_impl", "norm_impl", "mlp_impl"):
@@ -227,6 +240,12 @@ class ModelConfig(ConfigBase):
     @property
     def kv_heads(self) -> int:
         return self.num_key_value_heads
+
+    def layer_windows(self) -> Tuple[Optional[int], ...]:
+        """The sliding window of each layer (None = full attention)."""
+        if self.layer_types is None:
+            return (self.sliding_window,) * self.num_hidden_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -241,8 +260,9 @@ class ModelConfig(ConfigBase):
         d, f, hd = self.hidden_size, self.intermediate_size, self.resolved_head_dim
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.attention_bias else 0)
+        attn += d if self.attention_out_bias else 0
         attn += 2 * hd if self.qk_norm else 0
-        layer = attn + 3 * d * f + 2 * d
+        layer = attn + 3 * d * f + 2 * d + ((2 * f + d) if self.mlp_bias else 0)
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * layer + emb + d
 

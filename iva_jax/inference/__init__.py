@@ -1,0 +1,5 @@
+"""KV cache, sampling and the generate loop."""
+
+from iva_jax.inference.kv_cache import KVCache  # noqa: F401
+from iva_jax.inference.generate import generate, generate_stream  # noqa: F401,E402
+from iva_jax.inference.sampling import SamplingConfig  # noqa: F401,E402

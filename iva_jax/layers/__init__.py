@@ -1,0 +1,1 @@
+"""Building blocks: norms, rotary embeddings, attention, MLP, linear projections."""

@@ -1,0 +1,137 @@
+"""HF `config.json` <-> `iva_jax.config.ModelConfig`, per model family (no transformers import)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from iva_jax.config import ModelConfig, RopeScaling
+
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+         "qwen3": "Qwen3ForCausalLM"}
+
+
+def _rope(hf: Dict[str, Any]) -> tuple[float, Optional[RopeScaling], float]:
+    """(rope_theta, scaling, partial_rotary_factor) from v5 `rope_parameters` or v4 `rope_scaling`."""
+    params = hf.get("rope_parameters") or {}
+    if params and not isinstance(params, dict):
+        raise ValueError(f"rope_parameters must be a dict, got {params!r}")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError("per-layer-type rope_parameters are not supported")
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    scaling = dict(hf.get("rope_scaling") or {})
+    scaling.update({k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")})
+    kind = scaling.pop("rope_type", scaling.pop("type", "default")) or "default"
+    if kind == "default":
+        return theta, None, partial
+    if kind not in ("linear", "dynamic", "yarn", "llama3"):
+        raise ValueError(f"unsupported rope_type {kind!r}; supported: default, linear, dynamic, yarn, llama3")
+    known = set(RopeScaling.field_names())
+    extra = sorted(set(scaling) - known)
+    if extra:
+        raise ValueError(f"unsupported rope scaling keys {extra} for rope_type {kind!r}")
+    return theta, RopeScaling.from_dict({"rope_type": kind, **scaling}), partial
+
+
+def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> ModelConfig:
+    """ModelConfig for an HF config dict; ValueError for an unknown or unsupported model_type."""
+    mt = hf.get("model_type")
+    if mt not in DENSE_FAMILIES:
+        raise ValueError(f"unsupported model_type {mt!r}; supported: {list(DENSE_FAMILIES)}")
+    act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise ValueError(f"unsupported hidden_act {act!r} (only 'silu')")
+    theta, scaling, partial = _rope(hf)
+    heads = hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or heads
+    bias = bool(hf.get("attention_bias", False))
+    layer_types = hf.get("layer_types")
+    window = hf.get("sliding_window")
+    if mt in ("qwen2", "qwen3"):
+        if not hf.get("use_sliding_window", False):
+            window = None
+        if layer_types is None and window is not None:
+            mwl = hf.get("max_window_layers", hf["num_hidden_layers"])
+            layer_types = ["sliding_attention" if i >= mwl else "full_attention" for i in range(hf["num_hidden_layers"])]
+        if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+            window, layer_types = None, None
+    elif mt == "llama":
+        window = None
+    eos = hf.get("eos_token_id")
+    eos = None if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv,
+        head_dim=hf.get("head_dim"), rope_theta=theta, rope_scaling=scaling, partial_rotary_factor=partial,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=True if mt == "qwen2" else bias,
+        attention_out_bias=False if mt == "qwen2" else bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=(mt == "qwen3"),
+        sliding_window=window, layer_types=tuple(layer_types) if layer_types else None,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        param_dtype=dtype, dtype=dtype, model_type=mt,
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=eos, pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def config_to_hf(c: ModelConfig, dtype: str = "float32") -> Dict[str, Any]:
+    """An HF config dict that `transformers.AutoConfig` reads back to the same architecture."""
+    mt = c.model_type
+    if mt not in DENSE_FAMILIES:
+        raise ValueError(f"cannot export model_type {mt!r}; supported: {list(DENSE_FAMILIES)}")
+    if mt == "qwen2" and (not c.attention_bias or c.attention_out_bias):
+        raise ValueError("qwen2 requires qkv bias and no o_proj bias")
+    if mt in ("llama", "qwen3") and c.attention_bias != c.attention_out_bias:
+        raise ValueError(f"{mt} ties q/k/v and o_proj bias (attention_bias); got {c.attention_bias}, "
+                         f"{c.attention_out_bias}")
+    if c.qk_norm != (mt == "qwen3"):
+        raise ValueError(f"qk_norm={c.qk_norm} is not expressible for model_type {mt!r}")
+    rope: Dict[str, Any] = {"rope_theta": c.rope_theta, "rope_type": "default"}
+    if c.rope_scaling is not None:
+        rs = {k: v for k, v in c.rope_scaling.to_dict().items() if v is not None}
+        defaults = RopeScaling().to_dict()
+        keep = {"rope_type", "factor"} | ({"original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}
+                                          if rs["rope_type"] == "llama3" else set())
+        if rs["rope_type"] == "yarn":
+            keep |= {"original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                     "attention_factor", "truncate"}
+        rope.update({k: v for k, v in rs.items() if k in keep and (k in ("rope_type", "factor") or
+                                                                   v != defaults.get(k) or k.startswith("original"))})
+    if c.partial_rotary_factor != 1.0:
+        rope["partial_rotary_factor"] = c.partial_rotary_factor
+    hf: Dict[str, Any] = {
+        "architectures": [_ARCH[mt]], "model_type": mt, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.resolved_head_dim, "hidden_act": "silu", "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps, "tie_word_embeddings": c.tie_word_embeddings, "rope_parameters": rope,
+        "rope_theta": c.rope_theta, "dtype": dtype, "use_cache": True, "initializer_range": 0.02,
+        "attention_dropout": 0.0,
+    }
+    if c.rope_scaling is not None:
+        hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if mt == "llama":
+        hf.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+    elif c.mlp_bias:
+        raise ValueError(f"mlp_bias is not expressible for model_type {mt!r}")
+    if mt == "qwen3":
+        hf["attention_bias"] = c.attention_bias
+    if mt == "mistral":
+        if c.attention_bias or c.attention_out_bias:
+            raise ValueError("mistral has no attention biases")
+        if c.layer_types is not None and "full_attention" in c.layer_types and c.sliding_window is not None:
+            raise ValueError("mistral applies the sliding window to every layer")
+        hf["sliding_window"] = c.sliding_window
+    if mt in ("qwen2", "qwen3"):
+        lt = c.layer_types or (("sliding_attention" if c.sliding_window else "full_attention"),) * c.num_hidden_layers
+        hf.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
+                  max_window_layers=c.num_hidden_layers, layer_types=list(lt))
+    for k in ("bos_token_id", "pad_token_id"):
+        if getattr(c, k) is not None:
+            hf[k] = getattr(c, k)
+    if c.eos_token_id is not None:
+        hf["eos_token_id"] = c.eos_token_id[0] if len(c.eos_token_id) == 1 else list(c.eos_token_id)
+    return hf

@@ -1,0 +1,273 @@
+"""Grouped matmul (the dropless-MoE expert matmul): out[rows of group g] = lhs[rows of g] @ rhs[g].
+
+lhs [M, K] holds the rows of all groups back to back (group g = rows [sum(gs[:g]), sum(gs[:g+1])));
+rhs [G, K, N]; group_sizes [G] int32 with sum <= M (rows past the sum come back as zeros, as in
+`jax.lax.ragged_dot`).  Three faces:
+  reference(lhs, rhs, group_sizes)          dense masked loop over groups: the definition of correct
+  impl "xla"                                 jax.lax.ragged_dot
+  impl "triton"                              Pallas (Triton lowering, sm80+); forward kernel over
+                                             (row tile, group) visits x column tiles, backward = the same
+                                             kernel with rhs transposed (d lhs) and a transposed
+                                             grouped kernel per group (d rhs), via jax.custom_vjp.
+`grouped_matmul(..., impl="auto")` picks "triton" on an sm80+ GPU, otherwise "xla" (logged once).
+Accumulation is float32; the output has lhs's dtype unless `preferred_element_type` says otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+try:  # Triton-lowered Pallas helpers (present on CPU jaxlib too, for interpret mode)
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+log = logging.getLogger(__name__)
+
+IMPLS = ("auto", "xla", "triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference and XLA
+# ---------------------------------------------------------------------------------------------
+def reference(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray,
+              preferred_element_type=None) -> jnp.ndarray:
+    """Dense masked loop: every group's matmul on all rows, kept only on that group's rows."""
+    out_dtype = preferred_element_type or lhs.dtype
+    m = lhs.shape[0]
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    row = jnp.arange(m)
+    out = jnp.zeros((m, rhs.shape[2]), jnp.float32)
+    for g in range(rhs.shape[0]):
+        inside = ((row >= starts[g]) & (row < ends[g]))[:, None]
+        out = out + jnp.where(inside, jnp.dot(lhs, rhs[g], preferred_element_type=jnp.float32), 0.0)
+    return out.astype(out_dtype)
+
+
+def _xla(lhs, rhs, group_sizes, out_dtype):
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pallas (Triton) kernels
+# ---------------------------------------------------------------------------------------------
+def _compiler_params(num_warps: int, num_stages: int):
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _visits(group_sizes: jnp.ndarray, m: int, block_m: int) -> Tuple[jnp.ndarray, ...]:
+    """Work list of the forward kernel: one (group, row tile) pair per visit.
+
+    A row tile that straddles a group boundary is visited once per group, each visit writing only
+    its group's rows.  Group index G is a pseudo group covering rows [sum(gs), M) (written as zeros).
+    Visits past the real count get group G + 1 and do nothing.  Static length: cdiv(M, bm) + G.
+    """
+    g = group_sizes.shape[0]
+    gs = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(gs)
+    starts = ends - gs
+    starts = jnp.concatenate([starts, ends[-1:], jnp.full((1,), m, jnp.int32)])
+    ends = jnp.concatenate([ends, jnp.full((2,), m, jnp.int32)])
+    sizes = ends - starts  # [G + 2]; the last entry is the "do nothing" group (size 0)
+    first_tile = starts // block_m
+    n_tiles = jnp.where(sizes > 0, (ends - 1) // block_m - first_tile + 1, 0)
+    cum = jnp.cumsum(n_tiles)
+    n_visits = pl.cdiv(m, block_m) + g
+    v = jnp.arange(n_visits, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(cum, v, side="right"), g + 1).astype(jnp.int32)
+    tile = first_tile[group] + v - (cum[group] - n_tiles[group])
+    return group, tile.astype(jnp.int32), starts.astype(jnp.int32), ends.astype(jnp.int32)
+
+
+def _gmm_kernel(group_ref, tile_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref, *,
+                num_groups, m, k, n, block_m, block_n, block_k, transpose_rhs):
+    v = pl.program_id(0)
+    j = pl.program_id(1)
+    g = group_ref[v]
+    row0 = tile_ref[v] * block_m
+    rows = row0 + jnp.arange(block_m)
+    row_mask = (rows >= start_ref[g]) & (rows < end_ref[g]) & (rows < m)
+    cols = j * block_n + jnp.arange(block_n)
+    col_mask = cols < n
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    row_sl = pl.ds(row0, block_m)
+    col_sl = pl.ds(j * block_n, block_n)
+
+    @pl.when(g < num_groups)
+    def _compute():
+        def body(kb, acc):
+            kk = kb * block_k + jnp.arange(block_k)
+            k_mask = kk < k
+            k_sl = pl.ds(kb * block_k, block_k)
+            a = plgpu.load(lhs_ref.at[row_sl, k_sl], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            if transpose_rhs:  # rhs [G, N, K]
+                b = plgpu.load(rhs_ref.at[g, col_sl, k_sl], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                return acc + plgpu.dot(a, b, trans_b=True)
+            b = plgpu.load(rhs_ref.at[g, k_sl, col_sl], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            return acc + plgpu.dot(a, b)
+
+        acc = jax.lax.fori_loop(0, pl.cdiv(k, block_k), body, jnp.zeros((block_m, block_n), jnp.float32))
+        plgpu.store(out_ref.at[row_sl, col_sl], acc.astype(out_ref.dtype), mask=out_mask)
+
+    @pl.when(g == num_groups)
+    def _zero_tail():
+        plgpu.store(out_ref.at[row_sl, col_sl], jnp.zeros((block_m, block_n), out_ref.dtype), mask=out_mask)
+
+
+def _gmm_pallas(lhs, rhs, group_sizes, out_dtype, *, transpose_rhs, block_m, block_n, block_k,
+                num_warps, num_stages, interpret):
+    m, k = lhs.shape
+    g = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    group, tile, starts, ends = _visits(group_sizes, m, block_m)
+    kernel = functools.partial(_gmm_kernel, num_groups=g, m=m, k=k, n=n, block_m=block_m,
+                               block_n=block_n, block_k=block_k, transpose_rhs=transpose_rhs)
+    anyspec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        kernel,
+        grid=(group.shape[0], pl.cdiv(n, block_n)),
+        in_specs=[anyspec] * 6,
+        out_specs=anyspec,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        compiler_params=_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name="grouped_matmul",
+    )(group, tile, starts, ends, lhs, rhs)
+
+
+def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, k, n, block_m, block_n, block_k):
+    """out[g] = lhs[rows of g].T @ dout[rows of g]  ([K, N] per group)."""
+    g = pl.program_id(0)
+    i = pl.program_id(1)
+    j = pl.program_id(2)
+    start = start_ref[g]
+    end = end_ref[g]
+    kk = i * block_k + jnp.arange(block_k)
+    cols = j * block_n + jnp.arange(block_n)
+    k_mask = kk < k
+    col_mask = cols < n
+    k_sl = pl.ds(i * block_k, block_k)
+    col_sl = pl.ds(j * block_n, block_n)
+
+    def body(rb, acc):
+        r0 = start + rb * block_m
+        rows = r0 + jnp.arange(block_m)
+        r_mask = rows < end
+        a = plgpu.load(lhs_ref.at[pl.ds(r0, block_m), k_sl], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        b = plgpu.load(dout_ref.at[pl.ds(r0, block_m), col_sl], mask=r_mask[:, None] & col_mask[None, :],
+                       other=0.0)
+        return acc + plgpu.dot(a, b, trans_a=True)
+
+    acc = jax.lax.fori_loop(0, pl.cdiv(end - start, block_m), body, jnp.zeros((block_k, block_n), jnp.float32))
+    plgpu.store(out_ref.at[g, k_sl, col_sl], acc.astype(out_ref.dtype), mask=k_mask[:, None] & col_mask[None, :])
+
+
+def _tgmm_pallas(lhs, dout, group_sizes, out_dtype, *, block_m, block_n, block_k, num_warps, num_stages,
+                 interpret):
+    m, k = lhs.shape
+    n = dout.shape[1]
+    g = group_sizes.shape[0]
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    starts = ends - group_sizes.astype(jnp.int32)
+    kernel = functools.partial(_tgmm_kernel, k=k, n=n, block_m=block_m, block_n=block_n, block_k=block_k)
+    anyspec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        kernel,
+        grid=(g, pl.cdiv(k, block_k), pl.cdiv(n, block_n)),
+        in_specs=[anyspec] * 4,
+        out_specs=anyspec,
+        out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
+        compiler_params=_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name="grouped_matmul_transposed",
+    )(starts, ends, lhs, dout)
+
+
+class _Cfg(NamedTuple):
+    """Static kernel settings (hashable: passed as a nondiff argument of the custom_vjp)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    interpret: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm_triton(lhs, rhs, group_sizes, out_dtype, cfg):
+    return _gmm_pallas(lhs, rhs, group_sizes, out_dtype, transpose_rhs=False, **cfg._asdict())
+
+
+def _gmm_triton_fwd(lhs, rhs, group_sizes, out_dtype, cfg):
+    return _gmm_triton(lhs, rhs, group_sizes, out_dtype, cfg), (lhs, rhs, group_sizes)
+
+
+def _gmm_triton_bwd(out_dtype, cfg, res, dout):
+    lhs, rhs, group_sizes = res
+    kw = cfg._asdict()
+    dlhs = _gmm_pallas(dout, rhs, group_sizes, lhs.dtype, transpose_rhs=True, **kw)
+    drhs = _tgmm_pallas(lhs, dout, group_sizes, rhs.dtype, **kw)
+    return dlhs, drhs, None
+
+
+_gmm_triton.defvjp(_gmm_triton_fwd, _gmm_triton_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# public
+# ---------------------------------------------------------------------------------------------
+_logged: set = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        log.info(msg)
+
+
+def _pick_impl(impl: str, interpret: bool) -> str:
+    # TODO: use kernels.dispatch (written in parallel) once it lands; this is the local fallback.
+    if impl != "auto":
+        return impl
+    if interpret:
+        return "triton"
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    if dev.platform == "gpu" and cc is not None and float(cc) >= 8.0 and plgpu is not None:
+        _log_once(f"grouped_matmul: impl=auto -> triton (compute capability {cc})")
+        return "triton"
+    _log_once(f"grouped_matmul: impl=auto -> xla (ragged_dot) on {dev.platform}")
+    return "xla"
+
+
+def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray, *,
+                   preferred_element_type=None, impl: str = "auto", interpret: bool = False,
+                   block_m: int = 64, block_n: int = 128, block_k: int = 32, num_warps: int = 4,
+                   num_stages: int = 3) -> jnp.ndarray:
+    """[M, K] x [G, K, N] with group_sizes [G] -> [M, N]; differentiable in lhs and rhs."""
+    if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(f"grouped_matmul expects lhs [M, K] and rhs [G, K, N], got {lhs.shape} and {rhs.shape}")
+    if group_sizes.shape != (rhs.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be an integer array of shape ({rhs.shape[0]},), "
+                         f"got {group_sizes.dtype}{group_sizes.shape}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
+    for name, b in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"{name}={b} must be a power of two >= 16")
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    impl = _pick_impl(impl, interpret)
+    if impl == "xla":
+        return _xla(lhs, rhs, group_sizes, out_dtype)
+    rhs = rhs.astype(lhs.dtype)
+    cfg = _Cfg(block_m, block_n, block_k, num_warps, num_stages, interpret)
+    return _gmm_triton(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, cfg)

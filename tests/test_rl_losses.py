@@ -23,6 +23,11 @@ from iva_jax.rl import (
     ppo_policy_loss,
 )
 
+def jitted(fn, **static):
+    """jit with keyword hyper-parameters bound (one compile instead of many eager op compiles)."""
+    return jax.jit(functools.partial(fn, **static))
+
+
 LOGITS = np.array([[1.0, 1.0, 1.0], [2.0, 0.0, 0.0], [-1.0, -2.0, -3.0]], np.float32)
 
 
@@ -37,8 +42,9 @@ def test_rlax_clipped_surrogate_fixture():
     old_logits = np.array([[1.0, 1.0, 1.0], [2.0, 0.0, 0.0], [-3.0, -2.0, -1.0]], np.float32)
     actions = np.array([0, 1, 2])
     adv = np.array([0.3, 0.2, 0.1], np.float32)
-    ratios = np.exp(logprobs_from_logits(LOGITS, actions) - logprobs_from_logits(old_logits, actions))
-    fn = jax.vmap(functools.partial(clipped_surrogate_pg_loss, epsilon=0.2))
+    lp = jax.jit(logprobs_from_logits)
+    ratios = np.exp(lp(LOGITS, actions) - lp(old_logits, actions))
+    fn = jax.jit(jax.vmap(functools.partial(clipped_surrogate_pg_loss, epsilon=0.2)))
     out = fn(np.stack([ratios, ratios]), np.stack([adv, -adv]))
     np.testing.assert_allclose(out, [-0.17117467, 0.19333333], atol=1e-4)
 
@@ -49,9 +55,9 @@ def test_rlax_policy_gradient_and_entropy_fixtures():
     weights = np.stack([w, w - 1.0])
     adv = np.array([0.3, 0.2, 0.1], np.float32)
     actions = np.array([[0, 1, 2], [0, 0, 0]])
-    pg = jax.vmap(policy_gradient_loss)(logits, actions, np.stack([adv, -adv]), weights)
+    pg = jax.jit(jax.vmap(policy_gradient_loss))(logits, actions, np.stack([adv, -adv]), weights)
     np.testing.assert_allclose(pg, [0.0788835088, 0.327200909], atol=1e-4)
-    ent = jax.vmap(entropy_loss)(logits, weights)
+    ent = jax.jit(jax.vmap(entropy_loss))(logits, weights)
     np.testing.assert_allclose(ent, [0.288693, 1.15422], atol=1e-4)
 
 
@@ -76,7 +82,7 @@ def test_entropy_with_masked_vocab_is_finite():
     h = entropy_from_logits(logits)
     p = np.exp(np_log_softmax([0.3, 1.2]))
     np.testing.assert_allclose(h, [-(p * np.log(p)).sum()], rtol=1e-6)
-    g = jax.grad(lambda x: entropy_from_logits(x).sum())(logits)
+    g = jax.jit(jax.grad(lambda x: entropy_from_logits(x).sum()))(logits)
     assert np.all(np.isfinite(g))
 
 
@@ -121,19 +127,25 @@ def ppo_batch():
     return lp, old, adv, mask
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
-@pytest.mark.parametrize("clip", [(0.2, None, None), (0.2, 0.28, None), (0.2, 0.28, 3.0)])
+@pytest.mark.parametrize("mode,clip", [
+    ("token-mean", (0.2, None, None)),               # symmetric PPO
+    ("seq-mean-token-mean", (0.2, 0.28, None)),      # DAPO clip-higher, GRPO aggregation
+    ("token-mean", (0.2, 0.28, 3.0)),                # + dual clip
+    ("seq-mean-token-sum", (0.15, 0.28, 3.0)),
+    ("seq-mean-token-sum-norm", (0.2, 0.28, 2.0)),   # Dr. GRPO normalizer
+])
 def test_ppo_policy_loss_vs_numpy(ppo_batch, mode, clip):
     lp, old, adv, mask = ppo_batch
     el, eh, c = clip
     f32 = lambda x: np.asarray(x, np.float32)
-    loss, metrics = ppo_policy_loss(f32(lp), f32(old), f32(adv), mask, el, eh, c, mode)
+    f = jitted(ppo_policy_loss, clip_ratio_low=el, clip_ratio_high=eh, clip_ratio_c=c, loss_agg_mode=mode)
+    loss, metrics = f(f32(lp), f32(old), f32(adv), mask)
     ref = np_policy_loss(lp, old, adv, mask, el, eh if eh is not None else el, c, mode)
     np.testing.assert_allclose(loss, ref, rtol=2e-5, atol=1e-6)
     assert 0 < float(metrics["clipfrac"]) < 1
     np.testing.assert_allclose(metrics["ppo_kl"], np.mean((old - lp)[mask]), rtol=1e-5)
     # sequence-level advantages ([batch], GRPO) broadcast over tokens
-    loss_seq, _ = ppo_policy_loss(f32(lp), f32(old), f32(adv[:, 0]), mask, el, eh, c, mode)
+    loss_seq, _ = f(f32(lp), f32(old), f32(adv[:, 0]), mask)
     np.testing.assert_allclose(loss_seq, np_policy_loss(lp, old, adv[:, 0], mask, el, eh or el, c, mode), rtol=2e-5, atol=1e-6)
 
 
@@ -160,29 +172,28 @@ def test_ppo_gradient_per_clip_region():
     adv_full = np.concatenate([adv, [[jnp.nan, 7.0]]], 1).astype(np.float32)
     mask = np.concatenate([np.ones_like(ratio), pad], 1).astype(bool)
 
-    def f(x):
-        return ppo_policy_loss(x, old_full, adv_full, mask, el, eh, c, "token-mean")[0]
+    def f(x, c):
+        return ppo_policy_loss(x, old_full, adv_full, mask, el, eh, c, "token-mean")
 
-    loss, g = jax.value_and_grad(f)(lp_full)
+    (loss, m), g = jax.jit(jax.value_and_grad(f, has_aux=True), static_argnums=1)(lp_full, c)
     active = np.array([1, 0, 1, 0, 1, 0, 1], bool)
     expect = np.where(active, -adv[0] * ratio[0], 0.0) / len(cases)
     assert np.isfinite(loss)
     np.testing.assert_allclose(np.asarray(g)[0, :7], expect, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(np.asarray(g)[0, 7:], 0)
-    _, m = ppo_policy_loss(lp_full, old_full, adv_full, mask, el, eh, c)
     np.testing.assert_allclose(m["clipfrac"], 2 / 7, rtol=1e-6)  # cases 1 and 3
     np.testing.assert_allclose(m["clipfrac_lower"], 1 / 7, rtol=1e-6)  # case 5
     # without dual clip the A<0, r>c token is active again
-    g2 = jax.grad(lambda x: ppo_policy_loss(x, old_full, adv_full, mask, el, eh, None)[0])(lp_full)
+    g2, _ = jax.jit(jax.grad(f, has_aux=True), static_argnums=1)(lp_full, None)
     np.testing.assert_allclose(np.asarray(g2)[0, 5], 1.0 * 4.0 / 7, rtol=1e-5)
 
 
 def test_rlax_surrogate_gradient_zero_on_clipped_side():
     ratios = jnp.array([1.5, 0.5, 1.1])
     adv = jnp.array([1.0, -1.0, 1.0])
-    g = jax.grad(lambda r: clipped_surrogate_pg_loss(r, adv, 0.2))(ratios)
+    g = jax.jit(jax.grad(lambda r: clipped_surrogate_pg_loss(r, adv, 0.2)))(ratios)
     np.testing.assert_allclose(g, [0.0, 0.0, -1.0 / 3], atol=1e-7)
-    ga = jax.grad(lambda a: clipped_surrogate_pg_loss(ratios, a, 0.2))(adv)
+    ga = jax.jit(jax.grad(lambda a: clipped_surrogate_pg_loss(ratios, a, 0.2)))(adv)
     np.testing.assert_array_equal(ga, 0)  # advantages are stop-gradient by default
 
 
@@ -207,14 +218,15 @@ def test_clipped_value_loss_vs_numpy_and_gradient():
     vc = old + np.clip(v - old, -0.2, 0.2)
     l1, l2 = (v - ret) ** 2, (vc - ret) ** 2
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    loss, m = clipped_value_loss(f32(v), f32(old), f32(ret), mask, 0.2)
+    f = jax.jit(jax.value_and_grad(lambda x: clipped_value_loss(x, f32(old), f32(ret), mask, 0.2), has_aux=True))
+    (loss, m), g = f(f32(v))
     np.testing.assert_allclose(loss, 0.5 * np.maximum(l1, l2)[mask].mean(), rtol=1e-5)
     np.testing.assert_allclose(m["vf_clipfrac"], (l2 > l1)[mask].mean(), rtol=1e-6)
-    g = np.asarray(jax.grad(lambda x: clipped_value_loss(x, f32(old), f32(ret), mask, 0.2)[0])(f32(v)))
     expect = np.where(mask & (l1 >= l2), (v - ret), 0.0) / mask.sum()
-    np.testing.assert_allclose(g, expect, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(g), expect, rtol=1e-5, atol=1e-7)
     assert np.any((l2 > l1) & mask)  # the clipped side was exercised
-    plain, _ = clipped_value_loss(f32(v), f32(old), f32(ret), mask, None, "seq-mean-token-mean")
+    plain, _ = jitted(clipped_value_loss, clip_range_value=None, loss_agg_mode="seq-mean-token-mean")(
+        f32(v), f32(old), f32(ret), mask)
     np.testing.assert_allclose(plain, 0.5 * np.mean([l1[b][mask[b]].mean() for b in range(B)]), rtol=1e-5)
 
 
@@ -232,7 +244,7 @@ def test_masked_whiten_matches_trl(shift_mean):
     x = rng.normal(2.0, 3.0, size=(3, 9))
     m = rng.uniform(size=(3, 9)) > 0.3
     x_pad = np.where(m, x, np.nan).astype(np.float32)
-    out = np.asarray(masked_whiten(x_pad, m, shift_mean=shift_mean))
+    out = np.asarray(jitted(masked_whiten, shift_mean=shift_mean)(x_pad, m))
     np.testing.assert_allclose(out[m], np_whiten(x, m, shift_mean)[m], rtol=1e-5, atol=1e-5)
     assert np.all(out[~m] == 0)
     if shift_mean:
@@ -258,7 +270,7 @@ def test_agg_loss_modes(mode):
     rng = np.random.default_rng(4)
     loss = rng.normal(size=(4, 5))
     m = np.arange(5)[None] < np.array([5, 2, 0, 3])[:, None]  # incl. an empty sequence
-    out = agg_loss(np.where(m, loss, np.nan).astype(np.float32), m, mode)
+    out = jitted(agg_loss, loss_agg_mode=mode)(np.where(m, loss, np.nan).astype(np.float32), m)
     np.testing.assert_allclose(out, np_agg(loss, m, mode), rtol=1e-5, atol=1e-7)
     if mode == "seq-mean-token-sum-norm":  # Dr. GRPO constant: independent of response lengths
         np.testing.assert_allclose(agg_loss(loss.astype(np.float32), m, mode, norm_len=16),

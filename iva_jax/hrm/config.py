@@ -14,6 +14,7 @@ from typing import Optional
 from iva_jax.config import ConfigBase, check, check_choice, check_positive
 
 _DTYPES = ("float32", "bfloat16", "float16")
+MODEL_VARIANTS = ("hrm", "hrm_1cycle", "transformer")
 
 
 def _is_int(v) -> bool:
@@ -72,6 +73,19 @@ class HRMConfig(ConfigBase):
         check_choice(self, "loss_type", ("stablemax", "softmax"))
         check_choice(self, "arch", ("hrm", "transformer"))
         check_choice(self, "attn_impl", ("xla", "auto"))
+        check(self.arch != "transformer" or self.halt_max_steps == 1, "halt_max_steps", self.halt_max_steps,
+              "must be 1 for arch='transformer' (it has no carry to ponder over)")
+
+    def variant(self, name: str) -> "HRMConfig":
+        """The study's models: "hrm" (self), "hrm_1cycle" (H_cycles = L_cycles = halt_max_steps = 1),
+        "transformer" (the same H_layers + L_layers blocks applied once: same parameters, no recurrence)."""
+        if name == "hrm":
+            return self
+        if name == "hrm_1cycle":
+            return self.replace(H_cycles=1, L_cycles=1, halt_max_steps=1)
+        if name == "transformer":
+            return self.replace(arch="transformer", H_cycles=1, L_cycles=1, halt_max_steps=1)
+        raise ValueError(f"model variant {name!r} must be one of {list(MODEL_VARIANTS)}")
 
     @property
     def head_dim(self) -> int:

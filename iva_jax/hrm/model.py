@@ -267,16 +267,18 @@ class HRMACT:
     def __init__(self, config: HRMConfig):
         self.config = config
         self.inner = HRMInner(config)
+        self._init_fn = None  # jitted once per wrapper (init compiles the RNG for every parameter)
 
     # ---- construction ---------------------------------------------------------------------------
     def init(self, rng: Array) -> Tuple[Dict[str, Any], Array]:
         """Fresh (variables, puzzle_table): parameters as the reference, puzzle table zeros."""
         c = self.config
-        B = 1
-        carry = self.empty_inner_carry(B)
-        inputs = jnp.zeros((B, c.seq_len), jnp.int32)
-        rows = jnp.zeros((B, c.puzzle_emb_ndim), jnp.float32)
-        variables = jax.jit(lambda r: nn.unbox(self.inner.init({"params": r}, carry, inputs, rows)))(rng)
+        if self._init_fn is None:
+            carry = self.empty_inner_carry(1)
+            inputs = jnp.zeros((1, c.seq_len), jnp.int32)
+            rows = jnp.zeros((1, c.puzzle_emb_ndim), jnp.float32)
+            self._init_fn = jax.jit(lambda r: nn.unbox(self.inner.init({"params": r}, carry, inputs, rows)))
+        variables = self._init_fn(rng)
         table = jnp.zeros((c.num_puzzle_identifiers, c.puzzle_emb_ndim), jnp.float32)
         return dict(variables), table
 

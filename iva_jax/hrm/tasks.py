@@ -398,10 +398,31 @@ def build_task(task: str, size: int, num_train: int, num_test: int, num_aug: int
         splits = build_maze(size, num_train, num_test, num_aug, seed=seed, **maze_kw)
     else:
         raise ValueError(f"task={task!r} must be 'sudoku' or 'maze'")
+    recipe = _recipe(task, size, num_train, num_test, num_aug, min_givens, seed, maze_kw)
+    for _, meta in splits.values():
+        meta["recipe"] = recipe
     if out_dir is not None:
         for name, (arrays, meta) in splits.items():
             save_dataset(Path(out_dir) / f"{name}.npz", arrays, meta)
     return splits
+
+
+def _recipe(task, size, num_train, num_test, num_aug, min_givens, seed, maze_kw) -> dict:
+    return {"task": task, "size": size, "num_train": num_train, "num_test": num_test, "num_aug": num_aug,
+            "min_givens": min_givens if task == "sudoku" else 0, "seed": seed, **dict(sorted(maze_kw.items()))}
+
+
+def load_or_build(data_dir: str | Path, task: str, size: int, num_train: int, num_test: int, num_aug: int = 0,
+                  min_givens: int = 0, seed: int = 0, **maze_kw):
+    """train/test from `data_dir` when its recipe matches the arguments; otherwise build and save there."""
+    data_dir = Path(data_dir)
+    want = _recipe(task, size, num_train, num_test, num_aug, min_givens, seed, maze_kw)
+    paths = {name: data_dir / f"{name}.npz" for name in ("train", "test")}
+    if all(p.exists() for p in paths.values()):
+        splits = {name: load_dataset(p) for name, p in paths.items()}
+        if all(meta.get("recipe") == want for _, meta in splits.values()):
+            return splits
+    return build_task(task, size, num_train, num_test, num_aug, min_givens, seed, out_dir=data_dir, **maze_kw)
 
 
 def sudoku_grid_of(tokens: Sequence[int], n: int) -> np.ndarray:

@@ -146,7 +146,8 @@ def test_ppo_policy_loss_vs_numpy(ppo_batch, mode, clip):
     np.testing.assert_allclose(metrics["ppo_kl"], np.mean((old - lp)[mask]), rtol=1e-5)
     # sequence-level advantages ([batch], GRPO) broadcast over tokens
     loss_seq, _ = f(f32(lp), f32(old), f32(adv[:, 0]), mask)
-    np.testing.assert_allclose(loss_seq, np_policy_loss(lp, old, adv[:, 0], mask, el, eh or el, c, mode), rtol=2e-5, atol=1e-6)
+    ref_seq = np_policy_loss(lp, old, adv[:, 0], mask, el, eh or el, c, mode)
+    np.testing.assert_allclose(loss_seq, ref_seq, rtol=2e-5, atol=1e-6)
 
 
 def test_ppo_gradient_per_clip_region():

@@ -90,7 +90,8 @@ def test_splits_disjoint_deterministic_and_heldout_stable():
 
 
 def test_task_object_and_config():
-    task = AdditionTask.from_config(TaskConfig(n_train=40, n_eval=8, min_digits=2, max_digits=2, seed=1, format_weight=0.1))
+    cfg = TaskConfig(n_train=40, n_eval=8, min_digits=2, max_digits=2, seed=1, format_weight=0.1)
+    task = AdditionTask.from_config(cfg)
     assert len(task.split("train")) == 40 and len(task.split("held_out")) == 8
     probs = task.held_out[:3]
     comps = [str(probs[0].answer), f"It is {probs[1].answer}.", "7"]

@@ -92,7 +92,8 @@ class RLConfig(ConfigBase):
         check_positive(self, "group_size", "temperature", "max_new_tokens", "ppo_epochs", "adv_eps",
                        "kl_target", "kl_horizon", "dpo_beta", "mem_temperature")
         if self.algorithm in ("grpo", "hrm_rpo"):
-            check(self.group_size >= 2, "group_size", self.group_size, f"{self.algorithm} needs >= 2 samples per prompt")
+            check(self.group_size >= 2, "group_size", self.group_size,
+                  f"{self.algorithm} needs >= 2 samples per prompt")
         check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
         check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "must be an integer >= 0")
         check(0.0 < self.clip_ratio_low < 1.0, "clip_ratio_low", self.clip_ratio_low, "must be in (0, 1)")

@@ -48,7 +48,8 @@ def policy_gradient_loss(logits_t: Array, a_t: Array, adv_t: Array, w_t: Array,
     logits_t = jnp.asarray(logits_t)
     for name, x in (("a_t", a_t), ("adv_t", adv_t), ("w_t", w_t)):
         if jnp.shape(x) != logits_t.shape[:-1]:
-            raise ValueError(f"{name} shape {jnp.shape(x)} must be logits_t shape {logits_t.shape} without the last axis")
+            raise ValueError(f"{name} shape {jnp.shape(x)} must be logits_t shape {logits_t.shape} "
+                             "without the last axis")
     adv_t = jax.lax.stop_gradient(adv_t) if use_stop_gradient else adv_t
     return -jnp.mean(logprobs_from_logits(logits_t, a_t) * adv_t * w_t)
 
@@ -124,13 +125,15 @@ def ppo_policy_loss(
     """
     log_prob = jnp.asarray(log_prob)
     if log_prob.ndim != 2 or jnp.shape(old_log_prob) != log_prob.shape:
-        raise ValueError(f"log_prob {log_prob.shape} and old_log_prob {jnp.shape(old_log_prob)} must be the same [batch, T]")
+        raise ValueError(f"log_prob {log_prob.shape} and old_log_prob {jnp.shape(old_log_prob)} "
+                         "must be the same [batch, T]")
     eps_high = clip_ratio_low if clip_ratio_high is None else clip_ratio_high
     if not (0 < clip_ratio_low < 1 and eps_high > 0):
         raise ValueError(f"need 0 < clip_ratio_low < 1 and clip_ratio_high > 0, got {clip_ratio_low}, {eps_high}")
     adv = jax.lax.stop_gradient(_token_advantages(advantages, log_prob.shape).astype(jnp.float32))
     adv, log_prob, old_log_prob = (fill_masked(x, response_mask) for x in (adv, log_prob, old_log_prob))
-    log_ratio = jnp.clip(log_prob.astype(jnp.float32) - jax.lax.stop_gradient(old_log_prob).astype(jnp.float32), -20.0, 20.0)
+    old_log_prob = jax.lax.stop_gradient(old_log_prob).astype(jnp.float32)
+    log_ratio = jnp.clip(log_prob.astype(jnp.float32) - old_log_prob, -20.0, 20.0)
     ratio = jnp.exp(log_ratio)
     losses, clipped, dual = ppo_clip_objective(ratio, adv, clip_ratio_low, eps_high, clip_ratio_c)
     loss = agg_loss(losses, response_mask, loss_agg_mode, norm_len)

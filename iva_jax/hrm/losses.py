@@ -30,9 +30,10 @@ def _wide_dtype():
 
 def stablemax_s(x: Array) -> Array:
     """s(x) = x + 1 for x >= 0, 1 / (1 - x) for x < 0 (both branches NaN-free for grads)."""
-    pos = jnp.maximum(x, 0)
-    neg = jnp.minimum(x, 0)
-    return jnp.where(x >= 0, pos + 1, 1 / (1 - neg))
+    is_pos = x >= 0
+    pos = jnp.where(is_pos, x, 0)  # where, not maximum: the derivative at 0 must be 1, not 1/2
+    neg = jnp.where(is_pos, 0, x)
+    return jnp.where(is_pos, pos + 1, 1 / (1 - neg))
 
 
 def log_stablemax(x: Array, axis: int = -1) -> Array:

@@ -92,14 +92,11 @@ def config_to_hf(c: ModelConfig, dtype: str = "float32") -> Dict[str, Any]:
     rope: Dict[str, Any] = {"rope_theta": c.rope_theta, "rope_type": "default"}
     if c.rope_scaling is not None:
         rs = {k: v for k, v in c.rope_scaling.to_dict().items() if v is not None}
-        defaults = RopeScaling().to_dict()
-        keep = {"rope_type", "factor"} | ({"original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}
-                                          if rs["rope_type"] == "llama3" else set())
-        if rs["rope_type"] == "yarn":
-            keep |= {"original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-                     "attention_factor", "truncate"}
-        rope.update({k: v for k, v in rs.items() if k in keep and (k in ("rope_type", "factor") or
-                                                                   v != defaults.get(k) or k.startswith("original"))})
+        keep = {"linear": ("factor",), "dynamic": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                         "mscale_all_dim", "attention_factor", "truncate")}[rs["rope_type"]]
+        rope.update({"rope_type": rs["rope_type"], **{k: rs[k] for k in keep if k in rs}})
     if c.partial_rotary_factor != 1.0:
         rope["partial_rotary_factor"] = c.partial_rotary_factor
     hf: Dict[str, Any] = {

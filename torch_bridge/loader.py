@@ -39,6 +39,43 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
     return Path(dist.locate_file(files[0]))
 
 
+def cache_dir() -> Path:
+    """Where converted models are cached ($IVA_JAX_CACHE, default ~/.cache/iva_jax)."""
+    import os
+
+    return Path(os.environ.get("IVA_JAX_CACHE", Path.home() / ".cache" / "iva_jax"))
+
+
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """An HF directory (config.json + float32 safetensors) converted once from the embedded GGUF.
+
+    Parsing the GGUF's tokenizer metadata takes seconds; the converted copy loads in a fraction of
+    that.  The copy is keyed by the GGUF's size and mtime and written atomically.
+    """
+    src = embedded_model_path(name)
+    st = src.stat()
+    stamp = f"{src.name}:{st.st_size}:{int(st.st_mtime)}"
+    out = cache_dir() / name
+    if (out / "SOURCE").exists() and (out / "SOURCE").read_text() == stamp:
+        return out
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=str(out.parent)))
+    try:
+        hf, names, get = gguf_io.read_gguf(src)
+        safetensors_io.write_checkpoint({n: np.ascontiguousarray(get(n)) for n in names}, tmp)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        (tmp / "SOURCE").write_text(stamp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
 def _dtype_name(dtype: Any) -> str:
     name = jnp.dtype(dtype).name
     if name not in ("float32", "bfloat16", "float16"):
@@ -49,7 +86,7 @@ def _dtype_name(dtype: Any) -> str:
 def _read(path: str | Path):
     """(hf config dict, tensor names, getter, source kind)."""
     if str(path) == DEFAULT_MODEL:
-        path = embedded_model_path()
+        path = embedded_model_dir()
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model path not found: {p}")

@@ -110,7 +110,15 @@ def hf_to_params(names: Iterable[str], get: Callable[[str], np.ndarray], config:
                     unused.append(name)
                     break
                 if scan_layers:
-                    layer_parts.setdefault("layers/" + ours, [None] * L)[i] = arr
+                    key = "layers/" + ours
+                    want = flat_expected.get(key)
+                    if want is None:
+                        unused.append(name)
+                    elif tuple(arr.shape) != want[1:]:
+                        problems.append(f"{name}: shape {tuple(arr.shape)} (as {key}[{i}]) but the config "
+                                        f"expects {want[1:]}")
+                    else:
+                        layer_parts.setdefault(key, [None] * L)[i] = arr
                 else:
                     _place(params, f"layers_{i}/" + ours, arr, flat_expected, name, problems, unused, dtype)
             else:

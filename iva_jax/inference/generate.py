@@ -36,6 +36,12 @@ def _pad_id(model, pad_token_id: Optional[int], eos: Tuple[int, ...]) -> int:
     return eos[0] if eos else 0
 
 
+def _key(seed: Union[int, jax.Array]) -> jax.Array:
+    if isinstance(seed, (int, np.integer)):
+        return jax.random.PRNGKey(int(seed))
+    return jnp.asarray(seed)
+
+
 def _check_inputs(model, input_ids, attention_mask, max_new_tokens: int):
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -116,11 +122,13 @@ def _generate_jit(model, params, input_ids, mask, rng, *, max_new_tokens: int, s
 def generate(model, params, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
              repetition_penalty: Optional[float] = None, eos_token_id: EosArg = None,
-             pad_token_id: Optional[int] = None, seed: int = 0, cache_len: Optional[int] = None) -> jnp.ndarray:
+             pad_token_id: Optional[int] = None, seed: Union[int, jax.Array] = 0,
+             cache_len: Optional[int] = None) -> jnp.ndarray:
     """New token ids [batch, max_new_tokens]; after a row's EOS (included) the row holds `pad_token_id`.
 
     `input_ids` [batch, seq] may be left-padded (`attention_mask` 0 on padding).  Temperature 0 is
-    greedy.  Everything runs in one jitted call (compiled once per shape and sampling settings).
+    greedy.  `seed` is an int or a PRNG key (for fresh samples per step inside RL loops).  Everything
+    runs in one jitted call (compiled once per shape and sampling settings).
     """
     input_ids, mask = _check_inputs(model, input_ids, attention_mask, max_new_tokens)
     sampling = SamplingConfig(temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
@@ -130,7 +138,7 @@ def generate(model, params, input_ids, max_new_tokens: int, *, attention_mask=No
     cache_len = need if cache_len is None else cache_len
     if cache_len < need:
         raise ValueError(f"cache_len {cache_len} < prompt length + max_new_tokens = {need}")
-    return _generate_jit(model, params, input_ids, mask, jax.random.PRNGKey(seed), max_new_tokens=int(max_new_tokens),
+    return _generate_jit(model, params, input_ids, mask, _key(seed), max_new_tokens=int(max_new_tokens),
                          sampling=sampling, eos=eos, pad_id=_pad_id(model, pad_token_id, eos), cache_len=cache_len)
 
 
@@ -148,7 +156,8 @@ def _decode_jit(model, params, tok, rng, cache, seen, *, sampling):
 def generate_stream(model, params, input_ids, max_new_tokens: int, *, attention_mask=None,
                     temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                     min_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
-                    eos_token_id: EosArg = None, pad_token_id: Optional[int] = None, seed: int = 0,
+                    eos_token_id: EosArg = None, pad_token_id: Optional[int] = None,
+                    seed: Union[int, jax.Array] = 0,
                     cache_len: Optional[int] = None) -> Iterator[np.ndarray]:
     """Yield each step's tokens [batch] (numpy) as they are produced; stops when all rows hit EOS.
 
@@ -164,8 +173,7 @@ def generate_stream(model, params, input_ids, max_new_tokens: int, *, attention_
     cache_len = need if cache_len is None else cache_len
     if cache_len < need:
         raise ValueError(f"cache_len {cache_len} < prompt length + max_new_tokens = {need}")
-    rng = jax.random.PRNGKey(seed)
-    rng, sub = jax.random.split(rng)
+    rng, sub = jax.random.split(_key(seed))
     tok, cache, seen = _prefill_jit(model, params, input_ids, mask, sub, sampling=sampling, use_seen=use_seen,
                                     cache_len=cache_len)
     done = np.zeros(input_ids.shape[0], bool)

@@ -72,8 +72,8 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, what: str = 
         orig = tuple(keep)
         while keep and dim % _axis_size(mesh, keep):
             keep.pop()
-        if tuple(keep) != orig and (dim, orig, what.split("/")[-2:].__str__()) not in _LOGGED:
-            _LOGGED.add((dim, orig, what.split("/")[-2:].__str__()))
+        if tuple(keep) != orig and (tuple(shape), orig, dim) not in _LOGGED:  # once per shape (not per moment)
+            _LOGGED.add((tuple(shape), orig, dim))
             _log_once(f"sharding: {what} dim of size {dim} is not divisible by mesh axes {orig} "
                       f"(sizes {[mesh.shape[a] for a in orig]}); using {tuple(keep) or 'replicated'}")
         out.append(None if not keep else (keep[0] if len(keep) == 1 else tuple(keep)))

@@ -29,6 +29,8 @@ import optax
 
 from iva_jax.train.config import TrainConfig
 
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
 
 # ------------------------------------------------------------------------------------------------
 # schedules
@@ -144,7 +146,7 @@ def health_monitor(decay: float = 0.98, threshold: float = 4.0, warmup: int = 20
 
     def update_fn(updates, state, params=None, *, value=None, **extra):
         del params, extra
-        gn = optax.global_norm(updates).astype(jnp.float32)
+        gn = _global_norm(updates).astype(jnp.float32)
         n = state.health_count
         corr = jnp.maximum(1.0 - decay ** n.astype(jnp.float32), 1e-12)
         armed = n >= warmup

@@ -43,6 +43,7 @@ from iva_jax.train.optim import optimizer_metrics
 from iva_jax.train.remat import remat_module, remat_policy  # noqa: F401  (re-exported: one lookup)
 
 IGNORE_INDEX = -100
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 DEFAULT_FORWARD_KEYS = ("segment_ids", "positions")
 
 
@@ -99,6 +100,41 @@ def init_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTran
     shardings = tree_shardings(abstract, mesh, rules)
     with mesh_context(mesh), flax.linen.logical_axis_rules(rules):
         state = jax.jit(lambda k: unbox(make(k)), out_shardings=shardings)(rng)
+    if frozen is not None:
+        if frozen_shardings is None:
+            frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+        shardings = shardings.replace(frozen=frozen_shardings)
+        state = state.replace(frozen=frozen)
+    return state, shardings
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array, *,
+                       mesh: Optional[Mesh] = None, logical: Any = None, rules=DEFAULT_RULES,
+                       param_dtype: Optional[str] = "float32", frozen: Any = None,
+                       frozen_shardings: Any = None) -> Tuple[TrainState, Any]:
+    """TrainState from existing params (host or device arrays, e.g. a converted HF checkpoint).
+
+    `logical` is the boxed abstract param tree (`jax.eval_shape(init_fn, rng)`) that supplies the
+    logical axes; without it the params may themselves be boxed, else everything is replicated.
+    Returns (state, state_shardings) like `init_train_state`.
+    """
+    params = unbox(params)
+    if param_dtype is not None:
+        params = _cast_floating(params, dtype_of(param_dtype))
+    if mesh is None:
+        params = jax.device_put(params)
+        state = TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
+                           rng=jnp.asarray(rng), frozen=frozen)
+        return state, None
+    boxed = logical if logical is not None else params
+    abstract = jax.eval_shape(lambda p, k: TrainState(step=jnp.zeros([], jnp.int32), params=p, opt_state=tx.init(p),
+                                                      rng=k), boxed, rng)
+    shardings = tree_shardings(abstract, mesh, rules)
+    with mesh_context(mesh):
+        placed = jax.device_put(params, shardings.params)
+        opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(placed)
+    state = TrainState(step=jax.device_put(jnp.zeros([], jnp.int32), shardings.step), params=placed,
+                       opt_state=opt_state, rng=jax.device_put(jnp.asarray(rng), shardings.rng), frozen=None)
     if frozen is not None:
         if frozen_shardings is None:
             frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
@@ -301,7 +337,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, config
             mm = {k: v / n_micro for k, v in mm.items()}
         metrics = _summarize(sums, counts, config, n_micro)
         metrics.update(mm)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = _global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=metrics["loss"])
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)

@@ -116,3 +116,26 @@ def tiny_init_fn(cfg: TinyConfig, seq_len: int = 8):
         return model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
     return model, init
+
+
+def tiny_host_params(cfg: TinyConfig, seed: int = 0, seq_len: int = 8):
+    """(model, boxed abstract params, numpy params): random weights made on the host, no init compile.
+
+    Norm scales are ones, embeddings N(0, 1), kernels N(0, 0.2^2) -- the initializers' distributions.
+    """
+    import numpy as np
+    from flax.core import meta
+
+    model, init = tiny_init_fn(cfg, seq_len)
+    logical = jax.eval_shape(init, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(seed)
+
+    def one(path, s):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            return np.ones(s.shape, np.float32)
+        std = 1.0 if name == "embed_tokens" else 0.1 if name == "embed_positions" else 0.2
+        return (std * rng.standard_normal(s.shape)).astype(np.float32)
+
+    params = jax.tree_util.tree_map_with_path(one, meta.unbox(logical))
+    return model, logical, params

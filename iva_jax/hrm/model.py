@@ -246,6 +246,33 @@ class HRMInner(nn.Module):
         return new_carry, logits, q[..., 0], q[..., 1]
 
 
+def act_halt(steps: Array, q_halt: Array, q_continue: Array, *, halt_max_steps: int, exploration_prob: float,
+             training: bool, adaptive_eval: bool = False, rng: Optional[Array] = None) -> Tuple[Array, Array]:
+    """(halted, is_last) after a segment; `steps` already counts it.
+
+    Always halt at the step limit.  Training (halt_max_steps > 1): also halt when q_halt > q_continue,
+    but, with probability `exploration_prob` per sample, not before a random step in
+    [2, halt_max_steps].  Evaluation halts on q only with `adaptive_eval` (the reference never does).
+    """
+    is_last = steps >= halt_max_steps
+    halted = is_last
+    if halt_max_steps > 1 and training:
+        halted = halted | (q_halt > q_continue)
+        k_explore, k_steps = jax.random.split(rng)
+        explore = jax.random.uniform(k_explore, steps.shape) < exploration_prob
+        min_halt = explore * jax.random.randint(k_steps, steps.shape, 2, halt_max_steps + 1, jnp.int32)
+        halted = halted & (steps >= min_halt)
+    elif halt_max_steps > 1 and adaptive_eval:
+        halted = halted | (q_halt > q_continue)
+    return halted, is_last
+
+
+def q_continue_target(is_last: Array, next_q_halt: Array, next_q_continue: Array) -> Array:
+    """sigmoid(next q_halt) at the step limit, else sigmoid(max(next q_halt, next q_continue)); no grad."""
+    target = jnp.where(is_last, next_q_halt, jnp.maximum(next_q_halt, next_q_continue))
+    return jax.lax.stop_gradient(jax.nn.sigmoid(target))
+
+
 @struct.dataclass
 class HRMCarry:
     inner: InnerCarry
@@ -339,25 +366,18 @@ class HRMACT:
         inner, logits, q_halt, q_cont = self.inner.apply(variables, carry.inner, data["inputs"], puzzle_rows)
         outputs = {"logits": logits, "q_halt_logits": q_halt, "q_continue_logits": q_cont}
 
-        steps = carry.steps + 1
-        is_last = steps >= c.halt_max_steps
-        halted = is_last
-        if c.halt_max_steps > 1 and training:
-            if rng is None:
-                raise ValueError("HRMACT.segment(training=True) needs rng for halting exploration")
-            halted = halted | (q_halt > q_cont)
-            k_explore, k_steps = jax.random.split(rng)
-            explore = jax.random.uniform(k_explore, steps.shape) < c.halt_exploration_prob
-            min_halt = explore * jax.random.randint(k_steps, steps.shape, 2, c.halt_max_steps + 1, jnp.int32)
-            halted = halted & (steps >= min_halt)
+        if training and c.halt_max_steps > 1 and rng is None:
+            raise ValueError("HRMACT.segment(training=True) needs rng for halting exploration")
+        steps = (carry.steps + 1).astype(jnp.int32)
+        halted, is_last = act_halt(steps, q_halt, q_cont, halt_max_steps=c.halt_max_steps,
+                                   exploration_prob=c.halt_exploration_prob, training=training,
+                                   adaptive_eval=c.eval_mode == "adaptive", rng=rng)
+        if training and c.halt_max_steps > 1:
             # Q target from a no-grad pass over the next segment (no replay buffer / target net, as PQN).
             _, _, nq_halt, nq_cont = self.inner.apply(jax.lax.stop_gradient(variables), inner,
                                                       data["inputs"], jax.lax.stop_gradient(puzzle_rows))
-            target = jnp.where(is_last, nq_halt, jnp.maximum(nq_halt, nq_cont))
-            outputs["target_q_continue"] = jax.lax.stop_gradient(jax.nn.sigmoid(target))
-        elif c.halt_max_steps > 1 and c.eval_mode == "adaptive":
-            halted = halted | (q_halt > q_cont)
-        new_carry = HRMCarry(inner=inner, steps=steps.astype(jnp.int32), halted=halted, current_data=data)
+            outputs["target_q_continue"] = q_continue_target(is_last, nq_halt, nq_cont)
+        new_carry = HRMCarry(inner=inner, steps=steps, halted=halted, current_data=data)
         return new_carry, outputs
 
     def __call__(self, variables: Dict[str, Any], puzzle_table: Array, carry: HRMCarry,
@@ -392,7 +412,8 @@ class HRMACT:
             inner, logits, qh, qc = self.inner.apply(variables, inner, inputs, rows)
             i = i + 1
             preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            halt_now = (qh > qc) | (i >= c.halt_max_steps)
+            halt_now, _ = act_halt(jnp.full((B,), i, jnp.int32), qh, qc, halt_max_steps=c.halt_max_steps,
+                                   exploration_prob=0.0, training=False, adaptive_eval=True)
             new = halt_now & ~done
             p_ad = jnp.where(new[:, None], preds, p_ad)
             s_ad = jnp.where(new, i, s_ad)

@@ -62,18 +62,19 @@ def _attend(q, k, v, mask, sm_scale, *, exact: bool):
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
+    acc = jnp.promote_types(q.dtype, _F32)
     if exact:
-        q, k, v = (t.astype(_F32) for t in (q, k, v))
-    prec = lax.Precision.HIGHEST if q.dtype == _F32 else None
+        q, k, v = (t.astype(acc) for t in (q, k, v))
+    prec = lax.Precision.HIGHEST if q.dtype == acc else None
     qg = q.reshape(b, sq, hkv, g, d)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=_F32, precision=prec) * sm_scale
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=acc, precision=prec) * sm_scale
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
     m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
     pv = p if exact else p.astype(v.dtype)
-    o = jnp.einsum("bhgqk,bkhd->bqhgd", pv, v, preferred_element_type=_F32, precision=prec)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", pv, v, preferred_element_type=acc, precision=prec)
     l_safe = jnp.where(l == 0.0, 1.0, l)
     o = o / jnp.moveaxis(l_safe, (1, 2, 3), (2, 3, 1))
     lse = jnp.where(l[..., 0] > 0, m[..., 0] + jnp.log(l_safe[..., 0]), -jnp.inf)
@@ -82,7 +83,7 @@ def _attend(q, k, v, mask, sm_scale, *, exact: bool):
 
 def reference(q, k, v, *, causal: bool = True, sliding_window: int | None = None, sm_scale: float | None = None,
               q_offset: Any = 0, q_segment_ids=None, kv_segment_ids=None, return_lse: bool = False):
-    """The definition in plain f32 jnp (differentiable); output f32 [B, Sq, Hq, D] (+ lse [B, Hq, Sq])."""
+    """The definition in plain jnp, f32 (f64 for f64 input), differentiable; [B, Sq, Hq, D] (+ lse [B, Hq, Sq])."""
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     q_segment_ids, kv_segment_ids = _segments(q, k, q_segment_ids, kv_segment_ids)
     mask = visibility(q.shape[1], k.shape[1], causal=causal, sliding_window=sliding_window, q_offset=q_offset,

@@ -1,5 +1,677 @@
-"""Mosaic GPU (Hopper) flash attention kernels: placeholder until implemented."""
+"""Mosaic GPU (Hopper, sm90) flash attention: forward, dQ and dK/dV kernels.
+
+Shape of every kernel (after jax's `attention_mgpu.py`, extended with causal/window/offset/segment
+masks, GQA inside the kernel and a causal backward, which that file lacks):
+  * one CTA = 3 warpgroups: two compute warpgroups (wgmma, registers raised to 232) and one memory
+    warpgroup (registers lowered to 40) streaming tiles with TMA into a `stages`-deep ring of SMEM
+    slots guarded by mbarriers ("loaded" barriers, one arrival each; "consumed" barriers, one
+    arrival per compute warpgroup);
+  * the stream covers exactly the blocks some row of the CTA can see ([lo, hi) from causal /
+    sliding window / q_offset); both compute warpgroups walk the same steps (so the barrier
+    protocol is identical for both) and apply the element mask only on steps that need it:
+    masked prologue, unmasked middle, masked epilogue; with segment ids every step is masked;
+  * the running max starts at -1e30 (finite), so rows that see no key give p = 0, l = 0, output
+    exactly 0 and logsumexp -inf without NaNs;
+  * lengths need not be multiples of the tiles: TMA zero-fills out-of-bounds loads and clips
+    out-of-bounds stores; keys beyond kv_len are masked; rows beyond q_len are discarded.
+Forward: two warpgroups x `block_q` query rows ping-pong on a schedule barrier (one does softmax
+while the other issues wgmma).  dQ: like the forward over kv tiles.  dK/dV: each warpgroup owns
+`block_kv` keys and streams (q, dO, lse, delta) tiles over every q head of its GQA group, so dK/dV
+need no reduction afterwards.  Scores are scaled in log2 units (scale2 = sm_scale * log2(e)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+_F32 = jnp.float32
+_M_INIT = -1e30
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def unsupported_reason(dtype, head_dim, *, backward=False):
-    return "Mosaic attention kernel not implemented yet"
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    block_q: int = 64  # rows per compute warpgroup (forward, dQ)
+    block_kv: int = 128  # keys per streamed tile (forward, dQ)
+    stages: int = 2
+    bwd_block_q: int = 64  # streamed q rows per tile (dK/dV)
+    bwd_block_kv: int = 64  # keys per compute warpgroup (dK/dV)
+    dq_block_kv: int = 64  # streamed keys per tile (dQ)
+
+
+TILES = Tiles()
+# Head dims, dtypes and passes validated on an H100 by experiments/check_kernels_gpu.py.
+VALIDATED_HEAD_DIMS = (64, 128)
+VALIDATED_BACKWARD = True
+
+
+def unsupported_reason(dtype, head_dim: int, *, backward: bool = False) -> str | None:
+    """Why the Mosaic kernels cannot take this input (None if they can)."""
+    if jnp.dtype(dtype) not in _HALF:
+        return f"dtype {jnp.dtype(dtype)} (Mosaic kernels take bf16/f16)"
+    if head_dim not in VALIDATED_HEAD_DIMS:
+        return f"head_dim {head_dim} not in the GPU-validated set {VALIDATED_HEAD_DIMS}"
+    if backward and not VALIDATED_BACKWARD:
+        return "Mosaic backward not validated on this jax version"
+    return None
+
+
+def _plgpu():
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return plgpu
+
+
+def _load(ref, layout):
+    """plgpu.load of a whole SMEM ref (index argument required on jax 0.10, deprecated on 0.11)."""
+    plgpu = _plgpu()
+    if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
+
+
+def _T(ref):
+    return ref.transpose((1, 0))
+
+
+def _idiv(a, b):
+    """a // b for a >= 0 (Python ints stay static; traced ints use lax.div)."""
+    if isinstance(a, int):
+        return a // b
+    return lax.div(jnp.asarray(a, jnp.int32), jnp.int32(b))
+
+
+def _cdiv(a, b):
+    return _idiv(a + b - 1, b)
+
+
+def _rem(t, n):
+    return lax.rem(t, jnp.int32(n))
+
+
+def _clamp(x, lo, hi):
+    return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def _pad_rows(x, mult):
+    """Pad the last axis to a multiple of `mult` (1-D TMA rows need 16-byte strides)."""
+    n = x.shape[-1]
+    pad = (-n) % mult
+    return x if pad == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+
+def _pad_seq(x, mult=8):
+    """Pad axis 1 (sequence) to a multiple of 8: tiled TMA needs it; the pad is masked/discarded."""
+    if x is None or x.shape[1] % mult == 0:
+        return x
+    return jnp.pad(x, [(0, 0), (0, (-x.shape[1]) % mult)] + [(0, 0)] * (x.ndim - 2))
+
+
+def _mask(rows_pos, cols_pos, shape, *, q_dim, causal, window, kv_len, q_len_pos_end, qseg=None, kseg=None):
+    """Visibility mask in WGMMA layout; `q_dim` says which dim holds queries (0: [q, k], 1: [k, q])."""
+    plgpu = _plgpu()
+    r = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + rows_pos
+    c = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + cols_pos
+    qp, kp = (r, c) if q_dim == 0 else (c, r)
+    m = kp < kv_len
+    if q_len_pos_end is not None:
+        m &= qp < q_len_pos_end
+    if causal:
+        m &= kp <= qp
+    if window is not None:
+        m &= (qp - kp) < window
+    if qseg is not None:
+        qb = lax.broadcast_in_dim(qseg, shape, [q_dim])
+        kb = lax.broadcast_in_dim(kseg, shape, [1 - q_dim])
+        m &= qb == kb
+    return m
+
+
+def _kv_range(p_first, p_last, kv_len, bk, causal, window):
+    """[lo, hi) key tiles that query positions [p_first, p_last] can see."""
+    hi = _cdiv(jnp.maximum(jnp.minimum(kv_len, p_last + 1), 0), bk) if causal else _cdiv(kv_len, bk)
+    lo = _idiv(jnp.maximum(p_first - window + 1, 0), bk) if window is not None else 0
+    hi = jnp.asarray(hi, jnp.int32)
+    lo = jnp.minimum(jnp.asarray(lo, jnp.int32), hi)
+    return lo, hi
+
+
+def _full_kv_range(p_first, p_last, kv_len, bk, lo, hi, causal, window, segmented):
+    """[a, b) within [lo, hi): key tiles fully visible to every query position in [p_first, p_last]."""
+    if segmented:
+        return lo, lo
+    a = _cdiv(jnp.maximum(p_last - window + 1, 0), bk) if window is not None else lo
+    b = kv_len // bk
+    if causal:
+        b = jnp.minimum(b, _idiv(jnp.maximum(p_first + 1, 0), bk))
+    a = _clamp(jnp.asarray(a, jnp.int32), lo, hi)
+    b = _clamp(jnp.asarray(b, jnp.int32), a, hi)
+    return a, b
+
+
+def _smem_transforms(head_dim, dtype):
+    plgpu = _plgpu()
+    swizzle = plgpu.find_swizzle(head_dim * jnp.dtype(dtype).itemsize * 8)
+    elems = swizzle // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+
+
+# ============================================================================ forward
+
+def forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles: Tiles = TILES):
+    """(out [B, Sq, Hq, D], lse2 [B, Hq, Sq] in log2 units)."""
+    sq, skv = q.shape[1], k.shape[1]
+    if sq % 8 or skv % 8:
+        o, lse2 = _forward(_pad_seq(q), _pad_seq(k), _pad_seq(v), qs, ks, scale2=scale2, causal=causal,
+                           window=window, q_offset=q_offset, tiles=tiles, sq=sq, skv=skv)
+        return o[:, :sq], lse2
+    return _forward(q, k, v, qs, ks, scale2=scale2, causal=causal, window=window, q_offset=q_offset, tiles=tiles,
+                    sq=sq, skv=skv)
+
+
+def _forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles, sq, skv):
+    plgpu = _plgpu()
+    b, _, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    dtype = q.dtype
+    bq, bk, stages = tiles.block_q, tiles.block_kv, tiles.stages
+    seg = qs is not None
+    n_q_tiles = _cdiv(sq, 2 * bq)
+    sq_pad = n_q_tiles * 2 * bq
+    transforms = _smem_transforms(d, dtype)
+    log = dict(causal=causal, window=window)
+
+    def kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, scoped):
+        bi = lax.axis_index("batch")
+        h = lax.axis_index("heads")
+        wg = lax.axis_index("wg")
+        (qo_smem2, k_smem, v_smem, lse_smem2, qseg_smem2, kseg_smem), bars = scoped
+        k_bar, v_bar, q_bar, kseg_bar, k_cons, v_cons, sched = bars
+        cta_q0 = lax.axis_index("q_seq") * (2 * bq)
+        p_first = q_offset + cta_q0
+        p_last = q_offset + jnp.minimum(cta_q0 + 2 * bq, sq) - 1
+        lo, hi = _kv_range(p_first, p_last, skv, bk, **log)
+        n = hi - lo
+
+        def sched_sync():
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            qo_smem = qo_smem2.at[wg]
+            q0 = cta_q0 + wg * bq
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0, bq), h], qo_smem, q_bar.at[wg])
+            if seg:
+                plgpu.copy_gmem_to_smem(qs_ref.at[bi, pl.ds(q0, bq)], qseg_smem2.at[wg], q_bar.at[2 + wg])
+                plgpu.barrier_wait(q_bar.at[2 + wg])
+                qseg = _load(qseg_smem2.at[wg], plgpu.Layout.WGMMA.reduce(1))
+            plgpu.barrier_wait(q_bar.at[wg])
+            wf, wl = q_offset + q0, q_offset + q0 + bq - 1
+            a, c = _full_kv_range(wf, wl, skv, bk, lo, hi, segmented=seg, **log)
+
+            m_i = plgpu.layout_cast(jnp.full((bq,), _M_INIT, _F32), plgpu.Layout.WGMMA.reduce(1))
+            l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, _F32), plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, _F32), plgpu.Layout.WGMMA)
+
+            @pl.when(n > 0)
+            def _():
+                plgpu.barrier_wait(k_bar.at[0])
+
+            pl.when(wg == 1)(sched_sync)
+
+            def step(kb, carry, masked):
+                acc, m_i, l_i = carry
+                t = kb - lo
+                slot = _rem(t, stages)
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, _T(k_smem.at[slot]))
+                    sched_sync()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bk), _F32))
+                s = s * scale2
+                if masked:
+                    kseg = None
+                    if seg:
+                        plgpu.barrier_wait(kseg_bar.at[slot])
+                        kseg = _load(kseg_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+                    mask = _mask(q_offset + q0, kb * bk, (bq, bk), q_dim=0, kv_len=skv, q_len_pos_end=None,
+                                 qseg=qseg if seg else None, kseg=kseg, **log)
+                    s = jnp.where(mask, s, -jnp.inf)
+                plgpu.barrier_arrive(k_cons.at[slot])
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha
+                p16 = p.astype(dtype)
+                l_i = l_i + p.sum(axis=1)
+                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(sched)
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    nxt = t + 1
+
+                    @pl.when(nxt < n)
+                    def _():
+                        plgpu.barrier_wait(k_bar.at[_rem(nxt, stages)])
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_cons.at[slot])
+                return acc, m_new, l_i
+
+            carry = (acc, m_i, l_i)
+            carry = lax.fori_loop(lo, a, functools.partial(step, masked=True), carry)
+            carry = lax.fori_loop(a, c, functools.partial(step, masked=False), carry)
+            acc, m_i, l_i = lax.fori_loop(c, hi, functools.partial(step, masked=True), carry)
+            pl.when(wg == 0)(sched_sync)
+
+            empty = l_i == 0.0
+            l_safe = jnp.where(empty, 1.0, l_i)
+            acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+            qo_smem[...] = acc.astype(dtype)
+            lse_smem2.at[wg][...] = jnp.where(empty, -jnp.inf, m_i + jnp.log2(l_safe))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[bi, pl.ds(q0, bq), h])
+            plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[bi, h, pl.ds(q0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+            hk = lax.div(h, jnp.array(g, h.dtype))
+
+            def load(t, wait):
+                slot = _rem(t, stages)
+                sl = (bi, pl.ds((lo + t) * bk, bk), hk)
+                if wait:
+                    plgpu.barrier_wait(k_cons.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bar.at[slot])
+                if seg:
+                    plgpu.copy_gmem_to_smem(ks_ref.at[bi, pl.ds((lo + t) * bk, bk)], kseg_smem.at[slot],
+                                            kseg_bar.at[slot])
+                if wait:
+                    plgpu.barrier_wait(v_cons.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bar.at[slot])
+
+            for t in range(stages):
+                pl.when(t < n)(functools.partial(load, t, False))
+
+            @pl.loop(stages, jnp.maximum(n, stages))
+            def _(t):
+                load(t, True)
+
+    def entry(*refs):
+        if seg:
+            q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs
+        else:
+            (q_ref, k_ref, v_ref, o_ref, lse_ref), qs_ref, ks_ref = refs, None, None
+        smem = (
+            plgpu.SMEM((2, bq, d), dtype, transforms=transforms),
+            plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
+            plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
+            plgpu.SMEM((2, bq), _F32),
+            plgpu.SMEM((2, bq), jnp.int32) if seg else None,
+            plgpu.SMEM((stages, bk), jnp.int32) if seg else None,
+        )
+        bars = (
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=4),
+            plgpu.Barrier(num_barriers=stages) if seg else None,
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2),
+        )
+        pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref,
+                                             (scoped[:6], scoped[6:])),
+                      *smem, *bars, collective_axes="wg")
+
+    args = [q, k, v]
+    if seg:
+        args += [_pad_rows(qs, 2 * bq), _pad_rows(ks, 4)]
+    o, lse2 = plgpu.kernel(
+        entry,
+        out_type=[jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b, hq, sq_pad), _F32)],
+        grid=(hq, n_q_tiles, b),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*args)
+    return o, lse2[..., :sq]
+
+
+# ============================================================================ backward
+
+def backward(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, tiles: Tiles = TILES):
+    """(dq, dk, dv) from the log2-unit logsumexp and delta = rowsum(dO * O) [B, Hq, Sq]."""
+    sq, skv = q.shape[1], k.shape[1]
+    q, k, v, do = _pad_seq(q), _pad_seq(k), _pad_seq(v), _pad_seq(do)
+    pad = 2 * max(tiles.block_q, tiles.bwd_block_q)
+    lse2 = _pad_rows(lse2.astype(_F32), pad)
+    delta = _pad_rows(delta.astype(_F32), pad)
+    qs_p = None if qs is None else _pad_rows(qs, pad)
+    ks_p = None if ks is None else _pad_rows(ks, 2 * max(tiles.dq_block_kv, tiles.bwd_block_kv))
+    kw = dict(scale2=scale2, causal=causal, window=window, q_offset=q_offset, tiles=tiles, sq=sq, skv=skv)
+    dq = _dq(q, k, v, qs_p, ks_p, do, lse2, delta, **kw)
+    dk, dv = _dkv(q, k, v, qs_p, ks_p, do, lse2, delta, **kw)
+    return dq[:, :sq], dk[:, :skv], dv[:, :skv]
+
+
+def _dq(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, tiles, sq, skv):
+    plgpu = _plgpu()
+    b, _, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    dtype = q.dtype
+    bq, bk, stages = tiles.block_q, tiles.dq_block_kv, tiles.stages
+    seg = qs is not None
+    transforms = _smem_transforms(d, dtype)
+    log = dict(causal=causal, window=window)
+    sm_scale = scale2 / 1.4426950408889634
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dq_ref, scoped):
+        bi = lax.axis_index("batch")
+        h = lax.axis_index("heads")
+        wg = lax.axis_index("wg")
+        (q_smem2, do_smem2, lse_smem2, dl_smem2, qseg_smem2, k_smem, v_smem, kseg_smem), (own_bar, ld_bar, cons) = scoped
+        cta_q0 = lax.axis_index("q_seq") * (2 * bq)
+        p_first = q_offset + cta_q0
+        p_last = q_offset + jnp.minimum(cta_q0 + 2 * bq, sq) - 1
+        lo, hi = _kv_range(p_first, p_last, skv, bk, **log)
+        n = hi - lo
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            q0 = cta_q0 + wg * bq
+            rows = (bi, pl.ds(q0, bq), h)
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, own_bar.at[wg * 5 + 0])
+            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, own_bar.at[wg * 5 + 1])
+            plgpu.copy_gmem_to_smem(lse_ref.at[bi, h, pl.ds(q0, bq)], lse_smem2.at[wg], own_bar.at[wg * 5 + 2])
+            plgpu.copy_gmem_to_smem(dl_ref.at[bi, h, pl.ds(q0, bq)], dl_smem2.at[wg], own_bar.at[wg * 5 + 3])
+            if seg:
+                plgpu.copy_gmem_to_smem(qs_ref.at[bi, pl.ds(q0, bq)], qseg_smem2.at[wg], own_bar.at[wg * 5 + 4])
+                plgpu.barrier_wait(own_bar.at[wg * 5 + 4])
+                qseg = _load(qseg_smem2.at[wg], plgpu.Layout.WGMMA.reduce(1))
+            for i in range(4):
+                plgpu.barrier_wait(own_bar.at[wg * 5 + i])
+            lse = _load(lse_smem2.at[wg], plgpu.Layout.WGMMA.reduce(1))
+            dl = _load(dl_smem2.at[wg], plgpu.Layout.WGMMA.reduce(1))
+            wf, wl = q_offset + q0, q_offset + q0 + bq - 1
+            a, c = _full_kv_range(wf, wl, skv, bk, lo, hi, segmented=seg, **log)
+
+            def step(kb, dq_acc, masked):
+                t = kb - lo
+                slot = _rem(t, stages)
+                for i in range(3 if seg else 2):
+                    plgpu.barrier_wait(ld_bar.at[slot * 3 + i])
+
+                def sp(s_ref, dp_ref):
+                    plgpu.wgmma(s_ref, q_smem, _T(k_smem.at[slot]))
+                    plgpu.wgmma(dp_ref, do_smem, _T(v_smem.at[slot]))
+                    return s_ref[...], dp_ref[...]
+
+                s, dp = pl.run_scoped(sp, plgpu.ACC((bq, bk), _F32), plgpu.ACC((bq, bk), _F32))
+                p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, s.shape, [0]))
+                if masked:
+                    kseg = _load(kseg_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)) if seg else None
+                    mask = _mask(q_offset + q0, kb * bk, (bq, bk), q_dim=0, kv_len=skv, q_len_pos_end=None,
+                                 qseg=qseg if seg else None, kseg=kseg, **log)
+                    p = jnp.where(mask, p, 0.0)
+                ds = p * (dp - lax.broadcast_in_dim(dl, dp.shape, [0]))
+
+                def mm(acc_ref):
+                    plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
+                dq_acc = pl.run_state(mm)(plgpu.ACC.init(dq_acc))
+                plgpu.barrier_arrive(cons.at[slot])
+                return dq_acc
+
+            dq_acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, _F32), plgpu.Layout.WGMMA)
+            dq_acc = lax.fori_loop(lo, a, functools.partial(step, masked=True), dq_acc)
+            dq_acc = lax.fori_loop(a, c, functools.partial(step, masked=False), dq_acc)
+            dq_acc = lax.fori_loop(c, hi, functools.partial(step, masked=True), dq_acc)
+            q_smem[...] = (dq_acc * sm_scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+            hk = lax.div(h, jnp.array(g, h.dtype))
+
+            def load(t):
+                slot = _rem(t, stages)
+                sl = (bi, pl.ds((lo + t) * bk, bk), hk)
+                plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], ld_bar.at[slot * 3 + 0])
+                plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], ld_bar.at[slot * 3 + 1])
+                if seg:
+                    plgpu.copy_gmem_to_smem(ks_ref.at[bi, pl.ds((lo + t) * bk, bk)], kseg_smem.at[slot],
+                                            ld_bar.at[slot * 3 + 2])
+
+            for t in range(stages):
+                pl.when(t < n)(functools.partial(load, t))
+
+            @pl.loop(stages, jnp.maximum(n, stages))
+            def _(t):
+                plgpu.barrier_wait(cons.at[_rem(t, stages)])
+                load(t)
+
+    def entry(*refs):
+        if seg:
+            q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, dl_ref, dq_ref = refs
+        else:
+            (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref), qs_ref, ks_ref = refs, None, None
+        smem = (
+            plgpu.SMEM((2, bq, d), dtype, transforms=transforms),
+            plgpu.SMEM((2, bq, d), dtype, transforms=transforms),
+            plgpu.SMEM((2, bq), _F32),
+            plgpu.SMEM((2, bq), _F32),
+            plgpu.SMEM((2, bq), jnp.int32) if seg else None,
+            plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
+            plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
+            plgpu.SMEM((stages, bk), jnp.int32) if seg else None,
+        )
+        bars = (plgpu.Barrier(num_barriers=10), plgpu.Barrier(num_barriers=3 * stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+        pl.run_scoped(lambda *sc: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dq_ref,
+                                         (sc[:8], sc[8:])),
+                      *smem, *bars, collective_axes="wg")
+
+    args = [q, k, v] + ([qs, ks] if seg else []) + [do, lse2, delta]
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        grid=(hq, _cdiv(sq, 2 * bq), b),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*args)
+
+
+def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, tiles, sq, skv):
+    plgpu = _plgpu()
+    b, _, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    dtype = q.dtype
+    bq, bk, stages = tiles.bwd_block_q, tiles.bwd_block_kv, tiles.stages
+    seg = qs is not None
+    transforms = _smem_transforms(d, dtype)
+    log = dict(causal=causal, window=window)
+    sm_scale = scale2 / 1.4426950408889634
+    n_qb_all = _cdiv(sq, bq)
+
+    def q_range(k_first, k_last):
+        """[lo, hi) q tiles whose rows can see keys [k_first, k_last]."""
+        lo = _idiv(jnp.maximum(k_first - q_offset, 0), bq) if causal else 0
+        if window is not None:
+            hi = _cdiv(_clamp(k_last + window - q_offset, 0, sq), bq)
+        else:
+            hi = n_qb_all
+        hi = jnp.asarray(hi, jnp.int32)
+        return jnp.minimum(jnp.asarray(lo, jnp.int32), hi), hi
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dk_ref, dv_ref, scoped):
+        bi = lax.axis_index("batch")
+        hk = lax.axis_index("heads")
+        wg = lax.axis_index("wg")
+        (k_smem2, v_smem2, kseg_smem2, q_smem, do_smem, lse_smem, dl_smem, qseg_smem), (own_bar, ld_bar, cons) = scoped
+        cta_k0 = lax.axis_index("kv_seq") * (2 * bk)
+        lo, hi = q_range(cta_k0, jnp.minimum(cta_k0 + 2 * bk, skv) - 1)
+        nqb = hi - lo
+        n = g * nqb
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            k0 = cta_k0 + wg * bk
+            rows = (bi, pl.ds(k0, bk), hk)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, own_bar.at[wg * 3 + 0])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, own_bar.at[wg * 3 + 1])
+            if seg:
+                plgpu.copy_gmem_to_smem(ks_ref.at[bi, pl.ds(k0, bk)], kseg_smem2.at[wg], own_bar.at[wg * 3 + 2])
+                plgpu.barrier_wait(own_bar.at[wg * 3 + 2])
+                kseg = _load(kseg_smem2.at[wg], plgpu.Layout.WGMMA.reduce(1))
+            plgpu.barrier_wait(own_bar.at[wg * 3 + 0])
+            plgpu.barrier_wait(own_bar.at[wg * 3 + 1])
+            # q tiles fully visible to all of this warpgroup's keys [k0, k0 + bk - 1]
+            fa, fb = lo, lo
+            if not seg:
+                k_last = k0 + bk - 1
+                fa = _cdiv(jnp.maximum(k_last - q_offset, 0), bq) if causal else lo
+                fb = sq // bq
+                if window is not None:
+                    fb = jnp.minimum(fb, _idiv(jnp.maximum(k0 + window - q_offset, 0), bq))
+                fb = jnp.where(k_last < skv, fb, 0)
+                fa = _clamp(jnp.asarray(fa, jnp.int32), lo, hi)
+                fb = _clamp(jnp.asarray(fb, jnp.int32), fa, hi)
+
+            def step(gi, qb, carry, masked):
+                dk_acc, dv_acc = carry
+                t = gi * nqb + (qb - lo)
+                slot = _rem(t, stages)
+                for i in range(5 if seg else 4):
+                    plgpu.barrier_wait(ld_bar.at[slot * 5 + i])
+
+                def st(acc_ref):
+                    plgpu.wgmma(acc_ref, k_smem, _T(q_smem.at[slot]))
+                    return acc_ref[...]
+
+                s_t = pl.run_scoped(st, plgpu.ACC((bk, bq), _F32))
+                lse = _load(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+                p_t = jnp.exp2(s_t * scale2 - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+                if masked:
+                    qseg = _load(qseg_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)) if seg else None
+                    mask = _mask(k0, q_offset + qb * bq, (bk, bq), q_dim=1, kv_len=skv, q_len_pos_end=q_offset + sq,
+                                 qseg=qseg, kseg=kseg if seg else None, **log)
+                    p_t = jnp.where(mask, p_t, 0.0)
+
+                def dv_dp(refs):
+                    dv_ref, dp_ref = refs
+                    plgpu.wgmma(dv_ref, p_t.astype(dtype), do_smem.at[slot])
+                    plgpu.wgmma(dp_ref, v_smem, _T(do_smem.at[slot]))
+
+                zeros = plgpu.layout_cast(jnp.full((bk, bq), 0.0, _F32), plgpu.Layout.WGMMA)
+                dv_acc, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros)))
+                dl = _load(dl_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+                ds_t = p_t * (dp_t - lax.broadcast_in_dim(dl, dp_t.shape, [1]))
+
+                def mm(acc_ref):
+                    plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
+
+                dk_acc = pl.run_state(mm)(plgpu.ACC.init(dk_acc))
+                plgpu.barrier_arrive(cons.at[slot])
+                return dk_acc, dv_acc
+
+            def head(gi, carry):
+                carry = lax.fori_loop(lo, fa, lambda qb, c: step(gi, qb, c, True), carry)
+                carry = lax.fori_loop(fa, fb, lambda qb, c: step(gi, qb, c, False), carry)
+                return lax.fori_loop(fb, hi, lambda qb, c: step(gi, qb, c, True), carry)
+
+            zero = plgpu.layout_cast(jnp.full((bk, d), 0.0, _F32), plgpu.Layout.WGMMA)
+            dk_acc, dv_acc = lax.fori_loop(0, g, head, (zero, zero))
+            k_smem[...] = (dk_acc * sm_scale).astype(dtype)
+            v_smem[...] = dv_acc.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows], commit_group=False)
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def load(t):
+                slot = _rem(t, stages)
+                nq1 = jnp.maximum(nqb, 1)
+                hq_i = hk * g + lax.div(t, nq1)
+                q0 = (lo + lax.rem(t, nq1)) * bq
+                sl = (bi, pl.ds(q0, bq), hq_i)
+                plgpu.copy_gmem_to_smem(q_ref.at[sl], q_smem.at[slot], ld_bar.at[slot * 5 + 0])
+                plgpu.copy_gmem_to_smem(do_ref.at[sl], do_smem.at[slot], ld_bar.at[slot * 5 + 1])
+                plgpu.copy_gmem_to_smem(lse_ref.at[bi, hq_i, pl.ds(q0, bq)], lse_smem.at[slot], ld_bar.at[slot * 5 + 2])
+                plgpu.copy_gmem_to_smem(dl_ref.at[bi, hq_i, pl.ds(q0, bq)], dl_smem.at[slot], ld_bar.at[slot * 5 + 3])
+                if seg:
+                    plgpu.copy_gmem_to_smem(qs_ref.at[bi, pl.ds(q0, bq)], qseg_smem.at[slot], ld_bar.at[slot * 5 + 4])
+
+            for t in range(stages):
+                pl.when(t < n)(functools.partial(load, t))
+
+            @pl.loop(stages, jnp.maximum(n, stages))
+            def _(t):
+                plgpu.barrier_wait(cons.at[_rem(t, stages)])
+                load(t)
+
+    def entry(*refs):
+        if seg:
+            q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref = refs
+        else:
+            (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref), qs_ref, ks_ref = refs, None, None
+        smem = (
+            plgpu.SMEM((2, bk, d), dtype, transforms=transforms),
+            plgpu.SMEM((2, bk, d), dtype, transforms=transforms),
+            plgpu.SMEM((2, bk), jnp.int32) if seg else None,
+            plgpu.SMEM((stages, bq, d), dtype, transforms=transforms),
+            plgpu.SMEM((stages, bq, d), dtype, transforms=transforms),
+            plgpu.SMEM((stages, bq), _F32),
+            plgpu.SMEM((stages, bq), _F32),
+            plgpu.SMEM((stages, bq), jnp.int32) if seg else None,
+        )
+        bars = (plgpu.Barrier(num_barriers=6), plgpu.Barrier(num_barriers=5 * stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+        pl.run_scoped(lambda *sc: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dk_ref, dv_ref,
+                                         (sc[:8], sc[8:])),
+                      *smem, *bars, collective_axes="wg")
+
+    args = [q, k, v] + ([qs, ks] if seg else []) + [do, lse2, delta]
+    dk, dv = plgpu.kernel(
+        entry,
+        out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
+        grid=(hkv, _cdiv(skv, 2 * bk), b),
+        grid_names=("heads", "kv_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*args)
+    return dk, dv

@@ -40,15 +40,17 @@ _FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float3
 
 
 def reference(x: jax.Array, weight: jax.Array, *, eps: float) -> jax.Array:
-    """HF LlamaRMSNorm in plain jnp (differentiable by autodiff)."""
-    xf = x.astype(_F32)
+    """HF LlamaRMSNorm in plain jnp (differentiable; f32 statistics, f64 for f64 input)."""
+    acc = jnp.promote_types(x.dtype, _F32)
+    xf = x.astype(acc)
     n = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (n.astype(x.dtype).astype(_F32) * weight.astype(_F32)).astype(x.dtype)
+    return (n.astype(x.dtype).astype(acc) * weight.astype(acc)).astype(x.dtype)
 
 
 def reference_residual(x: jax.Array, residual: jax.Array, weight: jax.Array, *, eps: float):
     """(reference(x + residual), x + residual), the sum rounded to x.dtype."""
-    h = (x.astype(_F32) + residual.astype(_F32)).astype(x.dtype)
+    acc = jnp.promote_types(x.dtype, _F32)
+    h = (x.astype(acc) + residual.astype(acc)).astype(x.dtype)
     return reference(h, weight, eps=eps), h
 
 

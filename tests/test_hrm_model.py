@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from iva_jax.hrm.config import HRMConfig
-from iva_jax.hrm.model import HRMACT, HRMCarry, HRMInner, InnerCarry, act_halt, q_continue_target, rope_cos_sin
+from iva_jax.hrm.model import (HRMACT, HRMCarry, HRMInner, InnerCarry, act_halt, attention, q_continue_target,
+                               rope_cos_sin)
 from iva_jax.hrm.sparse_embedding import signsgd_update
 
 B, S = 6, 5
@@ -242,3 +243,14 @@ def test_config_validation():
         CFG.variant("rnn")
     assert HRMConfig.from_yaml(CFG.to_yaml()) == CFG
     assert CFG.puzzle_emb_len == 2 and CFG.total_len == 7 and CFG.intermediate_size == 48
+
+
+def test_attention_matches_numpy_and_kernels():
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.normal(size=(2, 7, 3, 8)).astype(np.float32) for _ in range(3))
+    logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k) / np.sqrt(8)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+    for impl in ("xla", "auto"):  # non-causal: every position sees every other
+        got = jax.jit(attention, static_argnums=3)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

@@ -51,7 +51,7 @@ class HRMConfig(ConfigBase):
     forward_dtype: str = "bfloat16"  # activations and carry; parameters stay float32
     loss_type: str = "stablemax"  # "stablemax" | "softmax"
     arch: str = "hrm"  # "hrm" | "transformer" (H_layers + L_layers blocks applied once, no recurrence)
-    attn_impl: str = "xla"  # "xla" (plain jnp) | "auto" (kernels.flash_attention when present)
+    attn_impl: str = "xla"  # "xla" (plain jnp here) | "auto" | "triton" | "mosaic" (kernels.flash_attention)
 
     def validate(self) -> None:
         ints = ("batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles",
@@ -72,7 +72,7 @@ class HRMConfig(ConfigBase):
         check_choice(self, "forward_dtype", _DTYPES)
         check_choice(self, "loss_type", ("stablemax", "softmax"))
         check_choice(self, "arch", ("hrm", "transformer"))
-        check_choice(self, "attn_impl", ("xla", "auto"))
+        check_choice(self, "attn_impl", ("xla", "auto", "triton", "mosaic"))
         check(self.arch != "transformer" or self.halt_max_steps == 1, "halt_max_steps", self.halt_max_steps,
               "must be 1 for arch='transformer' (it has no carry to ponder over)")
 

@@ -14,8 +14,8 @@ untrained H_init/L_init).  Halting is learned by Q-learning: q_head(z_H[:, 0]) g
 at evaluation) when q_halt > q_continue, with random minimum-step exploration during training;
 the q_continue target comes from a no-grad pass over the next segment.
 
-Where this differs from the reference on purpose: attention is plain jnp (no FlashAttention
-dependency; `attn_impl="auto"` uses `kernels.flash_attention` when that package provides it),
+Where this differs from the reference on purpose: attention is plain jnp by default (no FlashAttention
+dependency; `attn_impl="auto" | "triton" | "mosaic"` goes through `kernels.flash_attention`),
 q/k/v and gate/up are separate HF-named projections (the reference fuses them into `qkv_proj` and
 `gate_up_proj`: split those along the output axis to convert), `evaluate` freezes a sample's
 answer at its halting step (the reference's eval loop only supports halting at the step limit).
@@ -78,13 +78,10 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 def attention(q: Array, k: Array, v: Array, impl: str = "xla") -> Array:
     """Non-causal multi-head attention, q/k/v [B, T, H, hd] -> [B, T, H, hd]; softmax in float32."""
-    if impl == "auto":
-        try:
-            from kernels import flash_attention as _fa  # optional; kernels/ is another engineer's
-        except ImportError:
-            _fa = None
-        if _fa is not None and hasattr(_fa, "flash_attention"):
-            return _fa.flash_attention(q, k, v, causal=False)
+    if impl != "xla":  # the kernels dispatcher: Mosaic / Triton flash attention on GPU, XLA elsewhere
+        import kernels
+
+        return kernels.flash_attention(q, k, v, causal=False, impl=impl)
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -9,28 +9,28 @@ rhs [G, K, N]; group_sizes [G] int32 with sum <= M (rows past the sum come back 
                                              (row tile, group) visits x column tiles, backward = the same
                                              kernel with rhs transposed (d lhs) and a transposed
                                              grouped kernel per group (d rhs), via jax.custom_vjp.
-`grouped_matmul(..., impl="auto")` picks "triton" on an sm80+ GPU, otherwise "xla" (logged once).
+`grouped_matmul(..., impl="auto")` picks "triton" on an sm80+ GPU (or with interpret=True), otherwise
+"xla", through `kernels.dispatch.select_impl` (logged once); "pallas" means "triton".
 Accumulation is float32; the output has lhs's dtype unless `preferred_element_type` says otherwise.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from typing import NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.dispatch import select_impl
+
 try:  # Triton-lowered Pallas helpers (present on CPU jaxlib too, for interpret mode)
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
     plgpu = None
 
-log = logging.getLogger(__name__)
-
-IMPLS = ("auto", "xla", "triton")
+IMPLS = ("auto", "xla", "pallas", "triton")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +123,8 @@ def _gmm_kernel(group_ref, tile_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_r
 
 
 def _gmm_pallas(lhs, rhs, group_sizes, out_dtype, *, transpose_rhs, block_m, block_n, block_k,
-                num_warps, num_stages, interpret):
+                num_warps, num_stages, interpret, poison=False):
+    """Forward kernel call.  poison=True (tests) starts from a NaN output so unwritten rows show."""
     m, k = lhs.shape
     g = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -131,16 +132,28 @@ def _gmm_pallas(lhs, rhs, group_sizes, out_dtype, *, transpose_rhs, block_m, blo
     kernel = functools.partial(_gmm_kernel, num_groups=g, m=m, k=k, n=n, block_m=block_m,
                                block_n=block_n, block_k=block_k, transpose_rhs=transpose_rhs)
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
+    args = (group, tile, starts, ends, lhs, rhs)
+    extra = dict(input_output_aliases={6: 0}) if poison else {}
+    if poison:
+        args += (jnp.full((m, n), jnp.nan, out_dtype),)
+        kernel = functools.partial(_drop_alias, kernel)
     return pl.pallas_call(
         kernel,
         grid=(group.shape[0], pl.cdiv(n, block_n)),
-        in_specs=[anyspec] * 6,
+        in_specs=[anyspec] * len(args),
         out_specs=anyspec,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         compiler_params=_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="grouped_matmul",
-    )(group, tile, starts, ends, lhs, rhs)
+        **extra,
+    )(*args)
+
+
+def _drop_alias(kernel, *refs):
+    """Kernel wrapper ignoring the aliased (poisoned) output input ref."""
+    *ins, _aliased, out = refs
+    return kernel(*ins, out)
 
 
 def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, k, n, block_m, block_n, block_k):
@@ -225,28 +238,9 @@ _gmm_triton.defvjp(_gmm_triton_fwd, _gmm_triton_bwd)
 # ---------------------------------------------------------------------------------------------
 # public
 # ---------------------------------------------------------------------------------------------
-_logged: set = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        log.info(msg)
-
-
 def _pick_impl(impl: str, interpret: bool) -> str:
-    # TODO: use kernels.dispatch (written in parallel) once it lands; this is the local fallback.
-    if impl != "auto":
-        return impl
-    if interpret:
-        return "triton"
-    dev = jax.devices()[0]
-    cc = getattr(dev, "compute_capability", None)
-    if dev.platform == "gpu" and cc is not None and float(cc) >= 8.0 and plgpu is not None:
-        _log_once(f"grouped_matmul: impl=auto -> triton (compute capability {cc})")
-        return "triton"
-    _log_once(f"grouped_matmul: impl=auto -> xla (ragged_dot) on {dev.platform}")
-    return "xla"
+    return select_impl("grouped_matmul", impl, interpret=interpret, preference=("triton",),
+                       unsupported={"mosaic": "no Mosaic GPU grouped matmul yet (use triton)"})
 
 
 def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray, *,

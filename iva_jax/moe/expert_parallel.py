@@ -73,7 +73,8 @@ def ragged_all_to_all_dense(operand: jnp.ndarray, output: jnp.ndarray, input_off
         return row, valid
 
     src_row, src_valid = locate(send_sizes, input_offsets)
-    window = jnp.where(src_valid[..., None], operand[jnp.clip(src_row, 0, operand.shape[0] - 1)], 0)
+    valid = src_valid.reshape(src_valid.shape + (1,) * (operand.ndim - 1))
+    window = jnp.where(valid, operand[jnp.clip(src_row, 0, operand.shape[0] - 1)], 0)
     recv = jax.lax.all_to_all(window, axis_name, 0, 0, tiled=True)  # [ep (source), W, ...]
     out_off = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
     dst_row, dst_valid = locate(recv_sizes, out_off)

@@ -15,7 +15,9 @@ Model protocol (anything flax-like):
 
 Batch: `input_ids [B, S]`; optional `labels [B, S]` (HF convention: aligned with the inputs, shifted
 here; -100 ignored), `loss_mask [B, S]` (aligned with labels), `segment_ids` (packing: targets in
-another segment, or in segment 0 = padding, are ignored), `positions`.
+another segment, or in segment 0 = padding, are ignored), `positions`.  `loss_mask` values are token
+weights (normally 0/1; fractional weights count fractionally, and a NaN poisons the step, which the
+optimizer's non-finite guard then skips).
 
 Gradient accumulation splits the batch into `microbatches` strided slices (row j goes to slice
 j % M, so every slice spans all data shards) and scans over them.  Token losses are summed and
@@ -147,17 +149,21 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.A
 # losses
 # ------------------------------------------------------------------------------------------------
 def shifted_targets(batch: Mapping[str, jax.Array], shift: int = 1) -> Tuple[jax.Array, jax.Array]:
-    """(targets [B, S-shift], weights [B, S-shift] f32): position t predicts labels[t + shift]."""
+    """(targets [B, S-shift], weights [B, S-shift] f32): position t predicts labels[t + shift].
+
+    Weight 0 for labels == -100 and across segment boundaries / padding; else loss_mask (default 1).
+    """
     ids = batch["input_ids"]
     labels = batch.get("labels", ids)
     tgt = labels[:, shift:]
-    w = tgt != IGNORE_INDEX
-    if "loss_mask" in batch:
-        w = w & (batch["loss_mask"][:, shift:] > 0)
+    keep = tgt != IGNORE_INDEX
     if "segment_ids" in batch:
         seg = batch["segment_ids"]
-        w = w & (seg[:, shift:] == seg[:, :-shift]) & (seg[:, shift:] != 0)
-    return jnp.where(w, tgt, 0).astype(jnp.int32), w.astype(jnp.float32)
+        keep = keep & (seg[:, shift:] == seg[:, :-shift]) & (seg[:, shift:] != 0)
+    w = keep.astype(jnp.float32)
+    if "loss_mask" in batch:
+        w = w * batch["loss_mask"][:, shift:].astype(jnp.float32)
+    return jnp.where(keep, tgt, 0).astype(jnp.int32), w
 
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,

@@ -109,13 +109,14 @@ class Attention(nn.Module):
 
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, *, window: Any = None,
                  segment_ids: Optional[jnp.ndarray] = None,
-                 cache: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None, cache_index: Any = None,
+                 cache: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None, layer: Any = 0, cache_index: Any = None,
                  kv_valid: Optional[jnp.ndarray] = None,
                  bias: Optional[jnp.ndarray] = None) -> Tuple[jnp.ndarray, Optional[Tuple[jnp.ndarray, jnp.ndarray]]]:
         """x [B,T,D] -> ([B,T,D], updated (k, v) cache or None).
 
-        With `cache=(k, v)` of shape [B, S, Hkv, hd] the new keys/values are written at slots
-        `cache_index .. cache_index+T` and queries attend over the whole cache masked by `kv_valid`.
+        `cache=(k, v)` holds every layer, [L, B, S, Hkv, hd]: this layer (`layer`, an int or traced
+        index) writes its new keys/values at slots `cache_index .. cache_index+T` in place and its
+        queries attend over the layer's whole cache, masked by `kv_valid` [B, S].
         """
         c = self.config
         b, t, _ = x.shape
@@ -131,9 +132,13 @@ class Attention(nn.Module):
             out = attend(q, k, v, impl=c.attn_impl, window=window, segment_ids=segment_ids, bias=bias)
         else:
             ck, cv = cache
-            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            zero = jnp.zeros((), jnp.int32)
+            at = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], at)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], at)
             new_cache = (ck, cv)
-            out = attend(q, ck.astype(q.dtype), cv.astype(q.dtype), impl="xla", window=window,
+            lk = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+            lv = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+            out = attend(q, lk.astype(q.dtype), lv.astype(q.dtype), impl="xla", window=window,
                          q_offset=cache_index, kv_valid=kv_valid, bias=bias)
         return self.o_proj(out.reshape(b, t, -1)), new_cache

@@ -33,24 +33,29 @@ from iva_jax.layers.rotary import positions_from_mask, rope_cos_sin
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h)).  Signature fits `nn.scan`."""
+    """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h)).  Signature fits `nn.scan`.
+
+    carry = (h, cache, layer): the hidden states, the whole KV cache ((k, v) of [L, B, S, Hkv, hd], or
+    None) that each layer updates in place at its own index, and that layer index.
+    """
 
     config: ModelConfig
     static_window: Optional[int] = None
 
     @nn.compact
-    def __call__(self, h, layer_cache, layer_window, cos, sin, segment_ids, cache_index, kv_valid):
+    def __call__(self, carry, layer_window, cos, sin, segment_ids, cache_index, kv_valid):
+        h, cache, layer = carry
         c = self.config
         dt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
         nkw = dict(eps=c.rms_norm_eps, dtype=dt, param_dtype=pdt, impl=c.norm_impl)
         window = self.static_window if layer_window is None else layer_window
         x = RMSNorm(c.hidden_size, name="input_layernorm", **nkw)(h)
-        a, new_cache = Attention(c, name="self_attn")(
-            x, cos, sin, window=window, segment_ids=segment_ids, cache=layer_cache, cache_index=cache_index,
+        a, cache = Attention(c, name="self_attn")(
+            x, cos, sin, window=window, segment_ids=segment_ids, cache=cache, layer=layer, cache_index=cache_index,
             kv_valid=kv_valid)
         x, h = RMSNorm(c.hidden_size, name="post_attention_layernorm", **nkw).residual(a, h)
         h = h + MLP(c.hidden_size, c.intermediate_size, c.mlp_bias, dt, pdt, impl=c.mlp_impl, name="mlp")(x)
-        return h, new_cache
+        return (h, cache, layer + 1), None
 
 
 class Transformer(nn.Module):
@@ -71,9 +76,10 @@ class Transformer(nn.Module):
             layer_cls = nn.remat(layer_cls, policy=remat_policy(c.remat), prevent_cse=not c.scan_layers)
         static_window = windows[0] if self._uniform_window else None
         if c.scan_layers:
+            window_axis = nn.broadcast if self._uniform_window else 0
             self.layers = nn.scan(
                 layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(window_axis, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, static_window)
         else:
@@ -123,17 +129,13 @@ class Transformer(nn.Module):
         windows = c.layer_windows()
         layer_windows = None if self._uniform_window else jnp.asarray([w or 0 for w in windows], jnp.int32)
         args = (cos, sin, segment_ids, cache_index, kv_valid)
+        carry = (h, layer_caches, jnp.zeros((), jnp.int32))
         if c.scan_layers:
-            h, new_caches = self.layers(h, layer_caches, layer_windows, *args)
+            carry, _ = self.layers(carry, layer_windows, *args)
         else:
-            ks, vs = [], []
-            for i, layer in enumerate(self.layers):
-                lc = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
-                h, nc = layer(h, lc, None, *args)
-                if nc is not None:
-                    ks.append(nc[0])
-                    vs.append(nc[1])
-            new_caches = (jnp.stack(ks), jnp.stack(vs)) if ks else None
+            for layer in self.layers:
+                carry, _ = layer(carry, None, *args)  # unscanned layers hold their window statically
+        h, new_caches, _ = carry
 
         if last_logits_only:
             h = h[:, -1:]

@@ -118,7 +118,7 @@ class HRMTrainConfig(ConfigBase):
     """A training run (sapientinc/HRM `cfg_pretrain.yaml` semantics; epochs -> steps, time budget)."""
 
     model: HRMConfig = dataclasses.field(default_factory=HRMConfig)
-    data_path: str = "data/sudoku6"  # directory holding train.npz / test.npz (see iva_jax.hrm.tasks)
+    data_path: str = "runs/data/sudoku6"  # directory holding train.npz / test.npz (see iva_jax.hrm.tasks)
     task: str = "sudoku"  # used when the data is generated on the fly: "sudoku" | "maze"
     task_size: int = 6  # sudoku side (4, 6, 9) or maze side
     num_train: int = 1000  # puzzles (solution grids) generated for training

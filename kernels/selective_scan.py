@@ -11,12 +11,15 @@ Semantics (mamba_ssm `selective_scan_ref`), all in f32:
     dt = softplus(delta + delta_bias) (softplus only if delta_softplus)
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * u_t * B_t ;  y_t = <h_t, C_t> + D * u_t ;  out_t = y_t * silu(z_t)
 
-The kernel (grid: batch x groups x dim-blocks) keeps the [block_d, dstate] state in registers and
-walks time inside the kernel in statically unrolled chunks of `chunk` steps, so every load of a chunk
-is issued before its recurrence needs it.  With gradients requested, the forward also writes the state
-at every chunk start (f32, [batch, seqlen/chunk, dim, dstate]); the backward kernel walks the chunks in
-reverse, recomputes the chunk's states from that checkpoint into registers and runs the adjoint
-recurrence.  dB/dC are per-dim-block partial sums reduced by XLA afterwards (deterministic, no atomics).
+The kernel (grid: batch x groups x dim-blocks) keeps a [block_d, dstate] f32 state tile in registers and
+walks time inside the kernel, `chunk` steps statically unrolled per loop trip so that a chunk's loads are
+issued together.  block_d defaults to 128/dstate with one warp: Triton then lays the tile out as 4 states
+x 8 dims per warp row, the dstate reduction is in-thread plus two shuffles, and the forward has no barrier
+(checked on the PTX: 63 registers, no spills, for dstate 16).  With gradients requested the forward also
+saves the state every `ckpt_chunk` steps.  The backward kernel walks those chunks in reverse: it recomputes
+a chunk into `bwd_chunk`-step checkpoints in a small per-program scratch buffer (L2-resident), then for each
+sub-chunk recomputes its states into registers and runs the adjoint recurrence.  dB/dC (sums over dims)
+are accumulated with f32 atomics, so their last bits depend on scheduling, as in mamba_ssm.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 from typing import Optional, Tuple
 
 import jax
@@ -108,19 +110,31 @@ def reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ScanBlockConfig:
-    """Tuning knobs of the kernel (powers of two). `chunk` = time steps unrolled per loop trip
-    (and the checkpoint interval of the backward)."""
+    """Tuning knobs of the Triton kernel (each a power of two).
 
-    block_d: int = 32
-    chunk: int = 16
-    num_warps: int = 4
+    block_d: dims per program; None picks (128 * num_warps) // dstate, i.e. a [block_d, dstate] state tile
+        of 4 values per thread, which Triton lays out as 4 states x 8 dims per warp row (no barriers).
+    chunk: forward steps unrolled per loop trip (their loads are issued together).
+    ckpt_chunk: steps between the states the forward saves for the backward
+        (f32 memory: batch * dim * dstate * 4 bytes * seqlen / ckpt_chunk).
+    bwd_chunk: backward steps whose states are held in registers; each ckpt_chunk is first recomputed
+        into bwd_chunk-step checkpoints in a scratch buffer (small, L2-resident), then walked backwards.
+    """
+
+    block_d: Optional[int] = None
+    num_warps: int = 1
+    chunk: int = 8
+    ckpt_chunk: int = 64
+    bwd_chunk: int = 2
+    block_d_bwd: Optional[int] = None
+    num_warps_bwd: int = 1
     num_stages: int = 1
-    block_d_bwd: int = 32
-    num_warps_bwd: int = 4
 
     def __post_init__(self):
-        for f in ("block_d", "chunk", "num_warps", "block_d_bwd", "num_warps_bwd"):
+        for f in ("block_d", "num_warps", "chunk", "ckpt_chunk", "bwd_chunk", "block_d_bwd", "num_warps_bwd"):
             v = getattr(self, f)
+            if v is None and f.startswith("block_d"):
+                continue
             if not (isinstance(v, int) and v > 0 and v & (v - 1) == 0):
                 raise ValueError(f"ScanBlockConfig.{f}={v!r} must be a positive power of two")
         if self.num_stages < 1:
@@ -129,33 +143,45 @@ class ScanBlockConfig:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    """Everything static about one kernel call (hashable: used as a custom_vjp nondiff arg)."""
+    """Everything static about one kernel call (hashable: a custom_vjp nondiff argument)."""
 
     L: int
     G: int
-    Dgp: int  # padded dims per group
-    Np: int  # padded dstate
-    cfg: ScanBlockConfig
+    Dgp: int  # dims per group, padded to a multiple of both block sizes
+    Np: int  # dstate padded to a power of two
+    BD: int  # forward block_d
+    BDb: int  # backward block_d
+    Kf: int
+    K1: int
+    Kb: int
+    nw: int
+    nwb: int
+    num_stages: int
     softplus: bool
     has_D: bool
     has_z: bool
     has_bias: bool
     interpret: bool
 
-    def block(self, bwd: bool) -> int:
-        return min(self.cfg.block_d_bwd if bwd else self.cfg.block_d, self.Dgp)
-
     @property
-    def K(self) -> int:
-        return min(self.cfg.chunk, _next_pow2(self.L))
-
-    @property
-    def NC(self) -> int:
-        return -(-self.L // self.K)
+    def NC1(self) -> int:
+        return -(-self.L // self.K1)
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _make_static(l, g, dg, n, cfg: ScanBlockConfig, **flags) -> _Static:
+    np_ = max(2, _next_pow2(n))
+    auto_bd = lambda nw: max(1, (128 * nw) // np_)
+    bd = min(cfg.block_d or auto_bd(cfg.num_warps), _next_pow2(dg))
+    bdb = min(cfg.block_d_bwd or auto_bd(cfg.num_warps_bwd), _next_pow2(dg))
+    step = max(bd, bdb)
+    k1 = min(cfg.ckpt_chunk, _next_pow2(l))
+    return _Static(L=l, G=g, Dgp=-(-dg // step) * step, Np=np_, BD=bd, BDb=bdb, Kf=min(cfg.chunk, k1), K1=k1,
+                   Kb=min(cfg.bwd_chunk, k1), nw=cfg.num_warps, nwb=cfg.num_warps_bwd, num_stages=cfg.num_stages,
+                   **flags)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -165,12 +191,13 @@ def _compiler_params(num_warps: int, num_stages: int):
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def _load(ref, idx, interpret: bool):
-    return ref[idx]
+def _in_names(st: _Static):
+    return ["u", "dt", "A", "B", "C"] + (["D"] if st.has_D else []) + (["z"] if st.has_z else []) \
+        + (["bias"] if st.has_bias else [])
 
 
 def _store(ref, idx, val, mask):
-    """ref[idx] = val where mask (mask None: unconditional)."""
+    """ref[idx] = val where mask (None: unconditionally)."""
     if mask is None:
         ref[idx] = val
     else:
@@ -179,143 +206,173 @@ def _store(ref, idx, val, mask):
         plgpu.store(ref.at[idx], val, mask=jnp.broadcast_to(mask, val.shape))
 
 
-def _step_inputs(st: _Static, refs, b, g, t_raw, dsl):
-    """Load (dt_raw_plus_bias, dt, u, B_t) for time t (clamped to L-1; masked to zero beyond L)."""
-    from jax.experimental import pallas as pl  # noqa: F401
+def _atomic_add(ref, idx, val):
+    """ref[idx] += val atomically (unmasked: past seqlen the kernel adds exact zeros at a clamped index)."""
+    from jax.experimental.pallas import triton as plgpu
 
-    f32 = jnp.float32
-    partial = st.L % st.K != 0
-    t = jnp.minimum(t_raw, st.L - 1) if partial else t_raw
-    x = refs["dt"][b, t, dsl].astype(f32)
-    if st.has_bias:
-        x = x + refs["bias_v"]
-    dt = softplus(x) if st.softplus else x
-    u = refs["u"][b, t, dsl].astype(f32)
-    bt = refs["B"][b, t, g, :].astype(f32)
-    valid = (t_raw < st.L) if partial else None
-    if partial:
-        dt = jnp.where(valid, dt, 0.0)
-        u = jnp.where(valid, u, 0.0)
-    return t, valid, x, dt, u, bt
+    plgpu.atomic_add(ref, idx, val)
+
+
+class _Prog:
+    """Per-program constants: which (batch, group, dim block) this program owns, and its parameters."""
+
+    def __init__(self, st: _Static, r: dict, bd: int):
+        from jax.experimental import pallas as pl
+
+        f32 = jnp.float32
+        self.b, self.g, self.j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        self.dsl = pl.ds(pl.multiple_of(self.g * st.Dgp + self.j * bd, bd), bd)
+        self.A = r["A"][self.dsl, :].astype(f32)
+        self.A2 = self.A * LOG2E  # exp(dt A) = exp2(dt A log2 e)
+        self.D = r["D"][self.dsl].astype(f32) if st.has_D else None
+        self.bias = r["bias"][self.dsl].astype(f32) if st.has_bias else None
+
+    def inputs(self, st: _Static, r: dict, t_raw, partial: bool):
+        """(t, valid, dt_pre_softplus, dt, u, B_t) at time t_raw (clamped; zeroed beyond seqlen if partial)."""
+        f32 = jnp.float32
+        t = jnp.minimum(t_raw, st.L - 1) if partial else t_raw
+        x = r["dt"][self.b, t, self.dsl].astype(f32)
+        if st.has_bias:
+            x = x + self.bias
+        dt = softplus(x) if st.softplus else x
+        u = r["u"][self.b, t, self.dsl].astype(f32)
+        bt = r["B"][self.b, t, self.g, :].astype(f32)
+        valid = (t_raw < st.L) if partial else None
+        if partial:
+            dt, u = jnp.where(valid, dt, 0.0), jnp.where(valid, u, 0.0)
+        return t, valid, x, dt, u, bt
+
+    def step(self, h, dt, u, bt):
+        return jnp.exp2(dt[:, None] * self.A2) * h + (dt * u)[:, None] * bt[None, :]
 
 
 def _fwd_kernel(*refs, st: _Static, save_ckpt: bool):
-    from jax.experimental import pallas as pl
-
-    names = ["u", "dt", "A", "B", "C"] + (["D"] if st.has_D else []) + (["z"] if st.has_z else []) \
-        + (["bias"] if st.has_bias else []) + ["out", "last"] + (["ckpt"] if save_ckpt else [])
+    names = _in_names(st) + ["out", "last"] + (["ckpt"] if save_ckpt else [])
+    assert len(refs) == len(names)
     r = dict(zip(names, refs))
     f32 = jnp.float32
-    BD, K = st.block(False), st.K
-    b, g, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    d0 = pl.multiple_of(g * st.Dgp + j * BD, BD)
-    dsl = pl.ds(d0, BD)
-    A2 = r["A"][dsl, :].astype(f32) * LOG2E  # exp(dt*A) = exp2(dt*A*log2e)
-    Dv = r["D"][dsl].astype(f32) if st.has_D else None
-    if st.has_bias:
-        r["bias_v"] = r["bias"][dsl].astype(f32)
+    P = _Prog(st, r, st.BD)
+    partial = st.L % st.Kf != 0
 
-    def chunk_body(c, h):
-        if save_ckpt:
-            r["ckpt"][b, c, dsl, :] = h
-        for k in range(K):
-            t, valid, _, dt, u, bt = _step_inputs(st, r, b, g, c * K + k, dsl)
-            ct = r["C"][b, t, g, :].astype(f32)
-            h = jnp.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * bt[None, :]
+    def sub_chunk(t0, h):
+        for k in range(st.Kf):
+            t, valid, _, dt, u, bt = P.inputs(st, r, t0 + k, partial)
+            ct = r["C"][P.b, t, P.g, :].astype(f32)
+            h = P.step(h, dt, u, bt)
             y = jnp.sum(h * ct[None, :], axis=1)
             if st.has_D:
-                y = y + Dv * u
+                y = y + P.D * u
             if st.has_z:
-                zt = r["z"][b, t, dsl].astype(f32)
+                zt = r["z"][P.b, t, P.dsl].astype(f32)
                 y = y * (zt * jax.nn.sigmoid(zt))
-            _store(r["out"], (b, t, dsl), y.astype(r["out"].dtype), valid)
+            _store(r["out"], (P.b, t, P.dsl), y.astype(r["out"].dtype), valid)
         return h
 
-    h = lax.fori_loop(0, st.NC, chunk_body, jnp.zeros((BD, st.Np), f32))
-    r["last"][b, dsl, :] = h
+    def chunk(c1, h):
+        if save_ckpt:
+            r["ckpt"][P.b, c1, P.dsl, :] = h
+        n_sub = jnp.minimum(st.K1 // st.Kf, (st.L - c1 * st.K1 + st.Kf - 1) // st.Kf)
+        return lax.fori_loop(0, n_sub, lambda s, h: sub_chunk(c1 * st.K1 + s * st.Kf, h), h)
+
+    h = lax.fori_loop(0, st.NC1, chunk, jnp.zeros((st.BD, st.Np), f32))
+    r["last"][P.b, P.dsl, :] = h
 
 
 def _bwd_kernel(*refs, st: _Static):
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
 
-    names = ["u", "dt", "A", "B", "C"] + (["D"] if st.has_D else []) + (["z"] if st.has_z else []) \
-        + (["bias"] if st.has_bias else []) + ["ckpt", "dout", "dlast"] \
-        + ["du", "ddt"] + (["dz"] if st.has_z else []) + ["dA", "dB", "dC"] \
-        + (["dD"] if st.has_D else []) + (["dbias"] if st.has_bias else [])
+    names = _in_names(st) + ["ckpt", "dout", "dlast", "dB_in", "dC_in", "du", "ddt"] \
+        + (["dz"] if st.has_z else []) + ["dA"] + (["dD"] if st.has_D else []) \
+        + (["dbias"] if st.has_bias else []) + ["dB", "dC", "scratch"]
+    assert len(refs) == len(names)
     r = dict(zip(names, refs))
     f32 = jnp.float32
-    BD, K = st.block(True), st.K
-    b, g, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    d0 = pl.multiple_of(g * st.Dgp + j * BD, BD)
-    dsl = pl.ds(d0, BD)
-    A = r["A"][dsl, :].astype(f32)
-    A2 = A * LOG2E
-    Dv = r["D"][dsl].astype(f32) if st.has_D else None
-    if st.has_bias:
-        r["bias_v"] = r["bias"][dsl].astype(f32)
-    zero_v = jnp.zeros((BD,), f32)
+    BD, Kb, K1 = st.BDb, st.Kb, st.K1
+    P = _Prog(st, r, BD)
+    J = st.Dgp // BD
+    prog = (P.b * st.G + P.g) * J + P.j
+    partial = st.L % Kb != 0
 
-    def chunk_body(i, carry):
-        lam, dA_acc, dD_acc, dbias_acc = carry
-        c = st.NC - 1 - i
-        h0 = r["ckpt"][b, c, dsl, :]
-        # 1. recompute this chunk's states from its checkpoint (kept in registers).
+    def recompute(t0, h):
         hs, ins = [], []
-        h = h0
-        for k in range(K):
-            t, valid, x, dt, u, bt = _step_inputs(st, r, b, g, c * K + k, dsl)
-            h = jnp.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * bt[None, :]
+        for k in range(Kb):
+            inp = P.inputs(st, r, t0 + k, partial)
+            h = P.step(h, *inp[3:])
             hs.append(h)
-            ins.append((t, valid, x, dt, u, bt))
-        # 2. adjoint recurrence backwards through the chunk.
-        for k in reversed(range(K)):
+            ins.append(inp)
+        return hs, ins
+
+    def reverse(t0, h0, carry):
+        lam, dA_acc, dD_acc, dbias_acc = carry
+        hs, ins = recompute(t0, h0)
+        for k in reversed(range(Kb)):
             t, valid, x, dt, u, bt = ins[k]
             h_t, h_prev = hs[k], (hs[k - 1] if k else h0)
-            ct = r["C"][b, t, g, :].astype(f32)
-            go = r["dout"][b, t, dsl].astype(f32)
+            ct = r["C"][P.b, t, P.g, :].astype(f32)
+            go = r["dout"][P.b, t, P.dsl].astype(f32)
             if st.has_z:
-                zt = r["z"][b, t, dsl].astype(f32)
+                zt = r["z"][P.b, t, P.dsl].astype(f32)
                 sz = jax.nn.sigmoid(zt)
                 y = jnp.sum(h_t * ct[None, :], axis=1)
                 if st.has_D:
-                    y = y + Dv * u
-                dz = go * y * sz * (1.0 + zt * (1.0 - sz))
-                _store(r["dz"], (b, t, dsl), dz.astype(r["dz"].dtype), valid)
+                    y = y + P.D * u
+                _store(r["dz"], (P.b, t, P.dsl), (go * y * sz * (1.0 + zt * (1.0 - sz))).astype(r["dz"].dtype), valid)
                 dy = go * zt * sz
             else:
                 dy = go
-            if valid is not None:
+            if partial:
                 dy = jnp.where(valid, dy, 0.0)
-            _store(r["dC"], (b, t, g, j, slice(None)), jnp.sum(h_t * dy[:, None], axis=0), valid)
+            _atomic_add(r["dC"], (P.b, t, P.g, slice(None)), jnp.sum(h_t * dy[:, None], axis=0))
             lam = lam + dy[:, None] * ct[None, :]
-            du = dt * jnp.sum(lam * bt[None, :], axis=1)
-            ddt = u * jnp.sum(lam * bt[None, :], axis=1)
+            s_b = jnp.sum(lam * bt[None, :], axis=1)
+            du, ddt = dt * s_b, u * s_b
             if st.has_D:
-                du = du + dy * Dv
+                du = du + dy * P.D
                 dD_acc = dD_acc + dy * u
-            _store(r["dB"], (b, t, g, j, slice(None)), jnp.sum(lam * (dt * u)[:, None], axis=0), valid)
-            a = jnp.exp2(dt[:, None] * A2)
+            _atomic_add(r["dB"], (P.b, t, P.g, slice(None)), jnp.sum(lam * (dt * u)[:, None], axis=0))
+            a = jnp.exp2(dt[:, None] * P.A2)
             q = lam * h_prev * a
-            ddt = ddt + jnp.sum(q * A, axis=1)
+            ddt = ddt + jnp.sum(q * P.A, axis=1)
             dA_acc = dA_acc + q * dt[:, None]
             lam = lam * a
             if st.softplus:
                 ddt = ddt * jnp.where(x > SOFTPLUS_THRESHOLD, 1.0, jax.nn.sigmoid(x))
-            if valid is not None:
+            if partial:
                 ddt = jnp.where(valid, ddt, 0.0)
             if st.has_bias:
                 dbias_acc = dbias_acc + ddt
-            _store(r["du"], (b, t, dsl), du.astype(r["du"].dtype), valid)
-            _store(r["ddt"], (b, t, dsl), ddt.astype(r["ddt"].dtype), valid)
+            _store(r["du"], (P.b, t, P.dsl), du.astype(r["du"].dtype), valid)
+            _store(r["ddt"], (P.b, t, P.dsl), ddt.astype(r["ddt"].dtype), valid)
         return lam, dA_acc, dD_acc, dbias_acc
 
-    init = (r["dlast"][b, dsl, :].astype(f32), jnp.zeros((BD, st.Np), f32), zero_v, zero_v)
-    _, dA_acc, dD_acc, dbias_acc = lax.fori_loop(0, st.NC, chunk_body, init)
-    r["dA"][b, dsl, :] = dA_acc
+    def chunk(i, carry):
+        c1 = st.NC1 - 1 - i
+        n_sub = jnp.minimum(K1 // Kb, (st.L - c1 * K1 + Kb - 1) // Kb)
+
+        def save(s, h):  # pass 1: the chunk's Kb-step checkpoints into this program's scratch rows
+            r["scratch"][prog, s, :, :] = h
+            return recompute(c1 * K1 + s * Kb, h)[0][-1]
+
+        lax.fori_loop(0, n_sub, save, r["ckpt"][P.b, c1, P.dsl, :])
+        if not st.interpret:
+            plgpu.debug_barrier()  # scratch writes visible to every thread of the program
+
+        def back(i2, carry):  # pass 2: walk the sub-chunks backwards
+            s = n_sub - 1 - i2
+            return reverse(c1 * K1 + s * Kb, r["scratch"][prog, s, :, :], carry)
+
+        return lax.fori_loop(0, n_sub, back, carry)
+
+    zv = jnp.zeros((BD,), f32)
+    init = (r["dlast"][P.b, P.dsl, :].astype(f32), jnp.zeros((BD, st.Np), f32), zv, zv)
+    _, dA_acc, dD_acc, dbias_acc = lax.fori_loop(0, st.NC1, chunk, init)
+    r["dA"][P.b, P.dsl, :] = dA_acc
     if st.has_D:
-        r["dD"][b, dsl] = dD_acc
+        r["dD"][P.b, P.dsl] = dD_acc
     if st.has_bias:
-        r["dbias"][b, dsl] = dbias_acc
+        r["dbias"][P.b, P.dsl] = dbias_acc
+    del pl
 
 
 def _call_fwd(st: _Static, args, save_ckpt: bool):
@@ -323,16 +380,15 @@ def _call_fwd(st: _Static, args, save_ckpt: bool):
 
     u = args[0]
     bsz, L, Dp = u.shape
-    BD = st.block(False)
     out_shape = [jax.ShapeDtypeStruct((bsz, L, Dp), u.dtype), jax.ShapeDtypeStruct((bsz, Dp, st.Np), jnp.float32)]
     if save_ckpt:
-        out_shape.append(jax.ShapeDtypeStruct((bsz, st.NC, Dp, st.Np), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((bsz, st.NC1, Dp, st.Np), jnp.float32))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st, save_ckpt=save_ckpt),
         out_shape=tuple(out_shape),
-        grid=(bsz, st.G, st.Dgp // BD),
+        grid=(bsz, st.G, st.Dgp // st.BD),
         interpret=st.interpret,
-        compiler_params=None if st.interpret else _compiler_params(st.cfg.num_warps, st.cfg.num_stages),
+        compiler_params=None if st.interpret else _compiler_params(st.nw, st.num_stages),
         name="selective_scan_fwd",
     )(*args)
 
@@ -342,28 +398,31 @@ def _call_bwd(st: _Static, args, ckpt, dout, dlast):
 
     u, dt = args[0], args[1]
     bsz, L, Dp = u.shape
-    BD = st.block(True)
-    J = st.Dgp // BD
+    J = st.Dgp // st.BDb
     f32 = jnp.float32
     out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
     if st.has_z:
         z = args[5 + int(st.has_D)]
         out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))
-    out_shape += [jax.ShapeDtypeStruct((bsz, Dp, st.Np), f32),
-                  jax.ShapeDtypeStruct((bsz, L, st.G, J, st.Np), f32),
-                  jax.ShapeDtypeStruct((bsz, L, st.G, J, st.Np), f32)]
+    out_shape.append(jax.ShapeDtypeStruct((bsz, Dp, st.Np), f32))
     if st.has_D:
         out_shape.append(jax.ShapeDtypeStruct((bsz, Dp), f32))
     if st.has_bias:
         out_shape.append(jax.ShapeDtypeStruct((bsz, Dp), f32))
+    bc = (bsz, L, st.G, st.Np)
+    out_shape += [jax.ShapeDtypeStruct(bc, f32), jax.ShapeDtypeStruct(bc, f32),
+                  jax.ShapeDtypeStruct((bsz * st.G * J, st.K1 // st.Kb, st.BDb, st.Np), f32)]
+    n_in = len(args) + 5
+    aliases = {n_in - 2: len(out_shape) - 3, n_in - 1: len(out_shape) - 2}  # dB, dC accumulate into zeros
     return pl.pallas_call(
         functools.partial(_bwd_kernel, st=st),
         out_shape=tuple(out_shape),
         grid=(bsz, st.G, J),
+        input_output_aliases=aliases,
         interpret=st.interpret,
-        compiler_params=None if st.interpret else _compiler_params(st.cfg.num_warps_bwd, st.cfg.num_stages),
+        compiler_params=None if st.interpret else _compiler_params(st.nwb, st.num_stages),
         name="selective_scan_bwd",
-    )(*args, ckpt, dout, dlast)
+    )(*args, ckpt, dout, dlast, jnp.zeros(bc, f32), jnp.zeros(bc, f32))[:-1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -383,21 +442,14 @@ def _scan_core_bwd(st: _Static, res, cts):
     grads = list(_call_bwd(st, args, ckpt, dout, dlast.astype(jnp.float32)))
     du, ddt = grads.pop(0), grads.pop(0)
     dz = grads.pop(0) if st.has_z else None
-    dA_part, dB_part, dC_part = grads.pop(0), grads.pop(0), grads.pop(0)
-    dD_part = grads.pop(0) if st.has_D else None
-    dbias_part = grads.pop(0) if st.has_bias else None
-    A, B, C = args[2], args[3], args[4]
-    out = [du, ddt, dA_part.sum(0).astype(A.dtype), dB_part.sum(3).astype(B.dtype), dC_part.sum(3).astype(C.dtype)]
-    k = 5
-    if st.has_D:
-        out.append(dD_part.sum(0).astype(args[k].dtype))
-        k += 1
-    if st.has_z:
-        out.append(dz)
-        k += 1
-    if st.has_bias:
-        out.append(dbias_part.sum(0).astype(args[k].dtype))
-    return tuple(out)
+    dA = grads.pop(0).sum(0)
+    dD = grads.pop(0).sum(0) if st.has_D else None
+    dbias = grads.pop(0).sum(0) if st.has_bias else None
+    dB, dC = grads
+    names = _in_names(st)
+    a = dict(zip(names, args))
+    g = {"u": du, "dt": ddt, "A": dA, "B": dB, "C": dC, "D": dD, "z": dz, "bias": dbias}
+    return tuple(g[k].astype(a[k].dtype) for k in names)
 
 
 _scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)
@@ -407,13 +459,11 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                           *, config: Optional[ScanBlockConfig] = None, interpret: bool = False):
     """The Pallas kernel (differentiable); same contract as `reference`."""
     b, l, d, g, n = check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    cfg = config or ScanBlockConfig()
     dg = d // g
-    bd = min(max(cfg.block_d, cfg.block_d_bwd), _next_pow2(dg))
-    dgp = -(-dg // bd) * bd
-    np_ = max(2, _next_pow2(n))
-    st = _Static(L=l, G=g, Dgp=dgp, Np=np_, cfg=cfg, softplus=bool(delta_softplus), has_D=D is not None,
-                 has_z=z is not None, has_bias=delta_bias is not None, interpret=bool(interpret))
+    st = _make_static(l, g, dg, n, config or ScanBlockConfig(), softplus=bool(delta_softplus),
+                      has_D=D is not None, has_z=z is not None, has_bias=delta_bias is not None,
+                      interpret=bool(interpret))
+    dgp, np_ = st.Dgp, st.Np
 
     def pad_d(x, axis):  # [..., d, ...] -> [..., g * dgp, ...] (zeros in each group's padded tail)
         if dgp == dg:
@@ -492,4 +542,4 @@ def copy_bytes(b: int, l: int, d: int, n: int, g: int, itemsize: int, has_z: boo
 
 
 __all__ = ["reference", "selective_scan", "selective_scan_triton", "ScanBlockConfig", "triton_supported",
-           "check_inputs", "softplus", "copy_bytes", "math"]
+           "check_inputs", "softplus", "copy_bytes"]

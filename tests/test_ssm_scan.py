@@ -17,6 +17,7 @@ CASES = {
     "full": (dict(dim=5, groups=None), True),  # D, z, delta_bias, softplus, 3-D B/C
     "bare": (dict(dim=6, groups=2, D=False, z=False, bias=False), False),  # grouped, nothing optional
     "mixed": (dict(dim=6, groups=3, D=True, z=False, bias=True), True),
+    "bare_l12": (dict(dim=6, groups=2, D=False, z=False, bias=False, seqlen=12), False),  # kernel: full chunks
 }
 LOW = ("u", "delta", "B", "C", "z")  # activations cast to bf16 in the bf16 runs (A, D, bias stay f32)
 

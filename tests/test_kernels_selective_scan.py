@@ -1,0 +1,81 @@
+"""The Pallas selective-scan kernel (kernels/selective_scan.py) in interpret mode: values and VJPs vs float64."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import selective_scan as K
+from test_ssm_reference import rel_err
+from test_ssm_scan import case, run
+
+# Tiny blocks so that one test crosses several dim blocks (atomic sums of dB/dC), padded dims
+# (dim 5 -> 6, group of 3 -> 4), padded dstate (3 -> 4), several checkpoint chunks (37 = 4 * 8 + 5)
+# and a partial last step chunk (5 = 2 * 2 + 1).
+CFG = K.ScanBlockConfig(block_d=2, chunk=2, ckpt_chunk=8, bwd_chunk=2, block_d_bwd=2)
+
+
+@pytest.mark.parametrize("name,cfg", [("full", CFG),
+                                      ("bare_l12", K.ScanBlockConfig(block_d=4, chunk=4, ckpt_chunk=8, bwd_chunk=4, block_d_bwd=2))])
+def test_kernel_values_and_vjps_f32(name, cfg):
+    jargs, sp, out_ref, last_ref, ct, g_ref = case(name)
+    out, last, grads = run(jargs, sp, "pallas", ct, interpret=True, config=cfg)
+    assert out.dtype == jnp.float32
+    assert rel_err(out, out_ref) < 2e-5
+    assert rel_err(last, last_ref) < 2e-5
+    assert set(grads) == set(g_ref)
+    for k in grads:
+        assert grads[k].shape == jargs[k].shape and grads[k].dtype == jargs[k].dtype, k
+        assert rel_err(grads[k], g_ref[k]) < 5e-5, (k, rel_err(grads[k], g_ref[k]))
+
+
+def test_kernel_values_and_vjps_bf16():
+    jargs, sp, out_ref, last_ref, ct, g_ref = case("full", "bfloat16")
+    out, last, grads = run(jargs, sp, "pallas", ct, interpret=True, config=CFG)
+    assert out.dtype == jnp.bfloat16 and last.dtype == jnp.float32
+    assert rel_err(out, out_ref) < 1e-2
+    assert rel_err(last, last_ref) < 1e-4
+    for k in grads:
+        assert grads[k].dtype == jargs[k].dtype, k
+        assert rel_err(grads[k], g_ref[k]) < 1e-2, (k, rel_err(grads[k], g_ref[k]))
+
+
+def test_dispatch_and_config_errors():
+    jargs, sp, out_ref, *_ = case("full")
+    bld = {k: (jnp.swapaxes(v, 1, -1) if k in ("u", "delta", "z") else v) for k, v in jargs.items()}
+    bld["B"] = jnp.transpose(jargs["B"], (0, 2, 1))[:, :, None]
+    bld["C"] = jnp.transpose(jargs["C"], (0, 2, 1))[:, :, None]
+    out, last = jax.jit(lambda a: K.selective_scan(**a, delta_softplus=sp, impl="auto"))(bld)  # CPU: reference
+    assert rel_err(jnp.swapaxes(out, 1, 2), out_ref) < 2e-5 and last.shape == (2, 5, 3)
+    assert not K.triton_supported()
+    with pytest.raises(ValueError, match="impl"):
+        K.selective_scan(**bld, impl="mosaic")
+    with pytest.raises(ValueError, match="block_d"):
+        K.ScanBlockConfig(block_d=3)
+    with pytest.raises(ValueError, match="B must be"):
+        K.selective_scan(**{**bld, "B": bld["B"][:, :-1]}, impl="triton", interpret=True)
+
+
+def test_kernel_lowers_to_triton_for_cuda():
+    """Lower forward and backward for a CUDA target on this CPU box: catches Triton-lowering errors
+    (unsupported ops, non-power-of-two tensors) that interpret mode cannot see."""
+    from jax import export
+
+    b, l, d, n = 1, 48, 24, 16
+    sd = jax.ShapeDtypeStruct
+    args = (sd((b, l, d), jnp.bfloat16), sd((b, l, d), jnp.bfloat16), sd((d, n), jnp.float32),
+            sd((b, l, 2, n), jnp.bfloat16), sd((b, l, 2, n), jnp.bfloat16), sd((d,), jnp.float32),
+            sd((b, l, d), jnp.bfloat16), sd((d,), jnp.float32))
+    cfg = K.ScanBlockConfig(ckpt_chunk=16)
+
+    def loss(*a):
+        out, last = K.selective_scan_triton(*a, delta_softplus=True, config=cfg)
+        return out.astype(jnp.float32).sum() + last.sum()
+
+    exp = export.export(jax.jit(jax.grad(loss, argnums=tuple(range(8)))), platforms=("cuda",),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    text = exp.mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # forward (saving checkpoints) and backward kernels
+    assert "selective_scan_fwd" in text and "selective_scan_bwd" in text

@@ -1,0 +1,316 @@
+"""MoE layer and expert-parallel benchmarks (issue 4).
+
+layer mode (one GPU): an MoE FFN layer (router + dispatch + SwiGLU experts + combine), 8 experts top-2,
+hidden 2048, expert ffn 5632, 16k tokens, bf16, forward and forward+backward:
+  pallas          dropless, kernels.grouped_matmul (Triton Pallas)
+  ragged          dropless, jax.lax.ragged_dot (XLA)
+  capacity        capacity 1.25, index gather/scatter dispatch
+  capacity_einsum capacity 1.25, GShard one-hot einsum dispatch
+  dense           a dense SwiGLU FFN with the same active FLOPs (ffn = top_k * expert ffn), the anchor
+ep mode (2+ GPUs): tokens/s per GPU at the same per-GPU load for EP=1 (one GPU, all experts), DP=n
+(experts replicated, no exchange) and EP=n (experts sharded, all-to-all / ragged all-to-all).
+Median of --iters timed runs after --warmup runs; inputs random; prints a table, writes JSON to --out.
+
+  python experiments/bench_moe.py --out results/bench_moe_layer.json                 # H100
+  python experiments/bench_moe.py --mode ep --out results/bench_moe_ep.json          # 2 x H200
+  python experiments/bench_moe.py --tiny                                             # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+if "--tiny" in sys.argv and "XLA_FLAGS" not in os.environ:  # CPU smoke run: 2 fake devices for ep mode
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from iva_jax.moe import dispatch as dp  # noqa: E402
+from iva_jax.moe.expert_parallel import expert_parallel_moe, shard_map  # noqa: E402
+from iva_jax.moe.losses import routing_metrics  # noqa: E402
+from iva_jax.moe.routing import route  # noqa: E402
+from iva_jax.parallel import make_mesh  # noqa: E402
+
+
+def timeit(fn, args, warmup: int, iters: int) -> float:
+    """Median wall time in ms of fn(*args) (outputs blocked on)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ts))
+
+
+def make_inputs(key, t, d, f, e, dtype):
+    ks = jax.random.split(key, 5)
+    x = jax.random.normal(ks[0], (t, d), dtype)
+    router = jax.random.normal(ks[1], (d, e), jnp.float32) * d ** -0.5
+    s_in, s_f = d ** -0.5, f ** -0.5
+    wg = (jax.random.normal(ks[2], (e, d, f), jnp.float32) * s_in).astype(dtype)
+    wu = (jax.random.normal(ks[3], (e, d, f), jnp.float32) * s_in).astype(dtype)
+    wd = (jax.random.normal(ks[4], (e, f, d), jnp.float32) * s_f).astype(dtype)
+    return x, router, wg, wu, wd
+
+
+def moe_layer(kind, top_k, cf, dtype, gmm_kw):
+    """x, router, wg, wu, wd -> y: routing + the chosen dispatch."""
+    def fn(x, router, wg, wu, wd):
+        r = route(jnp.dot(x.astype(jnp.float32), router), top_k=top_k)
+        if kind == "pallas":
+            y = dp.dropless_moe(x, r.expert_index, r.gate_weights, wg, wu, wd, impl="pallas", dtype=dtype, **gmm_kw)
+        elif kind == "ragged":
+            y = dp.dropless_moe(x, r.expert_index, r.gate_weights, wg, wu, wd, impl="ragged", dtype=dtype)
+        elif kind in ("capacity", "capacity_einsum"):
+            y, _ = dp.capacity_moe(x, r.expert_index, r.gate_weights, wg, wu, wd, cf, dtype=dtype,
+                                   combine="einsum" if kind == "capacity_einsum" else "gather")
+        else:
+            raise ValueError(kind)
+        return y.astype(x.dtype)
+    return fn
+
+
+def dense_ffn(x, wg, wu, wd):
+    dt = x.dtype
+    h = jax.nn.silu(jnp.dot(x, wg, preferred_element_type=jnp.float32)) * jnp.dot(x, wu, preferred_element_type=jnp.float32)
+    return jnp.dot(h.astype(dt), wd, preferred_element_type=jnp.float32).astype(dt)
+
+
+def fwd_bwd(fn, n_args):
+    def loss(*a):
+        return jnp.sum(fn(*a).astype(jnp.float32) ** 2) * 1e-6
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(n_args))))
+
+
+def run_layer(a) -> dict:
+    t, d, f, e, k = a.tokens, a.hidden, a.ffn, a.experts, a.top_k
+    dtype = jnp.dtype(a.dtype)
+    x, router, wg, wu, wd = make_inputs(jax.random.PRNGKey(0), t, d, f, e, dtype)
+    active_flops = 2 * t * k * 3 * d * f  # forward matmul FLOPs of the routed tokens
+    gmm_kw = dict(block_m=a.block_m, block_n=a.block_n, block_k=a.block_k, num_warps=a.num_warps,
+                  num_stages=a.num_stages, interpret=a.interpret)
+    r = route(jnp.dot(x.astype(jnp.float32), router), top_k=k)
+    _, keep = dp.capacity_positions(r.expert_index, e, dp.expert_capacity(t, k, a.capacity_factor, e))
+    m = routing_metrics(r.probs, r.expert_index, keep)
+    rows = []
+    kinds = [s for s in a.impls.split(",") if s]
+    kd = jax.random.split(jax.random.PRNGKey(1), 3)
+    dense_w = (jax.random.normal(kd[0], (d, k * f), jnp.float32) * d ** -0.5).astype(dtype), \
+              (jax.random.normal(kd[1], (d, k * f), jnp.float32) * d ** -0.5).astype(dtype), \
+              (jax.random.normal(kd[2], (k * f, d), jnp.float32) * (k * f) ** -0.5).astype(dtype)
+    ref = None
+    for kind in kinds:
+        try:
+            if kind == "dense":
+                fn, args = dense_ffn, (x,) + dense_w
+            else:
+                fn, args = moe_layer(kind, k, a.capacity_factor, dtype, gmm_kw), (x, router, wg, wu, wd)
+            fwd = jax.jit(fn)
+            out = fwd(*args)
+            err = None
+            if kind in ("pallas", "ragged") and ref is not None:
+                err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / (jnp.max(jnp.abs(ref)) + 1e-9))
+            if kind == "ragged":
+                ref = out.astype(jnp.float32)
+            t_f = timeit(fwd, args, a.warmup, a.iters)
+            t_fb = timeit(fwd_bwd(fn, len(args)), args, a.warmup, a.iters) if not a.fwd_only else float("nan")
+            rows.append(dict(impl=kind, fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=active_flops / t_f / 1e9,
+                             fwd_bwd_tflops=3 * active_flops / t_fb / 1e9, tokens_per_s=t / t_f * 1e3,
+                             rel_err_vs_ragged=err))
+        except Exception as ex:  # keep going: one failing impl should not hide the others
+            rows.append(dict(impl=kind, error=f"{type(ex).__name__}: {str(ex)[:300]}"))
+    dense = next((r_ for r_ in rows if r_["impl"] == "dense" and "error" not in r_), None)
+    for r_ in rows:
+        if dense and "error" not in r_:
+            r_["fwd_vs_dense"] = dense["fwd_ms"] / r_["fwd_ms"]
+            r_["fwd_bwd_vs_dense"] = dense["fwd_bwd_ms"] / r_["fwd_bwd_ms"]
+    print(f"\nMoE layer: T={t} D={d} F={f} E={e} top-{k} {a.dtype}, capacity {a.capacity_factor} "
+          f"(overflow {float(m['overflow_pct']):.1f}%), load std/mean {float(m['load_std_over_mean']):.3f}, "
+          f"{jax.devices()[0].device_kind}")
+    print(f"{'impl':16s} {'fwd ms':>9s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} {'x dense fwd':>11s} "
+          f"{'x dense f+b':>11s}")
+    for r_ in rows:
+        if "error" in r_:
+            print(f"{r_['impl']:16s} ERROR {r_['error']}")
+            continue
+        print(f"{r_['impl']:16s} {r_['fwd_ms']:9.3f} {r_['fwd_tflops']:8.1f} {r_['fwd_bwd_ms']:11.3f} "
+              f"{r_['fwd_bwd_tflops']:8.1f} {r_.get('fwd_vs_dense', float('nan')):11.2f} "
+              f"{r_.get('fwd_bwd_vs_dense', float('nan')):11.2f}")
+    return dict(mode="layer", tokens=t, hidden=d, ffn=f, experts=e, top_k=k, dtype=a.dtype,
+                capacity_factor=a.capacity_factor, gmm=gmm_kw, load_std_over_mean=float(m["load_std_over_mean"]),
+                overflow_pct=float(m["overflow_pct"]),
+                rows=rows)
+
+
+def run_sweep(a) -> dict:
+    """Grouped-matmul forward alone over a few block configs (pick the defaults for this GPU)."""
+    t, d, f, e, k = a.tokens, a.hidden, a.ffn, a.experts, a.top_k
+    dtype = jnp.dtype(a.dtype)
+    from kernels.grouped_matmul import grouped_matmul
+    x = jax.random.normal(jax.random.PRNGKey(0), (t * k, d), dtype)
+    w = jax.random.normal(jax.random.PRNGKey(1), (e, d, f), dtype)
+    gs = jnp.full((e,), t * k // e, jnp.int32)
+    flops = 2 * t * k * d * f
+    rows = []
+    xla = timeit(jax.jit(lambda x, w: grouped_matmul(x, w, gs, impl="xla")), (x, w), a.warmup, a.iters)
+    rows.append(dict(cfg="ragged_dot", ms=xla, tflops=flops / xla / 1e9))
+    for bm, bn, bk, nw, ns in [(64, 128, 32, 4, 3), (128, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                               (64, 256, 32, 4, 4), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3)]:
+        try:
+            fn = jax.jit(lambda x, w: grouped_matmul(x, w, gs, impl="triton", block_m=bm, block_n=bn, block_k=bk,
+                                                     num_warps=nw, num_stages=ns))
+            ms = timeit(fn, (x, w), a.warmup, a.iters)
+            rows.append(dict(cfg=f"bm{bm} bn{bn} bk{bk} w{nw} s{ns}", ms=ms, tflops=flops / ms / 1e9))
+        except Exception as ex:
+            rows.append(dict(cfg=f"bm{bm} bn{bn} bk{bk} w{nw} s{ns}", error=str(ex)[:200]))
+    print(f"\ngrouped matmul [{t * k}, {d}] x [{e}, {d}, {f}] {a.dtype}")
+    for r_ in rows:
+        print(f"{r_['cfg']:28s} " + (f"{r_['ms']:8.3f} ms {r_['tflops']:7.1f} TFLOP/s" if "ms" in r_ else r_["error"]))
+    return dict(mode="sweep", rows=rows)
+
+
+def run_ep(a) -> dict:
+    n = len(jax.devices()) if a.ep == 0 else a.ep
+    if n < 2:
+        print("ep mode needs >= 2 devices")
+        return dict(mode="ep", error="needs >= 2 devices")
+    t, d, f, e, k = a.tokens, a.hidden, a.ffn, a.experts, a.top_k
+    dtype = jnp.dtype(a.dtype)
+    cf = a.capacity_factor
+    rows = []
+    devs = jax.devices()[:n]
+
+    def bench(name, fn, args, n_gpu, total_tokens):
+        try:
+            t_f = timeit(jax.jit(fn), args, a.warmup, a.iters)
+            t_fb = timeit(fwd_bwd(fn, len(args)), args, a.warmup, a.iters) if not a.fwd_only else float("nan")
+            rows.append(dict(config=name, gpus=n_gpu, fwd_ms=t_f, fwd_bwd_ms=t_fb,
+                             fwd_tokens_per_s_per_gpu=total_tokens / t_f * 1e3 / n_gpu,
+                             fwd_bwd_tokens_per_s_per_gpu=total_tokens / t_fb * 1e3 / n_gpu))
+        except Exception as ex:
+            rows.append(dict(config=name, error=f"{type(ex).__name__}: {str(ex)[:300]}"))
+
+    def local_moe(capf):
+        def fn(x, idx, w, wg, wu, wd):
+            if capf is None:
+                return dp.dropless_moe(x, idx, w, wg, wu, wd, dtype=dtype)
+            return dp.capacity_moe(x, idx, w, wg, wu, wd, capf, dtype=dtype)[0]
+        return fn
+
+    for disp in a.ep_dispatch.split(","):
+        capf = cf if disp == "capacity" else None
+        # EP=1: one GPU holding all experts, t tokens
+        with jax.default_device(devs[0]):
+            args = make_inputs(jax.random.PRNGKey(0), t, d, f, e, dtype)
+
+            def single(x, router, wg, wu, wd, capf=capf):
+                r = route(jnp.dot(x.astype(jnp.float32), router), top_k=k)
+                return local_moe(capf)(x, r.expert_index, r.gate_weights, wg, wu, wd).astype(dtype)
+
+            bench(f"{disp} EP=1 (1 GPU)", single, args, 1, t)
+        # n GPUs, n * t tokens sharded over them: DP (experts replicated, no exchange) and EP (experts sharded)
+        for label, mesh in ((f"DP={n} (experts replicated)", make_mesh(data=n, devices=devs)),
+                            (f"EP={n}", make_mesh(data=1, expert=n, devices=devs))):
+            ep_on = mesh.shape["expert"] > 1
+            tok = P(("data", "fsdp", "expert"))
+            put = lambda v, spec, mesh=mesh: jax.device_put(v, NamedSharding(mesh, spec))
+            x, router, wg, wu, wd = make_inputs(jax.random.PRNGKey(0), n * t, d, f, e, dtype)
+            wspec = P("expert") if ep_on else P()
+            args = (put(x, tok), put(router, P()), put(wg, wspec), put(wu, wspec), put(wd, wspec))
+            for exch in (a.exchange.split(",") if capf is None and ep_on else ["-"]):
+                def fn(x, router, wg, wu, wd, mesh=mesh, capf=capf, exch=exch, ep_on=ep_on, tok=tok):
+                    r = route(jnp.dot(x.astype(jnp.float32), router), top_k=k)
+                    if ep_on:
+                        y, _ = expert_parallel_moe(x, r.expert_index, r.gate_weights, wg, wu, wd, mesh=mesh,
+                                                   capacity_factor=capf, exchange=exch if exch != "-" else "auto",
+                                                   dtype=dtype)
+                    else:
+                        y = shard_map(local_moe(capf), mesh=mesh, in_specs=(tok, tok, tok, P(), P(), P()),
+                                      out_specs=tok)(x, r.expert_index, r.gate_weights, wg, wu, wd)
+                    return y.astype(dtype)
+                name = f"{disp} {label}" + (f" exchange={exch}" if exch != "-" else "")
+                bench(name, fn, args, n, n * t)
+    base = {}
+    for r_ in rows:
+        if "error" not in r_ and "EP=1" in r_["config"]:
+            base[r_["config"].split()[0]] = r_
+    print(f"\nexpert parallelism: {t} tokens per GPU, D={d} F={f} E={e} top-{k} {a.dtype}, {jax.devices()[0].device_kind}")
+    print(f"{'config':52s} {'fwd tok/s/GPU':>14s} {'vs EP=1':>8s} {'f+b tok/s/GPU':>14s} {'vs EP=1':>8s}")
+    for r_ in rows:
+        if "error" in r_:
+            print(f"{r_['config']:52s} ERROR {r_['error']}")
+            continue
+        b = base.get(r_["config"].split()[0])
+        if b:
+            r_["fwd_vs_ep1"] = r_["fwd_tokens_per_s_per_gpu"] / b["fwd_tokens_per_s_per_gpu"]
+            r_["fwd_bwd_vs_ep1"] = r_["fwd_bwd_tokens_per_s_per_gpu"] / b["fwd_bwd_tokens_per_s_per_gpu"]
+        print(f"{r_['config']:52s} {r_['fwd_tokens_per_s_per_gpu']:14.0f} {r_.get('fwd_vs_ep1', float('nan')):8.2f} "
+              f"{r_['fwd_bwd_tokens_per_s_per_gpu']:14.0f} {r_.get('fwd_bwd_vs_ep1', float('nan')):8.2f}")
+    return dict(mode="ep", devices=n, tokens_per_gpu=t, hidden=d, ffn=f, experts=e, top_k=k, dtype=a.dtype,
+                capacity_factor=cf, rows=rows)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["layer", "ep", "sweep", "all"], default="layer")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=5632)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--impls", default="dense,ragged,pallas,capacity,capacity_einsum")
+    p.add_argument("--block-m", type=int, default=128)
+    p.add_argument("--block-n", type=int, default=128)
+    p.add_argument("--block-k", type=int, default=64)
+    p.add_argument("--num-warps", type=int, default=8)
+    p.add_argument("--num-stages", type=int, default=3)
+    p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
+    p.add_argument("--ep", type=int, default=0, help="devices for ep mode (0 = all)")
+    p.add_argument("--ep-dispatch", default="dropless,capacity")
+    p.add_argument("--exchange", default="ragged,dense", help="dropless EP exchanges to time")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--fwd-only", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, CPU smoke run (Pallas in interpret mode)")
+    p.add_argument("--out", default=None, help="write results JSON here")
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.tokens, a.hidden, a.ffn, a.experts = 128, 64, 96, 4
+        a.block_m = a.block_n = a.block_k = 16
+        a.num_warps, a.num_stages = 4, 2
+        a.warmup, a.iters = 1, 2
+        a.interpret = jax.devices()[0].platform == "cpu"
+        if a.interpret:
+            a.exchange = "dense"  # XLA:CPU has no ragged all-to-all
+    info = dict(device=jax.devices()[0].device_kind, n_devices=len(jax.devices()), jax=jax.__version__,
+                python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                command=" ".join(sys.argv))
+    results = dict(info=info)
+    modes = ["layer", "sweep", "ep"] if a.mode == "all" else [a.mode]
+    for m in modes:
+        if m == "sweep" and a.interpret:
+            continue
+        results[m] = {"layer": run_layer, "ep": run_ep, "sweep": run_sweep}[m](a)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+        print(f"\nwrote {a.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

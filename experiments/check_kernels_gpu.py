@@ -12,6 +12,7 @@ kernel never writes then shows as NaN).  Prints a table (last) and writes JSON.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -23,7 +24,10 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from kernels import dispatch, flash_attention as fa, rms_norm as rn, swiglu as sw
+from kernels import dispatch
+
+# modules, not the same-named functions that kernels/__init__ re-exports
+fa, rn, sw = (importlib.import_module(f"kernels.{m}") for m in ("flash_attention", "rms_norm", "swiglu"))
 
 TOL = {"float32": 2e-4, "bfloat16": 2.5e-2, "float16": 5e-3}  # f32: TF32-free kernels still reorder sums
 ROWS: list[dict] = []
@@ -66,8 +70,13 @@ def ref64(fn, *args):
         return jax.tree.map(np.asarray, out), [np.asarray(g) for g in grads]
 
 
+CASE_FILTER: list[str] = []
+
+
 def run_case(op, case, impl, dtype, fn_impl, fn_ref, inputs, ct, grad_names, out_names):
     label = dict(op=op, case=case, impl=impl, dtype=jnp.dtype(dtype).name)
+    if CASE_FILTER and not any(f in f"{op} {case}" for f in CASE_FILTER):
+        return
     try:
         t0 = time.perf_counter()
         dev_in = [jnp.asarray(a) for a in inputs]
@@ -91,7 +100,8 @@ def run_case(op, case, impl, dtype, fn_impl, fn_ref, inputs, ct, grad_names, out
         traceback.print_exc(limit=3)
     r = ROWS[-1]
     print(f"{op:>16} {case:<34} {impl:<7} {label['dtype']:<9} "
-          + (f"worst={r['worst']:.2e} ok={r['ok']}" if "worst" in r else f"ERROR {r['error'][:200]}"), flush=True)
+          + (f"worst={r['worst']:.2e} ok={r['ok']} {r['seconds']}s" if "worst" in r else f"ERROR {r['error'][:200]}"),
+          flush=True)
 
 
 def impls_for(op_choose) -> list[str]:
@@ -188,7 +198,9 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(os.environ["OUT"], "check_kernels.json") if os.environ.get("OUT")
                     else "check_kernels.json")
     ap.add_argument("--only", default="rms,attention,swiglu")
+    ap.add_argument("--cases", default="", help="comma-separated substrings of 'op case' to run (default: all)")
     args = ap.parse_args()
+    CASE_FILTER.extend(c for c in args.cases.split(",") if c)
     info = dispatch.device_info()
     print("device", info, "jax", jax.__version__, flush=True)
     rng = np.random.default_rng(int(time.time()))  # fresh inputs every run

@@ -177,8 +177,10 @@ def explain(op: str, impl: str = "auto", **kwargs) -> tuple[str, str]:
 
 def describe() -> dict[str, dict[str, str]]:
     """For each op, the implementation `auto` picks on this device for a typical shape, and why."""
-    from kernels import flash_attention, rms_norm, swiglu  # lazy: those modules import us
+    import importlib  # lazy: those modules import us; kernels/__init__ shadows them with functions
 
+    rms_norm, flash_attention, swiglu = (importlib.import_module(f"kernels.{m}")
+                                         for m in ("rms_norm", "flash_attention", "swiglu"))
     info = device_info()
     out = {"device": {"platform": info.platform, "kind": info.kind,
                       "compute_capability": str(info.compute_capability)}}

@@ -113,9 +113,15 @@ def _xla_bwd(h2, w, g, gh, eps):
 # ----------------------------------------------------------------------------- Triton implementation
 
 def _config(n_rows: int, hidden: int):
+    """(padded hidden, rows per program, warps): from a sweep on an H100 (BENCHMARKS.md, Kernels)."""
     hp = pl.next_power_of_2(hidden)
-    block_rows = max(1, min(64, 16384 // hp, pl.next_power_of_2(max(n_rows, 1))))
-    num_warps = 8 if block_rows * hp >= 8192 else 4
+    if hp <= 1024:
+        block_rows, num_warps = 2, 4
+    elif hp <= 4096:
+        block_rows, num_warps = 8192 // hp, 8
+    else:
+        block_rows, num_warps = max(1, 16384 // hp), 8
+    block_rows = max(1, min(block_rows, pl.next_power_of_2(max(n_rows, 1))))
     return hp, block_rows, num_warps
 
 

@@ -26,17 +26,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-_LOG = logging.getLogger(__name__)
+from kernels import dispatch
+
 LOG2E = 1.4426950408889634
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus: x > 20 -> x
-IMPLS = ("auto", "xla", "triton")
+IMPLS = dispatch.IMPLS
+_UNSUPPORTED = {"mosaic": "no Mosaic GPU selective scan; the Triton kernel serves sm80+ including sm90"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,36 +496,25 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 # public entry
 # ---------------------------------------------------------------------------------------------
 def triton_supported() -> bool:
-    """True on an NVIDIA GPU of compute capability >= 8.0 (the Triton kernel's target)."""
-    try:
-        dev = jax.devices()[0]
-    except RuntimeError:
-        return False
-    if dev.platform != "gpu":
-        return False
-    cc = getattr(dev, "compute_capability", None)
-    try:
-        return cc is not None and float(cc) >= 8.0
-    except (TypeError, ValueError):
-        return False
+    """True where the Triton kernel can run natively (CUDA GPU, sm80+)."""
+    return dispatch.platform_reason("triton") is None
+
+
+def explain_auto() -> dict[str, tuple[str, str]]:
+    """What `impl="auto"` picks here, and why."""
+    return {"any shape": dispatch.explain("selective_scan", unsupported=_UNSUPPORTED, preference=("triton",))}
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = False, *,
                    impl: str = "auto", interpret: bool = False, config: Optional[ScanBlockConfig] = None):
     """Selective scan in channels-last layout; returns (out, last_state).
 
-    impl: "xla" (the `lax.scan` reference), "triton" (the Pallas kernel; `interpret=True` runs it on CPU),
-    "auto" (triton on sm80+ GPUs, else xla with a one-line log).
+    impl: "xla" (the `lax.scan` reference), "triton"/"pallas" (the Pallas kernel; interpret=True runs it
+    on CPU), "auto" (triton on sm80+ GPUs, else xla; logged once by kernels.dispatch).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
-    if impl == "auto":
-        if interpret or triton_supported():
-            impl = "triton"
-        else:
-            _LOG.info("selective_scan: no sm80+ GPU, using the XLA reference")
-            impl = "xla"
-    if impl == "xla":
+    choice = dispatch.select_impl("selective_scan", impl, interpret=interpret, unsupported=_UNSUPPORTED,
+                                  preference=("triton",))
+    if choice == "xla":
         return reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, config=config,
                                  interpret=interpret)
@@ -542,4 +532,4 @@ def copy_bytes(b: int, l: int, d: int, n: int, g: int, itemsize: int, has_z: boo
 
 
 __all__ = ["reference", "selective_scan", "selective_scan_triton", "ScanBlockConfig", "triton_supported",
-           "check_inputs", "softplus", "copy_bytes"]
+           "explain_auto", "check_inputs", "softplus", "copy_bytes"]

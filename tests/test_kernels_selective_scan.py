@@ -50,8 +50,11 @@ def test_dispatch_and_config_errors():
     out, last = jax.jit(lambda a: K.selective_scan(**a, delta_softplus=sp, impl="auto"))(bld)  # CPU: reference
     assert rel_err(jnp.swapaxes(out, 1, 2), out_ref) < 2e-5 and last.shape == (2, 5, 3)
     assert not K.triton_supported()
-    with pytest.raises(ValueError, match="impl"):
+    with pytest.raises(ValueError, match="Mosaic"):
         K.selective_scan(**bld, impl="mosaic")
+    with pytest.raises(ValueError, match="interpret=True"):
+        K.selective_scan(**bld, impl="triton")  # no GPU here: says how to emulate it
+    assert K.explain_auto()["any shape"][0] == "xla"
     with pytest.raises(ValueError, match="block_d"):
         K.ScanBlockConfig(block_d=3)
     with pytest.raises(ValueError, match="B must be"):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels import dispatch
 from kernels import selective_scan as _kss
 
 _LOG = logging.getLogger(__name__)
@@ -44,8 +45,7 @@ def resolve_impl(impl: str) -> str:
         return impl
     if _kss.triton_supported():
         return "pallas"
-    platform = jax.devices()[0].platform
-    if platform == "gpu":
+    if dispatch.device_info().platform in ("cuda", "rocm"):
         _LOG.info("selective_scan: GPU below sm80, using the chunked XLA scan")
         return "chunked"
     return AUTO_CPU

@@ -51,6 +51,11 @@ class Restored(NamedTuple):
     step: int
 
 
+def _short(e: Exception, limit: int = 600) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _payload(state: TrainState) -> Dict[str, Any]:
     return serialization.to_state_dict({"step": state.step, "params": state.params,
                                         "opt_state": state.opt_state, "rng": state.rng})
@@ -94,14 +99,22 @@ class Checkpointer:
         self.save_every, self.best_metric, self.best_mode = save_every, best_metric, best_mode
         self.train_config, self.model_config = train_config, model_config
         self.removed_tmp = self._remove_partial_writes()
+        worst = float("inf") if best_mode == "min" else float("-inf")
+
+        def metric(m) -> float:  # checkpoints saved without the metric rank last
+            return float(m[best_metric]) if m and best_metric in m else worst
+
         policies = [ocm.LatestN(n=keep)]
         if keep_best > 0:
-            policies.append(ocm.BestN(get_metric_fn=lambda m: float(m[best_metric]), reverse=best_mode == "min",
-                                      n=keep_best, keep_checkpoints_without_metrics=False))
+            policies.append(ocm.BestN(get_metric_fn=metric, reverse=best_mode == "min", n=keep_best,
+                                      keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True, create=True)
-        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+            cleanup_tmp_directories=True, create=True,
+            best_fn=metric if keep_best > 0 else None, best_mode=best_mode)  # best_fn: orbax persists metrics
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._wrote_configs = False
 
     # -- housekeeping ------------------------------------------------------------------------------
@@ -139,11 +152,19 @@ class Checkpointer:
         scored = []
         for s in self.all_steps():
             m = self._mgr.metrics(s)
+            if not m:  # metrics are persisted only when keep_best > 0; fall back to the meta item
+                m = self._read_json(s, "meta").get("metrics", {})
             if m and self.best_metric in m:
                 scored.append((float(m[self.best_metric]), s))
         if not scored:
             return None
         return (min if self.best_mode == "min" else max)(scored)[1]
+
+    def _read_json(self, step: int, item: str) -> Dict[str, Any]:
+        try:
+            return self._mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item] or {}
+        except Exception:  # noqa: BLE001 - a missing / unreadable item reads as empty
+            return {}
 
     def should_save(self, step: int) -> bool:
         return step > 0 and step % self.save_every == 0
@@ -160,8 +181,7 @@ class Checkpointer:
                 "model_config": self.model_config.to_yaml() if self.model_config is not None else None}
         args = ocp.args.Composite(state=ocp.args.StandardSave(_payload(state)),
                                   data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave(meta))
-        best = metrics if self.best_metric in metrics else None
-        saved = self._mgr.save(step, args=args, metrics=best, force=True)
+        saved = self._mgr.save(step, args=args, metrics=metrics, force=True)
         self._write_configs()
         return bool(saved)
 
@@ -173,16 +193,23 @@ class Checkpointer:
         self._mgr.wait_until_finished()
         self._mgr.close()
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def stored_shapes(self, step: int) -> Dict[str, Any]:
         """The stored state tree of `step` as nested dict of array metadata (shape, dtype)."""
         try:
             md = self._mgr.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001 - orbax raises many types here
-            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory}: cannot read its metadata "
-                                         f"({type(e).__name__}: {e})") from e
+            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} is corrupted or unreadable "
+                                         f"(cannot read its metadata): {_short(e)}") from e
         tree = getattr(md, "tree", md)
         if tree is None:
-            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} has no state metadata")
+            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} is corrupted or unreadable "
+                                         f"(its state metadata is missing)")
         return tree
 
     def restore(self, target: TrainState, step: Optional[int] = None, *, shardings: Any = None) -> Restored:
@@ -215,7 +242,7 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001
             raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} is corrupted or unreadable: "
-                                         f"{type(e).__name__}: {e}") from e
+                                         f"{_short(e)}") from e
         sd = out["state"]
         restored = serialization.from_state_dict(
             {"step": target.step, "params": target.params, "opt_state": target.opt_state, "rng": target.rng}, sd)

@@ -84,6 +84,7 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--out", default="runs/hrm_study")
+    p.add_argument("--ckpt_root", default="runs/hrm_ckpt", help="checkpoints (kept out of --out: they are large)")
     p.add_argument("--tiny", action="store_true", help="4x4 Sudoku, CPU-sized model")
     p.add_argument("--collect", action="store_true", help="only aggregate finished runs")
     p.add_argument("overrides", nargs="*")
@@ -120,7 +121,7 @@ def main(argv=None):
     for name in models:
         cmd = [sys.executable, str(ROOT / "experiments" / "train_hrm.py"), "--config", args.config, "--model", name,
                "--seeds", args.seeds, "--out", str(out / name), *overrides,
-               f"time_budget_s={args.budget_per_model_s}"]
+               f"time_budget_s={args.budget_per_model_s}", f"checkpoint_dir={Path(args.ckpt_root) / name}"]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     return collect(out, MODELS)

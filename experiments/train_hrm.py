@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
                             ("inputs", "labels", "puzzle_identifiers")}
     step = start
     t_train = time.time()
-    t_after_compile, steps_after_compile, compile_s = None, 0, None
+    t_after_compile, steps_after_compile, compile_s = None, 0, None  # the first step compiles
     acc, n_acc = None, 0
     stop_at = min(tc.total_steps, args.stop_after) if args.stop_after else tc.total_steps
     while step < stop_at:
@@ -147,22 +147,24 @@ def main(argv=None) -> dict:
             print(f"step {step} loss {np.mean(sums['loss']) / (B * n_log):.4f} "
                   f"lm {np.mean(sums['lm_loss']) / (B * n_log):.4f} "
                   f"halt_rate {np.mean(sums['halted']) / (B * n_log):.3f} {rate:.2f} steps/s")
+        t_pause = time.time()  # evaluation and checkpoints do not count as training time
         if step % tc.eval_interval == 0 and step < stop_at:
             run_eval(step)
         if tc.checkpoint_interval and step % tc.checkpoint_interval == 0:
             T.save_checkpoint(mngr, state, step, {"model": args.model, "seeds": seeds})
+        if t_after_compile is not None:
+            t_after_compile += time.time() - t_pause
     jax.block_until_ready(state)
-    train_s = time.time() - t_train
+    train_s = (time.time() - t_after_compile) if t_after_compile else 0.0  # after the compiling step
+    rate = steps_after_compile / max(train_s, 1e-9)
     T.save_checkpoint(mngr, state, step, {"model": args.model, "seeds": seeds})
     if args.stop_after is not None and step < tc.total_steps:
         tele.close()
         return {"stopped_at": step}
     per_seed = run_eval(step)
-    rate = steps_after_compile / max(time.time() - t_after_compile, 1e-9) if t_after_compile else 0.0
     keys = ("exact_accuracy", "accuracy", "avg_steps", "halt_rate", "adaptive_exact_accuracy", "adaptive_avg_steps")
     summary = {
-        "model": args.model, "seeds": seeds, "steps": step, "train_s": train_s - (compile_s or 0.0),
-        "wall_train_s": train_s, "data_s": data_s,
+        "model": args.model, "seeds": seeds, "steps": step, "train_s": train_s, "data_s": data_s,
         "compile_s": compile_s, "steps_per_s": rate,
         "samples_per_s": rate * B * len(seeds), "params": T.param_count(template[0].params),
         "config": tc.to_dict(), "per_seed": per_seed,

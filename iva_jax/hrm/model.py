@@ -193,9 +193,6 @@ class HRMInner(nn.Module):
         self.H_init = self.variable("buffers", "H_init", lambda: init(self.make_rng("params"), (D,), dt))
         self.L_init = self.variable("buffers", "L_init", lambda: init(self.make_rng("params"), (D,), dt))
 
-    def initial_states(self) -> Tuple[Array, Array]:
-        return self.H_init.value, self.L_init.value
-
     def _cos_sin(self):
         c = self.config
         if c.pos_encodings != "rope":

@@ -142,6 +142,8 @@ class TrainConfig(ConfigBase):
         if self.remat is not None:
             check_choice(self, "remat", REMAT_POLICIES)
         check_choice(self, "best_mode", ("min", "max"))
+        check(isinstance(self.mesh, MeshConfig), "mesh", self.mesh, "must be a MeshConfig (from_dict builds it from a dict)")
+        check(isinstance(self.data, DataConfig), "data", self.data, "must be a DataConfig (from_dict builds it from a dict)")
         check(self.keep_best >= 0, "keep_best", self.keep_best, "must be >= 0")
 
     @property

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 
 IGNORE_INDEX = -100
+SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".json", ".ndjson", ".parquet")
 
 
 def default_corpus_path() -> Path:
@@ -152,12 +153,15 @@ def expand_paths(paths: Sequence[str | Path]) -> List[Path]:
     out: List[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in (".txt", ".md", ".jsonl", ".json",
-                                                                      ".ndjson", ".parquet"))
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in SUFFIXES)
+        elif not p.exists():
+            raise FileNotFoundError(f"data file not found: {p}")
+        elif p.suffix.lower() not in SUFFIXES:
+            raise ValueError(f"{p}: unsupported data file type {p.suffix!r} ({', '.join(SUFFIXES)})")
         else:
             out.append(p)
     if not out:
-        raise ValueError(f"no data files found in {list(paths)}")
+        raise ValueError(f"no data files found in {list(map(str, paths))}")
     return out
 
 

@@ -118,7 +118,8 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.A
 
     `logical` is the boxed abstract param tree (`jax.eval_shape(init_fn, rng)`) that supplies the
     logical axes; without it the params may themselves be boxed, else everything is replicated.
-    Returns (state, state_shardings) like `init_train_state`.
+    Returns (state, state_shardings) like `init_train_state`.  The state owns device arrays passed in
+    (the train step donates them), so keep a host copy if you need the originals.
     """
     params = unbox(params)
     if param_dtype is not None:

@@ -158,38 +158,39 @@ def train_metrics(sums: Dict[str, Any], batch_size: int) -> Dict[str, float]:
     return out
 
 
-# ---- checkpoints (orbax) ------------------------------------------------------------------------
+# ---- checkpoints (iva_jax.train.checkpoint: orbax, atomic, latest-N) ----------------------------
 
-def checkpoint_manager(directory: str | Path, max_to_keep: int = 1):
-    """An orbax CheckpointManager keeping the latest `max_to_keep` steps (atomic, tmp-dir-then-rename)."""
-    import orbax.checkpoint as ocp
+def _generic(state: HRMTrainState):
+    """The HRM state in the shape of iva_jax.train's TrainState (extra pieces ride in `params`)."""
+    from iva_jax.train.step import TrainState
 
-    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=opts)
-
-
-def save_checkpoint(manager, state: Any, step: int, extra: Optional[Dict[str, Any]] = None) -> None:
-    """Save a train state (any pytree of arrays, e.g. a seed-stacked state) at `step` and wait."""
-    import orbax.checkpoint as ocp
-
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-                                               extra=ocp.args.JsonSave(extra or {})))
-    manager.wait_until_finished()
+    extra = {"params": state.params, "buffers": state.buffers, "puzzle_table": state.puzzle_table,
+             "carry": serialization.to_state_dict(state.carry)}
+    return TrainState(step=state.step, params=extra, opt_state=state.opt_state, rng=state.rng)
 
 
-def restore_checkpoint(manager, template: Any, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any], int]:
+def checkpoint_manager(directory: str | Path, max_to_keep: int = 1, train_config: Any = None):
+    """A `Checkpointer` keeping the latest `max_to_keep` steps (orbax writes tmp-dir-then-rename)."""
+    from iva_jax.train.checkpoint import Checkpointer
+
+    return Checkpointer(directory, keep=max_to_keep, train_config=train_config)
+
+
+def save_checkpoint(manager, state: HRMTrainState, step: int, extra: Optional[Dict[str, Any]] = None) -> None:
+    """Save a train state (any leading seed axis included) at `step`; `extra` is stored as JSON. Waits."""
+    manager.save(step, _generic(state), data_state=extra or {}, force=True)
+    manager.wait()
+
+
+def restore_checkpoint(manager, template: HRMTrainState,
+                       step: Optional[int] = None) -> Tuple[HRMTrainState, Dict[str, Any], int]:
     """(state shaped like `template`, extra dict, step) from the latest (or given) checkpoint."""
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"no checkpoint in {manager.directory}")
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-                          serialization.to_state_dict(template))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             extra=ocp.args.JsonRestore()))
-    state = serialization.from_state_dict(template, restored["state"])
-    return state, dict(restored["extra"] or {}), int(step)
+    r = manager.restore(_generic(template), step)
+    p = r.state.params
+    state = HRMTrainState(step=r.state.step, params=p["params"], buffers=p["buffers"], opt_state=r.state.opt_state,
+                          puzzle_table=p["puzzle_table"], carry=serialization.from_state_dict(template.carry, p["carry"]),
+                          rng=r.state.rng)
+    return state, dict(r.data_state or {}), r.step
 
 
 def param_count(params: Any) -> int:

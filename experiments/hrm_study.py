@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -100,19 +98,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     # build (or load) the dataset once, before any clock starts
-    from iva_jax.config import parse_overrides
     from iva_jax.hrm import tasks
-    from iva_jax.hrm.config import HRMTrainConfig
+    from iva_jax.hrm.config import load_train_config
 
-    raw = yaml.safe_load((ROOT / args.config).read_text() if not Path(args.config).exists()
-                         else Path(args.config).read_text()) or {}
-    raw.pop("controller", None)
-    for k, v in parse_overrides(overrides).items():
-        if isinstance(v, dict):
-            raw.setdefault(k, {}).update(v)
-        else:
-            raw[k] = v
-    tc = HRMTrainConfig.from_dict(raw)
+    tc = load_train_config(args.config, overrides)
     t = time.time()
     tasks.load_or_build(tc.data_path, tc.task, tc.task_size, tc.num_train, tc.num_test, tc.num_aug, tc.min_givens,
                         tc.data_seed)

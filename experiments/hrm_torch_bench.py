@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -210,17 +209,9 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
-    from iva_jax.config import parse_overrides
-    from iva_jax.hrm.config import HRMTrainConfig
+    from iva_jax.hrm.config import load_train_config
 
-    raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    raw.pop("controller", None)
-    for k, v in parse_overrides(args.overrides).items():
-        if isinstance(v, dict):
-            raw.setdefault(k, {}).update(v)
-        else:
-            raw[k] = v
-    tc = HRMTrainConfig.from_dict(raw)
+    tc = load_train_config(args.config, args.overrides)
     cfg = tc.model.replace(seq_len=args.seq_len, vocab_size=args.vocab_size)
     tc = tc.replace(model=cfg)
     B = cfg.batch_size

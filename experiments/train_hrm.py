@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -37,17 +35,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from iva_jax.config import parse_overrides
-    from iva_jax.hrm.config import HRMTrainConfig
+    from iva_jax.hrm.config import load_train_config
 
-    raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    raw = {k: v for k, v in raw.items() if k != "controller"}  # phase 2 section, not a training key
-    for k, v in parse_overrides(args.overrides).items():
-        if isinstance(v, dict):
-            raw.setdefault(k, {}).update(v)
-        else:
-            raw[k] = v
-    tc = HRMTrainConfig.from_dict(raw)
+    tc = load_train_config(args.config, args.overrides)
 
     import jax
     if tc.stablemax_x64:

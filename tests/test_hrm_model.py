@@ -1,11 +1,13 @@
 """HRM-ACT-v1: the one-step gradient, carry replacement, halting (training / eval modes), Q targets."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iva_jax.hrm.config import HRMConfig
+from iva_jax.hrm.config import HRMConfig, load_train_config
 from iva_jax.hrm.model import (HRMACT, HRMCarry, HRMInner, InnerCarry, act_halt, attention, q_continue_target,
                                rope_cos_sin)
 from iva_jax.hrm.sparse_embedding import signsgd_update
@@ -243,6 +245,11 @@ def test_config_validation():
         CFG.variant("rnn")
     assert HRMConfig.from_yaml(CFG.to_yaml()) == CFG
     assert CFG.puzzle_emb_len == 2 and CFG.total_len == 7 and CFG.intermediate_size == 48
+    tc = load_train_config(Path(__file__).parents[1] / "configs" / "hrm.yaml",
+                           ["model.hidden_size=128", "lr=0.002", "task_size=4"])
+    assert tc.model.hidden_size == 128 and tc.model.H_cycles == 2 and tc.lr == 0.002 and tc.task_size == 4
+    with pytest.raises(ValueError, match="unknown HRMConfig keys"):
+        load_train_config(Path(__file__).parents[1] / "configs" / "hrm.yaml", ["model.hiden_size=128"])
 
 
 def test_attention_matches_numpy_and_kernels():

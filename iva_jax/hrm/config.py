@@ -9,9 +9,12 @@ SwiGLU width up to a multiple of 256; tiny test models use less), `attn_impl`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Sequence
 
-from iva_jax.config import ConfigBase, check, check_choice, check_positive
+import yaml
+
+from iva_jax.config import ConfigBase, check, check_choice, check_positive, parse_overrides
 
 _DTYPES = ("float32", "bfloat16", "float16")
 MODEL_VARIANTS = ("hrm", "hrm_1cycle", "transformer")
@@ -167,3 +170,16 @@ class HRMTrainConfig(ConfigBase):
         if self.eval_batches is not None:
             check(_is_int(self.eval_batches) and self.eval_batches > 0, "eval_batches", self.eval_batches,
                   "must be a positive integer or None")
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> HRMTrainConfig:
+    """HRMTrainConfig from a YAML file (its phase-2 `controller` section ignored) plus `key=value`
+    overrides (`model.hidden_size=128` edits the nested model config)."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw.pop("controller", None)
+    for k, v in parse_overrides(list(overrides)).items():
+        if isinstance(v, dict):
+            raw.setdefault(k, {}).update(v)
+        else:
+            raw[k] = v
+    return HRMTrainConfig.from_dict(raw)

@@ -17,6 +17,9 @@ A public op takes `impl=` and calls `select_impl` once per trace:
   fallback and never a wrong answer).
 * The environment variable `IVA_KERNELS_DISABLE=mosaic,triton` removes implementations from
   `"auto"` / `"pallas"` (to bisect a suspected kernel bug without editing code).
+* A kernel (or a shape/flag class of it) that has not passed `experiments/check_kernels_gpu.py` on a
+  real GPU reports an "unsupported" reason, so auto never picks it and an explicit impl raises;
+  `IVA_KERNELS_ALLOW_UNVALIDATED=1` (`allow_unvalidated()`) lifts that for the check script itself.
 
 Other kernel modules (grouped_matmul, selective_scan, ...) reuse `select_impl`,
 `compute_capability` and `platform_reason`.  `describe()` reports, for each op of this module's
@@ -72,6 +75,11 @@ def compute_capability() -> tuple[int, int] | None:
 
 def _disabled() -> set[str]:
     return {s.strip() for s in os.environ.get("IVA_KERNELS_DISABLE", "").split(",") if s.strip()}
+
+
+def allow_unvalidated() -> bool:
+    """True when IVA_KERNELS_ALLOW_UNVALIDATED=1: kernels not yet GPU-validated may be selected (for checks)."""
+    return os.environ.get("IVA_KERNELS_ALLOW_UNVALIDATED", "") == "1"
 
 
 def platform_reason(impl: str, *, interpret: bool = False) -> str | None:

@@ -124,7 +124,8 @@ def _check(q, k, v, sliding_window, q_offset):
         raise ValueError(f"flash_attention: q_offset must be an int (or a traced int scalar), got {q_offset!r}")
 
 
-def _unsupported(dtype, head_dim: int, static_offset: bool, backward: bool) -> dict[str, str | None]:
+def _unsupported(dtype, head_dim: int, static_offset: bool, backward: bool, causal: bool = True,
+                 q_offset: int = 0) -> dict[str, str | None]:
     triton = mosaic = None
     dt = jnp.dtype(dtype)
     if not static_offset:
@@ -135,14 +136,15 @@ def _unsupported(dtype, head_dim: int, static_offset: bool, backward: bool) -> d
         triton = f"head_dim {head_dim} outside [16, 256]"
     if mosaic is None:
         from kernels import flash_attention_mosaic as fam
-        mosaic = fam.unsupported_reason(dt, head_dim, backward=backward)
+        mosaic = fam.unsupported_reason(dt, head_dim, causal=causal, q_offset=q_offset, backward=backward)
     return {"triton": triton, "mosaic": mosaic}
 
 
-def _choose(impl, dtype, head_dim, static_offset, interpret, backward=False, log=True):
+def _choose(impl, dtype, head_dim, static_offset, interpret, backward=False, log=True, causal=True, q_offset=0):
     op = "flash_attention_bwd" if backward else "flash_attention"
+    q_offset = q_offset if static_offset else 0
     return dispatch.select_impl(op, impl, interpret=interpret, log=log,
-                                unsupported=_unsupported(dtype, head_dim, static_offset, backward))
+                                unsupported=_unsupported(dtype, head_dim, static_offset, backward, causal, q_offset))
 
 
 def explain_auto() -> dict[str, tuple[str, str]]:
@@ -501,13 +503,14 @@ def flash_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, *, causal
     qs, ks = _segments(q, k, q_segment_ids, kv_segment_ids)
     sm_scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
     static = isinstance(q_offset, (int, np.integer))
-    fwd = _choose(impl, q.dtype, q.shape[-1], static, interpret)
+    flags = dict(causal=bool(causal), q_offset=q_offset)
+    fwd = _choose(impl, q.dtype, q.shape[-1], static, interpret, **flags)
     if impl in ("auto", "pallas"):
-        bwd = _choose(impl, q.dtype, q.shape[-1], static, interpret, backward=True)
+        bwd = _choose(impl, q.dtype, q.shape[-1], static, interpret, backward=True, **flags)
     else:
         bwd = impl
         if impl == "mosaic":  # explicit: must be able to run the backward too
-            _choose(impl, q.dtype, q.shape[-1], static, interpret, backward=True)
+            _choose(impl, q.dtype, q.shape[-1], static, interpret, backward=True, **flags)
     window = None if sliding_window is None else int(sliding_window)
     if not static:  # traced offset: the kernels need it static, so plain XLA with autodiff
         return _xla_fwd(q, k, v, qs, ks, sm_scale=sm_scale, causal=causal, window=window, q_offset=q_offset)

@@ -33,14 +33,21 @@ class Tiles:
 
 
 TILES = Tiles()
+# Timed on an H100 (BENCHMARKS.md) but its parity check did not run there yet: auto never picks it
+# and impl="mosaic" raises until experiments/check_kernels_gpu.py --cases swiglu passes and this flips.
+VALIDATED = False
 
 
 def unsupported_reason(m: int, k: int, n: int, dtype, tiles: Tiles = TILES) -> str | None:
+    """Why the Mosaic SwiGLU kernel may not take this input (None if it can)."""
+    from kernels import dispatch
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype {jnp.dtype(dtype)} (Mosaic SwiGLU takes bf16/f16)"
     if m % tiles.tile_m or n % (2 * tiles.tile_n) or k % tiles.tile_k:
         return (f"shape M={m} K={k} N={n} not a multiple of the tiles "
                 f"({tiles.tile_m}, {tiles.tile_k}, {2 * tiles.tile_n})")
+    if not VALIDATED and not dispatch.allow_unvalidated():
+        return "Mosaic SwiGLU not yet validated on GPU (set IVA_KERNELS_ALLOW_UNVALIDATED=1 to try it)"
     return None
 
 

@@ -37,7 +37,8 @@ from kernels import dispatch
 LOG2E = 1.4426950408889634
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus: x > 20 -> x
 IMPLS = dispatch.IMPLS
-_UNSUPPORTED = {"mosaic": "no Mosaic GPU selective scan; the Triton kernel serves sm80+ including sm90"}
+# Flip once experiments/bench_ssm.py's GPU parity check (values and VJPs vs the XLA scan) passes on an H100.
+VALIDATED_ON_GPU = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,14 +496,24 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 # ---------------------------------------------------------------------------------------------
 # public entry
 # ---------------------------------------------------------------------------------------------
-def triton_supported() -> bool:
-    """True where the Triton kernel can run natively (CUDA GPU, sm80+)."""
-    return dispatch.platform_reason("triton") is None
+def unsupported(interpret: bool = False) -> dict:
+    """Reasons the Pallas implementations cannot be picked (kernels.dispatch `unsupported=`)."""
+    out = {"mosaic": "no Mosaic GPU selective scan; the Triton kernel serves sm80+ including sm90"}
+    if not (VALIDATED_ON_GPU or interpret or dispatch.allow_unvalidated()):
+        out["triton"] = ("the selective-scan Triton kernel is not yet validated on a GPU (experiments/bench_ssm.py "
+                         "checks it; IVA_KERNELS_ALLOW_UNVALIDATED=1 uses it anyway)")
+    return out
+
+
+def triton_supported(interpret: bool = False) -> bool:
+    """True where `impl="auto"` picks the Triton kernel (a validated kernel on an sm80+ CUDA GPU)."""
+    return dispatch.select_impl("selective_scan", "auto", interpret=interpret, unsupported=unsupported(interpret),
+                                preference=("triton",), log=False) == "triton"
 
 
 def explain_auto() -> dict[str, tuple[str, str]]:
     """What `impl="auto"` picks here, and why."""
-    return {"any shape": dispatch.explain("selective_scan", unsupported=_UNSUPPORTED, preference=("triton",))}
+    return {"any shape": dispatch.explain("selective_scan", unsupported=unsupported(), preference=("triton",))}
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = False, *,
@@ -510,9 +521,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """Selective scan in channels-last layout; returns (out, last_state).
 
     impl: "xla" (the `lax.scan` reference), "triton"/"pallas" (the Pallas kernel; interpret=True runs it
-    on CPU), "auto" (triton on sm80+ GPUs, else xla; logged once by kernels.dispatch).
+    on CPU), "auto" (triton on sm80+ GPUs once validated there, else xla; logged once by kernels.dispatch).
     """
-    choice = dispatch.select_impl("selective_scan", impl, interpret=interpret, unsupported=_UNSUPPORTED,
+    choice = dispatch.select_impl("selective_scan", impl, interpret=interpret, unsupported=unsupported(interpret),
                                   preference=("triton",))
     if choice == "xla":
         return reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -532,4 +543,4 @@ def copy_bytes(b: int, l: int, d: int, n: int, g: int, itemsize: int, has_z: boo
 
 
 __all__ = ["reference", "selective_scan", "selective_scan_triton", "ScanBlockConfig", "triton_supported",
-           "explain_auto", "check_inputs", "softplus", "copy_bytes"]
+           "unsupported", "explain_auto", "VALIDATED_ON_GPU", "check_inputs", "softplus", "copy_bytes"]

@@ -55,6 +55,8 @@ def test_dispatch_and_config_errors():
     with pytest.raises(ValueError, match="interpret=True"):
         K.selective_scan(**bld, impl="triton")  # no GPU here: says how to emulate it
     assert K.explain_auto()["any shape"][0] == "xla"
+    if not K.VALIDATED_ON_GPU:  # the dispatcher never picks an unvalidated kernel on a GPU
+        assert "not yet validated" in K.unsupported()["triton"] and "triton" not in K.unsupported(interpret=True)
     with pytest.raises(ValueError, match="block_d"):
         K.ScanBlockConfig(block_d=3)
     with pytest.raises(ValueError, match="B must be"):

@@ -48,10 +48,12 @@ def ssd_inputs():
 def test_ssd_chunked_and_sequential_match_quadratic(ssd_inputs):
     a = ssd_inputs
     ref = ssd_quadratic_np(a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], np.asarray(a["initial_state"]))
-    run = _jit(lambda a: (ssd_chunked(**{k: v for k, v in a.items()}, chunk_size=8), ssd_sequential(**a)))
-    (y_c, s_c), (y_s, s_s) = run(a)
+    run = _jit(lambda a: (ssd_chunked(**a, chunk_size=8), ssd_sequential(**a),
+                          ssd_chunked(**a, chunk_size=8, dot_dtype=jnp.bfloat16)))
+    (y_c, s_c), (y_s, s_s), (y_b, s_b) = run(a)
     assert rel_err(y_c, ref) < 2e-5 and rel_err(y_s, ref) < 2e-5
     assert rel_err(s_c, s_s) < 2e-5
+    assert rel_err(y_b, ref) < 2e-2 and rel_err(s_b, s_s) < 2e-2  # bf16 matmul operands, f32 accumulation
     # no initial state, a chunk longer than the sequence
     a0 = {k: v for k, v in a.items() if k != "initial_state"}
     y1, _ = _jit(lambda a: ssd_chunked(**a, chunk_size=64))(a0)

@@ -64,8 +64,12 @@ def ssd_step(state, x_t, dt_t, B_t, C_t, A, D=None):
     return state, y
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None):
-    """Chunked SSD (Mamba-2's matmul form); same contract as `ssd_sequential`."""
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, dot_dtype=None):
+    """Chunked SSD (Mamba-2's matmul form); same contract as `ssd_sequential`.
+
+    dot_dtype (e.g. bfloat16): operand dtype of the four matmuls (f32 accumulation), as mamba_ssm's kernels
+    do for bf16 models; None keeps every operand f32.
+    """
     b, l, h, p, g, n = _check_ssd(x, dt, A, B, C)
     if not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
@@ -85,15 +89,17 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None):
     a = jnp.moveaxis(chunks(dt.astype(f32) * A.astype(f32)).reshape(b, nc, Q, g, k), 2, -1)  # [b, c, g, k, Q]
     Bc, Cc = chunks(B), chunks(C)  # [b, c, Q, g, n]
     acum = jnp.cumsum(a, axis=-1)
+    lo = (lambda t: t) if dot_dtype is None else (lambda t: t.astype(dot_dtype))
+    ein = lambda spec, *ops: jnp.einsum(spec, *map(lo, ops), preferred_element_type=f32)
     # 1. inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(acum_i - acum_j) dt_j x_j
     seg = acum[..., :, None] - acum[..., None, :]  # [b, c, g, k, i, j]
     causal = jnp.tril(jnp.ones((Q, Q), bool))
     decay = jnp.exp(jnp.where(causal, seg, -jnp.inf))
-    CB = jnp.einsum("bcign,bcjgn->bcgij", Cc, Bc)
-    y = jnp.einsum("bcgkij,bcjgkp->bcigkp", CB[:, :, :, None] * decay, xdt)
+    CB = ein("bcign,bcjgn->bcgij", Cc, Bc)
+    y = ein("bcgkij,bcjgkp->bcigkp", CB[:, :, :, None] * decay, xdt)
     # 2. each chunk's end state from its own inputs
     to_end = jnp.exp(acum[..., -1:] - acum)  # [b, c, g, k, Q]
-    S = jnp.einsum("bcjgn,bcgkj,bcjgkp->bcgkpn", Bc, to_end, xdt)
+    S = ein("bcjgn,bcjgkp->bcgkpn", Bc, xdt * jnp.moveaxis(to_end, -1, 2)[..., None])
     # 3. states entering each chunk: a short scan over chunks
     h0 = jnp.zeros((b, g, k, p, n), f32) if initial_state is None else initial_state.astype(f32).reshape(b, g, k, p, n)
     chunk_decay = jnp.exp(acum[..., -1])  # [b, c, g, k]
@@ -105,7 +111,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None):
     last, h_in = lax.scan(carry, h0, (jnp.moveaxis(S, 1, 0), jnp.moveaxis(chunk_decay, 1, 0)))
     h_in = jnp.moveaxis(h_in, 0, 1)  # [b, c, g, k, p, n]
     # 4. their contribution inside the chunk: y_i += exp(acum_i) C_i . h_in
-    y = y + jnp.einsum("bcign,bcgkpn,bcgki->bcigkp", Cc, h_in, jnp.exp(acum))
+    y = y + ein("bcign,bcgkpn->bcigkp", Cc, h_in) * jnp.moveaxis(jnp.exp(acum), -1, 2)[..., None]
     y = y.reshape(b, nc * Q, h, p)[:, :l]
     if D is not None:
         y = y + D.astype(f32)[:, None] * x.astype(f32)
@@ -192,7 +198,8 @@ class Mamba2Mixer(nn.Module):
         xbc = apply_mask(nn.silu(self.conv1d(xbc_in)), mask)
         xs, B, C = self._xbc(xbc)
         A = -jnp.exp(self.A_log.astype(jnp.float32))
-        y, last = ssd_chunked(xs, self._dt(dt), A, B, C, self.config.chunk_size, D=self.D)
+        dot = None if jnp.dtype(self.dtype) == jnp.float32 else self.dtype
+        y, last = ssd_chunked(xs, self._dt(dt), A, B, C, self.config.chunk_size, D=self.D, dot_dtype=dot)
         y = self.norm(y.reshape(x.shape[:2] + (self.d_inner,)), z)
         out = self.out_proj(y)
         return (out, Mamba2State(conv=self.conv1d.tail(xbc_in), ssm=last)) if return_state else out

@@ -10,8 +10,9 @@ impl:
   "associative" `lax.associative_scan` over the whole sequence: log-depth, materializes [b, l, d, n].
   "chunked"     associative scan inside chunks of `chunk_size` steps, `lax.scan` carrying the state across
                 chunks, each chunk rematerialized in the backward: memory O(chunk) instead of O(seqlen).
-  "pallas"      the Triton kernel in kernels/selective_scan.py (interpret=True runs it on CPU).
-  "auto"        pallas on sm80+ GPUs; chunked on other GPUs; sequential on CPU, where a well-fused
+  "pallas"      the Triton kernel in kernels/selective_scan.py (interpret=True runs it on CPU; on a GPU it
+                raises until the kernel is GPU-validated, see kernels.selective_scan.VALIDATED_ON_GPU).
+  "auto"        pallas on sm80+ GPUs (once validated); chunked on other GPUs; sequential on CPU, where a well-fused
                 `lax.scan` moves the least memory (associative/chunked do ~log(chunk) passes over
                 [b, l, d, n]; see `AUTO_CPU` for the measurement).
 """
@@ -135,8 +136,8 @@ def selective_scan_bld(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         if not (isinstance(chunk_size, int) and chunk_size > 0):
             raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
         return _chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
-    return _kss.selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, config=config,
-                                      interpret=interpret)
+    return _kss.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl="triton",
+                               interpret=interpret, config=config)
 
 
 def _bc_to_bld(x, name: str, b: int, l: int, n: int):

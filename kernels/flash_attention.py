@@ -13,7 +13,9 @@ PV product, f32 accumulation; `reference` keeps everything in f32):
   * "xla":    the masked softmax in jnp (materialises [B, H, Sq, Skv]); CPU / T4 / fallback.
   * "triton": Pallas-Triton flash kernels (fwd; bwd = one dK/dV kernel looping over the GQA group's
               q heads + one dQ kernel), any head_dim <= 256, any lengths; interpret mode on CPU.
-  * "mosaic": Mosaic GPU (Hopper) warp-specialised kernels, see `kernels/flash_attention_mosaic.py`.
+  * "mosaic": Mosaic GPU (Hopper) warp-specialised kernels, see `kernels/flash_attention_mosaic.py`;
+              `auto` uses them where they passed the GPU parity check (bf16, head_dim 64/128, causal,
+              q_offset >= 0) and the Triton kernels elsewhere on sm80+.
 The backward is a custom_vjp over the logsumexp residual; forward and backward pick their
 implementation separately under "auto"/"pallas" (e.g. Mosaic forward, Triton backward).
 `flash_attention_with_lse` also returns the logsumexp [B, Hq, Sq] (natural log, f32), differentiable.

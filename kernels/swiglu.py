@@ -7,7 +7,10 @@ Implementations:
   * "xla":    `silu(x @ w_gate) * (x @ w_up)` with the products rounded to x.dtype (the common
               unfused expression; XLA fuses the elementwise part into one pass);
   * "triton": Pallas-Triton kernel with two f32 accumulators over K and a fused epilogue;
-  * "mosaic": Hopper warp-specialised persistent kernel (`kernels/swiglu_mosaic.py`), forward only.
+  * "mosaic": Hopper warp-specialised persistent kernel (`kernels/swiglu_mosaic.py`), forward only;
+              1.12x XLA on an H100 but gated off until its GPU parity check passes (see BENCHMARKS.md).
+On Hopper `auto` prefers Mosaic and otherwise XLA (the Triton matmul is slower than cuBLAS there);
+on sm80 it picks Triton.
 Backward (custom_vjp, residual x only): a kernel recomputes g and u tile by tile and its epilogue
 writes dg = dh * u * silu'(g) and du = dh * silu(g) (Triton; XLA otherwise), then four XLA/cuBLAS
 products give dx = dg w_gate^T + du w_up^T, dw_gate = x^T dg, dw_up = x^T du.

@@ -3,7 +3,6 @@
 import importlib
 import logging
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -114,7 +114,8 @@ def main() -> int:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--hf-dynamic", action="store_true", help="also time the (slow) dynamic-cache generate")
     ap.add_argument("--variants", nargs="+", default=["auto"],
-                    help="iva-jax kernel settings to time: auto, xla (attn/norm/mlp impl)")
+                    help="iva-jax settings to time: auto, xla (attn/norm/mlp impl), unroll (layers unrolled), "
+                         "xla_unroll")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_generate.json"))
     args = ap.parse_args()
 
@@ -126,11 +127,13 @@ def main() -> int:
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOL)).to(torch.bfloat16)
     hf.save_pretrained(d)
     del hf
-    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "torch": torch.__version__,
+    res = {"device": str(jax.devices()[0].device_kind), "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "torch": torch.__version__,
            "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
            "shape": dict(SMOL, prompt=args.prompt, new=args.new, dtype="bfloat16")}
     for v in args.variants:
-        ov = {} if v == "auto" else dict(attn_impl=v, norm_impl=v, mlp_impl=v)
+        ov = dict(attn_impl="xla", norm_impl="xla", mlp_impl="xla") if v.startswith("xla") else {}
+        if v.endswith("unroll"):
+            ov["scan_unroll"] = SMOL["num_hidden_layers"]
         r, _ = bench_iva(d, args.batches, args.prompt, args.new, args.reps, ov, v)
         res.update(r)
     if not args.no_hf:

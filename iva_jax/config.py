@@ -192,6 +192,7 @@ class ModelConfig(ConfigBase):
     norm_impl: str = "auto"
     mlp_impl: str = "auto"
     scan_layers: bool = True
+    scan_unroll: int = 1  # layers per scan iteration (>= num_hidden_layers: fully unrolled; fastest decode)
     remat: str = "none"  # "none" | "full" | "dots_saveable"
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Tuple[int, ...]] = None
@@ -233,6 +234,8 @@ class ModelConfig(ConfigBase):
         for f in ("attn_impl", "norm_impl", "mlp_impl"):
             check_choice(self, f, ("auto", "xla", "pallas", "triton", "mosaic"))
         check_choice(self, "remat", ("none", "full", "dots_saveable"))
+        check(isinstance(self.scan_unroll, int) and self.scan_unroll >= 1, "scan_unroll", self.scan_unroll,
+              "must be a positive integer")
         if self.eos_token_id is not None:
             check(all(isinstance(t, int) and 0 <= t < self.vocab_size for t in self.eos_token_id),
                   "eos_token_id", self.eos_token_id, "ids must be in [0, vocab_size)")

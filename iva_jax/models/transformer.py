@@ -81,6 +81,7 @@ class Transformer(nn.Module):
                 layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=(window_axis, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+                unroll=min(c.scan_unroll, c.num_hidden_layers),
             )(c, static_window)
         else:
             self.layers = [layer_cls(c, windows[i] if not self._uniform_window else static_window,

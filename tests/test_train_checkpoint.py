@@ -174,3 +174,11 @@ def test_restore_onto_a_different_mesh(resume_runs, tmp_path):
     # and onto a single device (no mesh): plain arrays with the same values
     single = ck.restore(create_train_state(zeros, tx, jax.random.PRNGKey(0))[0]).state
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(single.params), r["params"])
+    # params alone (export / conversion): no optimizer state read, default or sharded placement
+    only = ck.restore_params()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(only), r["params"])
+    on_b = ck.restore_params(target=zeros, shardings=sh_b.params)
+    assert on_b["layers"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    bad = {**zeros, "lm_head": {"kernel": np.zeros((3, 3), np.float32)}}
+    with pytest.raises(CheckpointMismatchError, match=r"lm_head/kernel: checkpoint \(24, 258\) float32 != target \(3, 3\)"):
+        ck.restore_params(target=bad)

@@ -14,8 +14,8 @@ from iva_jax.train.config import TrainConfig
 from iva_jax.train.optim import (health_monitor, lr_schedule, make_optimizer, make_schedule, optimizer_metrics,
                                  skip_nonfinite)
 from iva_jax.train.remat import remat_policy
-from iva_jax.train.step import (check_batch, create_train_state, cross_entropy_sums, make_train_step,
-                                shifted_targets)
+from iva_jax.train.step import (check_batch, create_train_state, cross_entropy_sums, evaluate, make_eval_step,
+                                make_train_step, shifted_targets)
 from iva_jax.train.tiny import TinyConfig, TinyLM, tiny_host_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +94,22 @@ def test_loss_terms_match_float64_reference(setup):
     np.testing.assert_allclose(metrics["tokens"], n1)
     np.testing.assert_allclose(metrics["ppl"], math.exp((nll1 * w1).sum() / n1), rtol=2e-6)
     assert "model/layers/act_rms" in metrics
+
+
+def test_eval_step_matches_train_metrics(setup):
+    s = setup
+    _, m = s["steps"][1](s["state"], s["batch"])
+    ev = make_eval_step(s["model"].apply, s["cfgs"][1])
+    half = {k: v[:3] for k, v in s["batch"].items()}
+    rest = {k: v[3:] for k, v in s["batch"].items()}
+    out = evaluate(ev, s["state"], [half, rest])  # token-weighted over batches of another size
+    np.testing.assert_allclose(out["eval_nll"], m["nll"], rtol=2e-6)
+    np.testing.assert_allclose(out["eval_loss"], m["ce"], rtol=2e-6)
+    np.testing.assert_allclose(out["eval_ppl"], m["ppl"], rtol=2e-6)
+    assert out["eval_tokens"] == pytest.approx(float(m["tokens"]))
+    empty = {**half, "labels": np.full_like(half["labels"], -100)}
+    with pytest.raises(ValueError, match="no target tokens"):
+        evaluate(ev, s["state"], [empty])
 
 
 def test_cross_entropy_gradient_matches_analytic():

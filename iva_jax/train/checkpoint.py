@@ -24,7 +24,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
-from orbax.checkpoint import checkpoint_managers as ocm
+
+try:  # preservation policies (latest-N *and* best-K) arrived in orbax 0.11.x
+    from orbax.checkpoint import checkpoint_managers as ocm
+    _POLICIES = hasattr(ocm, "LatestN") and hasattr(ocm, "BestN")
+except ImportError:  # pragma: no cover - old orbax
+    ocm, _POLICIES = None, False
 
 from iva_jax.train.step import TrainState
 
@@ -104,14 +109,18 @@ class Checkpointer:
         def metric(m) -> float:  # checkpoints saved without the metric rank last
             return float(m[best_metric]) if m and best_metric in m else worst
 
-        policies = [ocm.LatestN(n=keep)]
-        if keep_best > 0:
-            policies.append(ocm.BestN(get_metric_fn=metric, reverse=best_mode == "min", n=keep_best,
-                                      keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocm.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True, create=True,
-            best_fn=metric if keep_best > 0 else None, best_mode=best_mode)  # best_fn: orbax persists metrics
+        common = dict(enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True,
+                      best_fn=metric if keep_best > 0 else None, best_mode=best_mode)  # best_fn: metrics persist
+        if _POLICIES:
+            policies = [ocm.LatestN(n=keep)]
+            if keep_best > 0:
+                policies.append(ocm.BestN(get_metric_fn=metric, reverse=best_mode == "min", n=keep_best,
+                                          keep_checkpoints_without_metrics=False))
+            options = ocp.CheckpointManagerOptions(preservation_policy=ocm.AnyPreservationPolicy(policies), **common)
+        else:  # pragma: no cover - old orbax: max_to_keep only (the best `keep` when keep_best > 0)
+            log.warning("checkpoint: this orbax has no preservation policies; keeping %d %s", keep,
+                        "best" if keep_best else "latest")
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, **common)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -211,6 +220,43 @@ class Checkpointer:
             raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} is corrupted or unreadable "
                                          f"(its state metadata is missing)")
         return tree
+
+    def restore_params(self, step: Optional[int] = None, target: Any = None, shardings: Any = None) -> Any:
+        """Only the params of `step` (default latest), without reading the optimizer state.
+
+        `target`: a param tree (arrays or ShapeDtypeStructs) to check shapes against and restore into;
+        default: the stored shapes and dtypes on the first local device (what export / conversion wants).
+        """
+        self.wait()
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}; have {self.all_steps()}")
+        stored = self.stored_shapes(step).get("params")
+        if stored is None:
+            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} holds no params")
+        if target is None:
+            dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
+                                              stored)
+        else:
+            sd = serialization.to_state_dict(target)
+            sh = (serialization.to_state_dict(shardings) if shardings is not None
+                  else jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), sd))
+            abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), sd, sh)
+            diff = compare_trees(stored, abstract)
+            if diff:
+                raise CheckpointMismatchError(f"params of checkpoint step {step} in {self.directory} do not match "
+                                              f"the target ({len(diff)} differing leaves):\n" + "\n".join(diff))
+        item = {"params": abstract}
+        try:
+            with ocp.PyTreeCheckpointer() as c:
+                out = c.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                    item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} is corrupted or unreadable: "
+                                         f"{_short(e)}") from e
+        params = out["params"]
+        return serialization.from_state_dict(target, params) if target is not None else params
 
     def restore(self, target: TrainState, step: Optional[int] = None, *, shardings: Any = None) -> Restored:
         """Restore `step` (default latest) into the structure, shapes and shardings of `target`.

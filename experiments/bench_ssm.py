@@ -1,0 +1,273 @@
+"""Issue 6 measurements: the selective-scan kernel against XLA scans and the copy bandwidth, and SSD TFLOP/s.
+
+1. check   : the Pallas kernel vs the chunked XLA scan on the GPU (values and VJPs, f32 and bf16, grouped B/C,
+             odd sizes): max |err| / max |ref| per output, PASS/FAIL against 2e-4 (f32) / 2.5e-2 (bf16).
+2. copy    : jnp `x + 1` over 512 MiB bf16 (read + write): the bandwidth ceiling of this run.
+3. scan    : batch 8, seqlen 4096, dim 2048, dstate 16 (Mamba's shape: z gate, D, delta_bias, softplus),
+             f32 and bf16, forward and forward+backward: pallas (channels-last, as the Mamba block calls it),
+             pallas through the mamba_ssm-layout API (adds the [b, d, l] transposes), lax.associative_scan,
+             chunked, lax.scan.  GB/s = the minimum bytes (kernels.selective_scan.copy_bytes) / time.
+4. ssd     : Mamba-2 chunked SSD at batch 8, seqlen 4096, 32 heads x 64, dstate 128, chunk 256, forward and
+             forward+backward (f32 and bf16 matmul operands): TFLOP/s of its matmuls (mamba2.ssd_flops; x3 for
+             forward+backward).
+5. sweep   : (--sweep) kernel block configs, forward and forward+backward, bf16.
+
+Median of timed runs after warm-up, random inputs.  Prints a table and writes JSON (--out).
+    PYTHONPATH=. python3 experiments/bench_ssm.py --out bench_ssm.json [--sweep] [--skip-slow]
+    PYTHONPATH=. python3 experiments/bench_ssm.py --tiny      # CPU smoke run (interpret-mode kernel)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("IVA_KERNELS_ALLOW_UNVALIDATED", "1")  # this script is what validates the kernel
+
+import numpy as np  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from iva_jax.ssm import scan as S  # noqa: E402
+from iva_jax.ssm.mamba2 import ssd_chunked, ssd_flops, ssd_sequential  # noqa: E402
+from kernels import selective_scan as K  # noqa: E402
+
+ROWS: list[dict] = []
+ARGS = None
+
+
+def row(group, name, ms=None, **extra):
+    r = dict(group=group, name=name, ms=None if ms is None else round(ms, 4), **extra)
+    ROWS.append(r)
+    tail = " ".join(f"{k}={v}" for k, v in extra.items())
+    print(f"{group:<7} {name:<58} {'' if ms is None else f'{ms:10.4f} ms'} {tail}", flush=True)
+    return r
+
+
+def guard(label, f):
+    try:
+        return f()
+    except Exception as e:  # noqa: BLE001
+        msg = f"{type(e).__name__}: {str(e)[:400]}"
+        print(f"{label:<66} FAILED: {msg}", flush=True)
+        traceback.print_exc(limit=3)
+        ROWS.append(dict(group="error", name=label, error=msg))
+        return None
+
+
+def time_jax(fn, args, reps=None, warm=2):
+    """Median ms per call (each call synced: these ops run for milliseconds)."""
+    reps = reps or ARGS.reps
+    for _ in range(warm):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+# ---------------------------------------------------------------------------------------------
+def scan_inputs(seed, b, l, d, n, g, dtype):
+    """Channels-last inputs shaped like a Mamba layer's: dt bias = softplus^-1 of dt in [1e-3, 0.1]."""
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    dt0 = np.exp(rng.uniform(np.log(1e-3), np.log(0.1), d))
+    act = lambda a: jnp.asarray(a, dtype)
+    return dict(u=act(f(b, l, d)), delta=act(0.5 * f(b, l, d)),
+                A=jnp.asarray(-np.broadcast_to(np.arange(1, n + 1), (d, n)) * rng.uniform(0.5, 1.5, (d, n)), jnp.float32),
+                B=act(f(b, l, g, n)), C=act(f(b, l, g, n)), D=jnp.asarray(f(d), jnp.float32), z=act(f(b, l, d)),
+                delta_bias=jnp.asarray(dt0 + np.log(-np.expm1(-dt0)), jnp.float32))
+
+
+def scan_fn(impl, config=None, interpret=False, layout="bld"):
+    """(fwd, fwd+bwd) jitted callables on the dict of channels-last inputs."""
+    def run(a):
+        if layout == "mamba":  # mamba_ssm layout: the API transposes in and out
+            t = lambda x: jnp.swapaxes(x, 1, 2)
+            bc = lambda x: jnp.transpose(x, (0, 2, 3, 1))
+            out, last = S.selective_scan(t(a["u"]), t(a["delta"]), a["A"], bc(a["B"]), bc(a["C"]), a["D"], t(a["z"]),
+                                         a["delta_bias"], True, True, impl=impl, interpret=interpret, config=config)
+            return t(out), last
+        return S.selective_scan_bld(**a, delta_softplus=True, impl=impl, interpret=interpret, config=config,
+                                    chunk_size=64)
+
+    fwd = jax.jit(lambda a: run(a)[0])
+
+    def loss(a, g):
+        return jnp.sum(run(a)[0].astype(jnp.float32) * g)
+
+    fb = jax.jit(lambda a, g: jax.grad(loss)(a, g))
+    return fwd, fb
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("nan")
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def check_kernel(interpret):
+    """Kernel vs chunked XLA scan on this device: values and all VJPs."""
+    shapes = [(2, 1000, 384, 16, 1), (1, 777, 300, 16, 2), (2, 257, 96, 4, 3)] if not ARGS.tiny else \
+        [(1, 37, 12, 3, 2)]
+    cfg = K.ScanBlockConfig(chunk=4, ckpt_chunk=8, bwd_chunk=2) if interpret else None
+    ok = True
+    for (b, l, d, n, g) in shapes:
+        for dtype in (jnp.float32, jnp.bfloat16):
+            a = scan_inputs(1, b, l, d, n, g, dtype)
+            ct = jnp.asarray(np.random.default_rng(2).standard_normal((b, l, d)), jnp.float32)
+            ref_f, ref_fb = scan_fn("chunked")
+            k_f, k_fb = scan_fn("pallas", cfg, interpret)
+            # the reference in f32 from the same (rounded) inputs
+            a32 = {k: v.astype(jnp.float32) for k, v in a.items()}
+            errs = {"out": rel(k_f(a), ref_f(a32))}
+            gk, gr = k_fb(a, ct), ref_fb(a32, ct)
+            errs.update({f"d{k}": rel(gk[k], gr[k]) for k in a})
+            tol = 2e-4 if dtype == jnp.float32 else 2.5e-2
+            passed = all(e <= tol for e in errs.values())  # NaN fails
+            ok &= passed
+            row("check", f"pallas vs chunked b{b} l{l} d{d} n{n} g{g} {jnp.dtype(dtype).name}",
+                status="PASS" if passed else "FAIL", max_err=f"{max(errs.values()):.2e}",
+                errs={k: float(f"{v:.3e}") for k, v in errs.items()})
+    return ok
+
+
+def bench_copy():
+    n = (256 * 1024 * 1024) if not ARGS.tiny else (1 << 20)
+    x = jnp.ones((n,), jnp.bfloat16)
+    f = jax.jit(lambda x: x + 1)
+    ms = time_jax(f, (x,))
+    gbs = 2 * n * 2 / ms / 1e6
+    row("copy", f"x + 1 over {2 * n / 2**20:.0f} MiB bf16", ms, GBps=round(gbs, 1))
+    return gbs
+
+
+def bench_scan(copy_gbs, interpret):
+    b, l, d, n = (8, 4096, 2048, 16) if not ARGS.tiny else (1, 64, 32, 4)
+    impls = [("pallas", "bld", "pallas (channels-last)"), ("pallas", "mamba", "pallas (mamba layout API)"),
+             ("associative", "bld", "lax.associative_scan"), ("chunked", "bld", "chunked (64)"),
+             ("sequential", "bld", "lax.scan")]
+    if ARGS.skip_slow:
+        impls = [i for i in impls if i[0] in ("pallas", "associative")]
+    res = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        dn = jnp.dtype(dtype).name
+        a = scan_inputs(0, b, l, d, n, 1, dtype)
+        g = jnp.asarray(np.random.default_rng(3).standard_normal((b, l, d)), jnp.float32)
+        for impl, layout, label in impls:
+            fwd, fb = scan_fn(impl, interpret=interpret and impl == "pallas", layout=layout)
+            for mode, fn, args in (("fwd", fwd, (a,)), ("fwd+bwd", fb, (a, g))):
+                nbytes = K.copy_bytes(b, l, d, n, 1, jnp.dtype(dtype).itemsize, True, mode == "fwd+bwd")
+
+                def one(fn=fn, args=args, mode=mode, label=label, nbytes=nbytes):
+                    ms = time_jax(fn, args)
+                    res[(dn, mode, label)] = ms
+                    gbs = nbytes / ms / 1e6
+                    return row("scan", f"b{b} l{l} d{d} n{n} {dn} {mode} {label}", ms, GBps=round(gbs, 1),
+                               pct_copy=round(100 * gbs / copy_gbs, 1), dtype=dn, mode=mode, impl=label)
+
+                guard(f"scan {dn} {mode} {label}", one)
+        for mode in ("fwd", "fwd+bwd"):
+            base = res.get((dn, mode, "lax.associative_scan"))
+            kern = res.get((dn, mode, "pallas (channels-last)"))
+            if base and kern:
+                row("ratio", f"{dn} {mode}: associative_scan / pallas", None, speedup=round(base / kern, 2))
+            seq = res.get((dn, mode, "lax.scan"))
+            if seq and kern:
+                row("ratio", f"{dn} {mode}: lax.scan / pallas", None, speedup=round(seq / kern, 2))
+
+
+def bench_ssd():
+    b, l, h, p, g, n, q = (8, 4096, 32, 64, 1, 128, 256) if not ARGS.tiny else (1, 64, 2, 8, 1, 8, 16)
+    rng = np.random.default_rng(4)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    for dn, dot in (("float32", None), ("bfloat16", jnp.bfloat16)):
+        act = lambda x: jnp.asarray(x, dot or jnp.float32)
+        a = dict(x=act(f(b, l, h, p)), dt=jnp.asarray(rng.uniform(1e-3, 0.1, (b, l, h)), jnp.float32),
+                 A=-jnp.asarray(rng.uniform(1, 16, h), jnp.float32), B=act(f(b, l, g, n)), C=act(f(b, l, g, n)),
+                 D=jnp.asarray(f(h), jnp.float32))
+        fl = ssd_flops(b, l, h, p, g, n, q)
+        fwd = jax.jit(lambda a: ssd_chunked(**a, chunk_size=q, dot_dtype=dot)[0])
+        fb = jax.jit(jax.grad(lambda a: jnp.sum(ssd_chunked(**a, chunk_size=q, dot_dtype=dot)[0])))
+        for mode, fn, mult in (("fwd", fwd, 1), ("fwd+bwd", fb, 3)):
+            guard(f"ssd {dn} {mode}", lambda fn=fn, mode=mode, mult=mult: row(
+                "ssd", f"b{b} l{l} h{h} p{p} n{n} chunk{q} {dn} {mode}", ms := time_jax(fn, (a,)),
+                TFLOPs=round(mult * fl / ms / 1e9, 2), dtype=dn, mode=mode))
+        if dn == "float32" and not ARGS.skip_slow:
+            seq = jax.jit(lambda a: ssd_sequential(**a)[0])
+            guard("ssd lax.scan", lambda: row("ssd", f"b{b} l{l} h{h} p{p} n{n} lax.scan reference f32 fwd",
+                                              time_jax(seq, (a,), reps=5)))
+
+
+def bench_sweep(copy_gbs, interpret):
+    b, l, d, n = (8, 4096, 2048, 16) if not ARGS.tiny else (1, 64, 32, 4)
+    a = scan_inputs(0, b, l, d, n, 1, jnp.bfloat16)
+    g = jnp.asarray(np.random.default_rng(3).standard_normal((b, l, d)), jnp.float32)
+    fwd_cfgs = [dict(block_d=8, num_warps=1, chunk=8), dict(block_d=8, num_warps=1, chunk=16),
+                dict(block_d=8, num_warps=1, chunk=4), dict(block_d=16, num_warps=2, chunk=8),
+                dict(block_d=4, num_warps=1, chunk=8), dict(block_d=32, num_warps=4, chunk=8)]
+    bwd_cfgs = [dict(bwd_chunk=2, ckpt_chunk=64), dict(bwd_chunk=4, ckpt_chunk=64), dict(bwd_chunk=1, ckpt_chunk=64),
+                dict(bwd_chunk=2, ckpt_chunk=32), dict(bwd_chunk=2, ckpt_chunk=128),
+                dict(bwd_chunk=2, ckpt_chunk=64, block_d_bwd=16, num_warps_bwd=2),
+                dict(bwd_chunk=2, ckpt_chunk=64, block_d_bwd=4)]
+    for kw in fwd_cfgs:
+        fwd, _ = scan_fn("pallas", K.ScanBlockConfig(**kw), interpret)
+        nbytes = K.copy_bytes(b, l, d, n, 1, 2, True, False)
+        guard(f"sweep fwd {kw}", lambda fwd=fwd, kw=kw: row(
+            "sweep", f"fwd bf16 {kw}", ms := time_jax(fwd, (a,)), GBps=round(nbytes / ms / 1e6, 1),
+            pct_copy=round(100 * nbytes / ms / 1e6 / copy_gbs, 1), config=kw))
+    for kw in bwd_cfgs:
+        _, fb = scan_fn("pallas", K.ScanBlockConfig(**kw), interpret)
+        guard(f"sweep fwd+bwd {kw}", lambda fb=fb, kw=kw: row("sweep", f"fwd+bwd bf16 {kw}", time_jax(fb, (a, g)),
+                                                              config=kw))
+
+
+def main():
+    global ARGS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_ssm.json"))
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run; kernel in interpret mode)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="also sweep kernel block configs")
+    ap.add_argument("--skip-slow", action="store_true", help="skip lax.scan and chunked rows")
+    ap.add_argument("--skip-check", action="store_true")
+    ARGS = ap.parse_args()
+    if ARGS.tiny:
+        ARGS.reps = min(ARGS.reps, 3)
+    dev = jax.devices()[0]
+    interpret = dev.platform != "gpu"
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, kernel interpret={interpret}",
+          flush=True)
+    if interpret and not ARGS.tiny:
+        sys.exit("no GPU: run with --tiny for a CPU smoke run")
+    meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, tiny=ARGS.tiny)
+    if not ARGS.skip_check:
+        meta["check_passed"] = guard("check", lambda: check_kernel(interpret))
+    copy_gbs = guard("copy", bench_copy) or float("nan")
+    guard("scan", lambda: bench_scan(copy_gbs, interpret))
+    guard("ssd", bench_ssd)
+    if ARGS.sweep:
+        guard("sweep", lambda: bench_sweep(copy_gbs, interpret))
+    os.makedirs(os.path.dirname(os.path.abspath(ARGS.out)), exist_ok=True)
+    with open(ARGS.out, "w") as fh:
+        json.dump(dict(meta=meta, rows=ROWS), fh, indent=1, default=str)
+    print("\n| group | what | ms | figure |\n|---|---|---|---|")
+    for r in ROWS:
+        fig = next((f"{k}={r[k]}" for k in ("GBps", "TFLOPs", "speedup", "status") if k in r), r.get("error", ""))
+        extra = f" ({r['pct_copy']}% of copy)" if "pct_copy" in r else ""
+        print(f"| {r['group']} | {r['name']} | {r.get('ms') or ''} | {fig}{extra} |")
+    print(f"\nwrote {ARGS.out}")
+
+
+if __name__ == "__main__":
+    main()

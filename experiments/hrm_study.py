@@ -35,14 +35,16 @@ def fmt(mean, std, pct=True):
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| model | params | train s | steps | steps/s | compile s | exact acc % | cell acc % | avg steps | "
-            "adaptive exact % | adaptive avg steps |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | cycles HxL, max steps | params | train s | steps | steps/s | compile s | exact acc % | cell acc % | "
+            "avg steps | adaptive exact % | adaptive avg steps |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m, s = r["mean"], r["std"]
         ad = fmt(m["adaptive_exact_accuracy"], s["adaptive_exact_accuracy"]) if "adaptive_exact_accuracy" in m else "-"
         ad_steps = fmt(m["adaptive_avg_steps"], s["adaptive_avg_steps"], False) if "adaptive_avg_steps" in m else "-"
-        rows.append(f"| {r['model']} | {r['params']:,} | {r['train_s']:.0f} | {r['steps']} | {r['steps_per_s']:.1f} | "
+        mc = r["config"]["model"]
+        shape = f"{mc['H_cycles']}x{mc['L_cycles']}, {mc['halt_max_steps']}" if mc["arch"] == "hrm" else "-, 1"
+        rows.append(f"| {r['model']} | {shape} | {r['params']:,} | {r['train_s']:.0f} | {r['steps']} | {r['steps_per_s']:.1f} | "
                     f"{r['compile_s'] or 0:.0f} | {fmt(m['exact_accuracy'], s['exact_accuracy'])} | "
                     f"{fmt(m['accuracy'], s['accuracy'])} | {fmt(m['avg_steps'], s['avg_steps'], False)} | "
                     f"{ad} | {ad_steps} |")
@@ -57,9 +59,9 @@ def collect(out: Path, models) -> dict:
             results.append(json.loads(f.read_text()))
     if not results:
         raise SystemExit(f"no finished runs under {out}")
-    cfg = results[0]["config"]
+    cfg = next((r["config"] for r in results if r["model"] == "hrm"), results[0]["config"])
     per_seed = {r["model"]: [p["exact_accuracy"] for p in r["per_seed"]] for r in results}
-    summary = {"results": [{k: v for k, v in r.items() if k != "config"} for r in results],
+    summary = {"results": results,
                "config": cfg, "exact_accuracy_per_seed": per_seed}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     mc = cfg["model"]
@@ -67,8 +69,8 @@ def collect(out: Path, models) -> dict:
             f"(x{1 + cfg['num_aug']} with augmentations), {results[0]['test_examples']} held-out puzzles "
             f"(mean givens {results[0].get('test_mean_givens')})\n\n"
             f"device: {results[0]['device']}; seeds {results[0]['seeds']}; hidden {mc['hidden_size']}, "
-            f"H/L layers {mc['H_layers']}/{mc['L_layers']}, HRM cycles {mc['H_cycles']}x{mc['L_cycles']}, "
-            f"halt_max_steps {mc['halt_max_steps']}, batch {mc['batch_size']} per seed, lr {cfg['lr']}\n\n")
+            f"H/L layers {mc['H_layers']}/{mc['L_layers']}, batch {mc['batch_size']} per seed, lr {cfg['lr']}; "
+            f"train s excludes compilation and evaluation\n\n")
     md = head + table(results) + "\n\nexact accuracy per seed: " + json.dumps(per_seed) + "\n"
     (out / "results.md").write_text(md)
     print(md)

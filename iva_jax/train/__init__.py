@@ -1,10 +1,11 @@
 """Training stack: config, optax recipes, the jitted train step, orbax checkpoints, data, telemetry, LoRA.
 
-Submodules (imported on first use, so `import iva_jax.train.adam_atan2` stays light):
+Submodules (imported on first use, so `import iva_jax.train.adam_atan2` stays light).  Remat policy
+names live in `iva_jax.layers.remat` (the decoder applies them); `TrainConfig.remat` overrides the
+model config's choice.
   config      TrainConfig, DataConfig
   optim       make_schedule, make_optimizer (guard + health + clip + adamw/adam_atan2/lion + plateau)
   step        TrainState, init_train_state, make_train_step, make_eval_step, evaluate
-  remat       remat_policy, remat_module
   checkpoint  Checkpointer (orbax), CheckpointMismatchError, CheckpointCorruptError
   data        PackedBatches, ByteTokenizer, default_corpus_path
   telemetry   Telemetry (JSONL, optional TensorBoard), make_record, validate_record
@@ -19,7 +20,7 @@ _EXPORTS = {
     "TrainConfig": "config", "DataConfig": "config",
     "make_schedule": "optim", "make_optimizer": "optim", "lr_schedule": "optim",
     "TrainState": "step", "init_train_state": "step", "make_train_step": "step", "make_eval_step": "step",
-    "evaluate": "step", "remat_policy": "remat",
+    "evaluate": "step",
     "Checkpointer": "checkpoint", "CheckpointMismatchError": "checkpoint", "CheckpointCorruptError": "checkpoint",
     "PackedBatches": "data", "ByteTokenizer": "data", "default_corpus_path": "data",
     "Telemetry": "telemetry",

@@ -6,11 +6,11 @@ import dataclasses
 from typing import Optional, Tuple
 
 from iva_jax.config import ConfigBase, check, check_choice, check_positive
+from iva_jax.layers.remat import REMAT_POLICIES
 from iva_jax.parallel.mesh import MeshConfig
 
 OPTIMIZERS = ("adamw", "adam_atan2", "lion")
 SCHEDULES = ("cosine", "constant", "linear")
-REMAT_POLICIES = ("none", "full", "dots_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -84,7 +84,7 @@ class TrainConfig(ConfigBase):
     # precision and memory
     compute_dtype: str = "bfloat16"  # params are cast to this for the forward pass
     param_dtype: str = "float32"  # master weights and optimizer state
-    remat: Optional[str] = None  # none | full | dots_saveable; overrides the model config's when set
+    remat: Optional[str] = None  # iva_jax.layers.remat.REMAT_POLICIES; overrides the model config's when set
     # checkpoints
     checkpoint_dir: Optional[str] = None
     checkpoint_every: int = 1000

@@ -42,7 +42,6 @@ from iva_jax.parallel.rules import DEFAULT_RULES
 from iva_jax.parallel.sharding import batch_sharding, replicated, sharded_jit, tree_shardings, unbox
 from iva_jax.train.config import TrainConfig
 from iva_jax.train.optim import optimizer_metrics
-from iva_jax.train.remat import remat_module, remat_policy  # noqa: F401  (re-exported: one lookup)
 
 IGNORE_INDEX = -100
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
@@ -70,7 +69,13 @@ class TrainState:
     @classmethod
     def create(cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array, frozen: Any = None) -> "TrainState":
         return cls(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-                   rng=jnp.asarray(rng), frozen=frozen)
+                   rng=raw_key(rng), frozen=frozen)
+
+
+def raw_key(rng: jax.Array) -> jax.Array:
+    """A uint32 key array (typed `jax.random.key` keys are unwrapped so orbax can store them)."""
+    rng = jnp.asarray(rng)
+    return jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
 
 
 def _cast_floating(tree: Any, dtype) -> Any:
@@ -88,6 +93,7 @@ def init_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTran
     Without a mesh the state lives on the default device and the shardings are None.
     """
     dtype = dtype_of(param_dtype)
+    rng = raw_key(rng)
 
     def make(key):
         k_params, k_state = jax.random.split(key)
@@ -122,6 +128,7 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.A
     (the train step donates them), so keep a host copy if you need the originals.
     """
     params = unbox(params)
+    rng = raw_key(rng)
     if param_dtype is not None:
         params = _cast_floating(params, dtype_of(param_dtype))
     if mesh is None:

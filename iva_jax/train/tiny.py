@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from iva_jax.config import ConfigBase, check_positive
-from iva_jax.train.remat import remat_module
+from iva_jax.layers.remat import remat_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,7 @@ class TinyLM(nn.Module):
         h = jnp.take(emb, input_ids, axis=0) + jnp.take(pos, positions, axis=0)
         causal = jnp.tril(jnp.ones((s, s), bool))[None]
         mask = causal if segment_ids is None else causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        block = remat_module(_Block, c.remat, scanned=True)
+        block = _Block if c.remat == "none" else nn.remat(_Block, policy=remat_policy(c.remat), prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0, "losses": 0, "metrics": 0},
                          split_rngs={"params": True}, in_axes=nn.broadcast, length=c.num_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})

@@ -5,10 +5,14 @@ rhs [G, K, N]; group_sizes [G] int32 with sum <= M (rows past the sum come back 
 `jax.lax.ragged_dot`).  Three faces:
   reference(lhs, rhs, group_sizes)          dense masked loop over groups: the definition of correct
   impl "xla"                                 jax.lax.ragged_dot
-  impl "triton"                              Pallas (Triton lowering, sm80+); forward kernel over
-                                             (row tile, group) visits x column tiles, backward = the same
-                                             kernel with rhs transposed (d lhs) and a transposed
-                                             grouped kernel per group (d rhs), via jax.custom_vjp.
+  impl "triton"                              Pallas (Triton lowering, sm80+), jax.custom_vjp:
+    forward: grid (column tile, visit); a visit is one (group, row tile) pair, so a row tile that
+      straddles a group boundary is visited once per group, each visit storing only its own rows.
+      Column tiles vary fastest, so CTAs in flight share the lhs row tile and one expert's rhs.
+    d lhs: the same kernel with rhs read transposed (no transposed copy of the weights).
+    d rhs: per group, [block_m, block_n] tiles of lhs_g.T @ dout_g, reducing over the group's rows
+      in chunks of block_k.
+  Block sizes: output tile block_m x block_n, reduction chunk block_k (powers of two >= 16).
 `grouped_matmul(..., impl="auto")` picks "triton" on an sm80+ GPU (or with interpret=True), otherwise
 "xla", through `kernels.dispatch.select_impl` (logged once); "pallas" means "triton".
 Accumulation is float32; the output has lhs's dtype unless `preferred_element_type` says otherwise.
@@ -89,8 +93,8 @@ def _visits(group_sizes: jnp.ndarray, m: int, block_m: int) -> Tuple[jnp.ndarray
 
 def _gmm_kernel(group_ref, tile_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref, *,
                 num_groups, m, k, n, block_m, block_n, block_k, transpose_rhs):
-    v = pl.program_id(0)
-    j = pl.program_id(1)
+    j = pl.program_id(0)  # column tile: the fastest launch axis, so neighbours share the lhs row tile
+    v = pl.program_id(1)
     g = group_ref[v]
     row0 = tile_ref[v] * block_m
     rows = row0 + jnp.arange(block_m)
@@ -139,7 +143,7 @@ def _gmm_pallas(lhs, rhs, group_sizes, out_dtype, *, transpose_rhs, block_m, blo
         kernel = functools.partial(_drop_alias, kernel)
     return pl.pallas_call(
         kernel,
-        grid=(group.shape[0], pl.cdiv(n, block_n)),
+        grid=(pl.cdiv(n, block_n), group.shape[0]),
         in_specs=[anyspec] * len(args),
         out_specs=anyspec,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
@@ -157,29 +161,29 @@ def _drop_alias(kernel, *refs):
 
 
 def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, k, n, block_m, block_n, block_k):
-    """out[g] = lhs[rows of g].T @ dout[rows of g]  ([K, N] per group)."""
-    g = pl.program_id(0)
+    """out[g] = lhs[rows of g].T @ dout[rows of g]: [K, N] per group in [block_m, block_n] tiles,
+    reducing over the group's rows in chunks of block_k."""
+    j = pl.program_id(0)
     i = pl.program_id(1)
-    j = pl.program_id(2)
+    g = pl.program_id(2)
     start = start_ref[g]
     end = end_ref[g]
-    kk = i * block_k + jnp.arange(block_k)
+    kk = i * block_m + jnp.arange(block_m)
     cols = j * block_n + jnp.arange(block_n)
     k_mask = kk < k
     col_mask = cols < n
-    k_sl = pl.ds(i * block_k, block_k)
+    k_sl = pl.ds(i * block_m, block_m)
     col_sl = pl.ds(j * block_n, block_n)
 
     def body(rb, acc):
-        r0 = start + rb * block_m
-        rows = r0 + jnp.arange(block_m)
-        r_mask = rows < end
-        a = plgpu.load(lhs_ref.at[pl.ds(r0, block_m), k_sl], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        b = plgpu.load(dout_ref.at[pl.ds(r0, block_m), col_sl], mask=r_mask[:, None] & col_mask[None, :],
+        r0 = start + rb * block_k
+        r_mask = (r0 + jnp.arange(block_k)) < end
+        a = plgpu.load(lhs_ref.at[pl.ds(r0, block_k), k_sl], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        b = plgpu.load(dout_ref.at[pl.ds(r0, block_k), col_sl], mask=r_mask[:, None] & col_mask[None, :],
                        other=0.0)
         return acc + plgpu.dot(a, b, trans_a=True)
 
-    acc = jax.lax.fori_loop(0, pl.cdiv(end - start, block_m), body, jnp.zeros((block_k, block_n), jnp.float32))
+    acc = jax.lax.fori_loop(0, pl.cdiv(end - start, block_k), body, jnp.zeros((block_m, block_n), jnp.float32))
     plgpu.store(out_ref.at[g, k_sl, col_sl], acc.astype(out_ref.dtype), mask=k_mask[:, None] & col_mask[None, :])
 
 
@@ -194,7 +198,7 @@ def _tgmm_pallas(lhs, dout, group_sizes, out_dtype, *, block_m, block_n, block_k
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
         kernel,
-        grid=(g, pl.cdiv(k, block_k), pl.cdiv(n, block_n)),
+        grid=(pl.cdiv(n, block_n), pl.cdiv(k, block_m), g),
         in_specs=[anyspec] * 4,
         out_specs=anyspec,
         out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),

@@ -118,7 +118,7 @@ def dropless_case():
     return x, idx, w, ws
 
 
-@pytest.mark.parametrize("impl", ["ragged", "pallas"])
+@pytest.mark.parametrize("impl", ["ragged"])  # the Pallas path: test_kernels_grouped_matmul + test_moe_layer
 def test_dropless_matches_float64_reference_with_gradients(dropless_case, impl):
     x, idx, w, ws = dropless_case
     kw = dict(interpret=True, block_m=16, block_n=16, block_k=16) if impl == "pallas" else {}

@@ -38,8 +38,12 @@ def test_tiny_moe_lm_balances_at_capacity_1_25(router):
                     router=router, aux_loss_coef=0.05 if router == "softmax_topk" else 0.0, z_loss_coef=1e-3,
                     bias_update_rate=0.01)
     model = TinyMoeLM(cfg)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((BATCH, SEQ), jnp.int32))
-    params, stats = variables["params"], variables.get("moe_stats", {})
+    # parameters from numpy (a jitted flax init compiles slowly on CPU): N(0, 0.02), norm scales 1
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((BATCH, SEQ), jnp.int32))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, s: jnp.ones(s.shape) if "scale" in str(path[-1]) else
+        jnp.asarray(rng.normal(size=s.shape) * 0.02, jnp.float32), shapes["params"])
+    stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape), shapes.get("moe_stats", {}))
     opt = optax.adamw(3e-3)
     opt_state = opt.init(params)
 

@@ -21,7 +21,10 @@ IGNORE_LABEL_ID = -100
 
 
 def _x64_enabled() -> bool:
-    return bool(jax.config.read("jax_enable_x64"))
+    try:
+        return bool(jax.config.read("jax_enable_x64"))
+    except AttributeError:  # older / newer config APIs
+        return bool(getattr(jax.config, "jax_enable_x64", False))
 
 
 def _wide_dtype():

@@ -53,6 +53,9 @@ def test_init_matches_reference_conventions(setup):
     tf = HRMACT(CFG.variant("transformer"))
     shapes = jax.eval_shape(lambda: tf.init(jax.random.PRNGKey(0))[0]["params"])
     assert sum(x.size for x in jax.tree.leaves(shapes)) == CFG.num_params()
+    specs = model.logical_axes()  # logical names for the sharding rules; scanned layers get "layers"
+    assert tuple(specs["H_level"]["layers"]["self_attn"]["q_proj"]["kernel"]) == ("layers", "embed", "q_heads")
+    assert tuple(specs["embed_tokens"]["embedding"]) == ("vocab", "embed")
     one = CFG.variant("hrm_1cycle")
     assert (one.H_cycles, one.L_cycles, one.halt_max_steps) == (1, 1, 1)
 

@@ -83,7 +83,7 @@ def scan_inputs(seed, b, l, d, n, g, dtype):
     dt0 = np.exp(rng.uniform(np.log(1e-3), np.log(0.1), d))
     act = lambda a: jnp.asarray(a, dtype)
     return dict(u=act(f(b, l, d)), delta=act(0.5 * f(b, l, d)),
-                A=jnp.asarray(-np.broadcast_to(np.arange(1, n + 1), (d, n)) * rng.uniform(0.5, 1.5, (d, n)), jnp.float32),
+                A=jnp.asarray(-np.arange(1, n + 1)[None] * rng.uniform(0.5, 1.5, (d, n)), jnp.float32),
                 B=act(f(b, l, g, n)), C=act(f(b, l, g, n)), D=jnp.asarray(f(d), jnp.float32), z=act(f(b, l, d)),
                 delta_bias=jnp.asarray(dt0 + np.log(-np.expm1(-dt0)), jnp.float32))
 

@@ -17,7 +17,8 @@ _jit = lambda f: jax.jit(f, compiler_options=FAST_COMPILE)
 
 
 def ssd_quadratic_np(x, dt, A, B, C, D=None, h0=None):
-    """float64: y_t = sum_{s<=t} (C_t . B_s) exp(sum_{s<r<=t} dt_r A) dt_s x_s + C_t . (exp(sum_{r<=t} dt_r A) h0) + D x_t."""
+    """float64: y_t = sum_{s<=t} (C_t . B_s) exp(sum_{s<r<=t} dt_r A) dt_s x_s
+                      + C_t . (exp(sum_{r<=t} dt_r A) h0) + D x_t."""
     x, dt, A, B, C = (np.asarray(a, np.float64) for a in (x, dt, A, B, C))
     b, l, h, p = x.shape
     rep = h // B.shape[2]
@@ -71,7 +72,8 @@ def test_ssd_chunked_gradients_match_sequential(ssd_inputs):
             return jnp.sum(y * ct) + jnp.sum(s * cs)
         return jax.grad(f)
 
-    g_c, g_s = _jit(lambda a: (loss(lambda a: ssd_chunked(**a, chunk_size=8))(a), loss(lambda a: ssd_sequential(**a))(a)))(a)
+    g_c, g_s = _jit(lambda a: (loss(lambda a: ssd_chunked(**a, chunk_size=8))(a),
+                               loss(lambda a: ssd_sequential(**a))(a)))(a)
     for k in a:
         assert rel_err(g_c[k], g_s[k]) < 5e-5, k
 
@@ -92,7 +94,8 @@ def test_param_shapes(mixer):
     m, params, _ = mixer
     shapes = jax.tree_util.tree_map(lambda a: a.shape, params["params"])
     di, nh, conv_dim = 32, 4, 32 + 2 * 2 * 4
-    assert shapes == {"in_proj": {"kernel": (H, 2 * di + 16 + nh)}, "conv1d": {"kernel": (4, 1, conv_dim), "bias": (conv_dim,)},
+    assert shapes == {"in_proj": {"kernel": (H, 2 * di + 16 + nh)},
+                      "conv1d": {"kernel": (4, 1, conv_dim), "bias": (conv_dim,)},
                       "dt_bias": (nh,), "A_log": (nh,), "D": (nh,), "norm": {"scale": (di,)},
                       "out_proj": {"kernel": (di, H)}}
     A = np.exp(params["params"]["A_log"])
@@ -103,7 +106,8 @@ def test_step_equals_parallel_and_prefill(mixer):
     m, params, x = mixer
 
     def steps(p, xs, st):
-        st, ys = jax.lax.scan(lambda s, xt: m.apply(p, xt, s, method=Mamba2Mixer.step)[::-1], st, jnp.swapaxes(xs, 0, 1))
+        st, ys = jax.lax.scan(lambda s, xt: m.apply(p, xt, s, method=Mamba2Mixer.step)[::-1], st,
+                              jnp.swapaxes(xs, 0, 1))
         return jnp.swapaxes(ys, 0, 1), st
 
     @_jit

@@ -86,7 +86,7 @@ def test_fft_causal_conv_equals_direct():
         fft_causal_conv(jnp.ones((1, 4, 3)), jnp.ones((5, 3)))
 
 
-def test_hyena_is_causal_and_trains():
+def test_hyena_is_causal():
     m = HyenaOperator(SSMConfig(type="hyena", hyena_order=2, hyena_filter_dim=8), H)
     x = _x(2)
     params = nn.meta.unbox(_jit(m.init)(jax.random.PRNGKey(0), x))
@@ -98,8 +98,6 @@ def test_hyena_is_causal_and_trains():
     assert float(jnp.abs(y[:, 6:] - y2[:, 6:]).max()) > 1e-3
     # a prefix's outputs do not depend on the total length (filters use absolute positions)
     np.testing.assert_allclose(f(params, x[:, :6]), y[:, :6], rtol=1e-5, atol=1e-6)
-    g = _jit(jax.grad(lambda p: jnp.sum(m.apply(p, x) ** 2)))(params)
-    assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(g))
     with pytest.raises(NotImplementedError):
         m.init_state(BATCH)
 

@@ -82,9 +82,10 @@ def moe_layer(kind, top_k, cf, dtype, gmm_kw):
 
 
 def dense_ffn(x, wg, wu, wd):
+    """The dense anchor, written like the experts: matmuls store the compute dtype, silu * up in f32."""
     dt = x.dtype
-    h = jax.nn.silu(jnp.dot(x, wg, preferred_element_type=jnp.float32)) * jnp.dot(x, wu, preferred_element_type=jnp.float32)
-    return jnp.dot(h.astype(dt), wd, preferred_element_type=jnp.float32).astype(dt)
+    h = jax.nn.silu(jnp.dot(x, wg).astype(jnp.float32)) * jnp.dot(x, wu).astype(jnp.float32)
+    return jnp.dot(h.astype(dt), wd)
 
 
 def fwd_bwd(fn, n_args):

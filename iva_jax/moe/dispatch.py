@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from kernels.grouped_matmul import grouped_matmul
+from kernels.grouped_matmul import grouped_matmul, reference as gmm_reference
 
 
 def expert_capacity(num_tokens: int, top_k: int, capacity_factor: float, num_experts: int) -> int:
@@ -37,17 +37,24 @@ def expert_capacity(num_tokens: int, top_k: int, capacity_factor: float, num_exp
 # ---------------------------------------------------------------------------------------------
 def swiglu_experts(xe: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.ndarray,
                    dtype=None) -> jnp.ndarray:
-    """Batched expert FFN on a capacity buffer: [E, C, D] -> [E, C, D] (float32 accumulation)."""
+    """Batched expert FFN on a capacity buffer: [E, C, D] -> [E, C, D] in `dtype` (f32 accumulation)."""
     dtype = dtype or xe.dtype
     xe = xe.astype(dtype)
-    dot = lambda eq, a, b: jnp.einsum(eq, a, b.astype(dtype), preferred_element_type=jnp.float32)
-    h = jax.nn.silu(dot("ecd,edf->ecf", xe, w_gate)) * dot("ecd,edf->ecf", xe, w_up)
-    return dot("ecf,efd->ecd", h.astype(dtype), w_down).astype(dtype)
+    dot = lambda eq, a, b: jnp.einsum(eq, a, b.astype(dtype), preferred_element_type=dtype)
+    h = _silu_mul(dot("ecd,edf->ecf", xe, w_gate), dot("ecd,edf->ecf", xe, w_up), dtype)
+    return dot("ecf,efd->ecd", h, w_down)
+
+
+def _silu_mul(g: jnp.ndarray, u: jnp.ndarray, dtype) -> jnp.ndarray:
+    """silu(g) * u in float32, stored in `dtype` (matmul outputs stay in the compute dtype)."""
+    g = g.astype(jnp.float32)
+    return (jax.nn.silu(g) * u.astype(jnp.float32)).astype(dtype)
 
 
 def grouped_swiglu(xs: jnp.ndarray, group_sizes: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray,
                    w_down: jnp.ndarray, impl: str = "ragged", dtype=None, **kernel_kw) -> jnp.ndarray:
-    """Expert FFN on expert-sorted rows xs [M, D] with group_sizes [E]; rows past sum(sizes) give 0.
+    """Expert FFN on expert-sorted rows xs [M, D] with group_sizes [E] -> [M, D] in `dtype`; rows past
+    sum(sizes) give 0.  Matmuls accumulate in float32 and store `dtype`; silu(g) * u runs in float32.
 
     impl: "ragged" (jax.lax.ragged_dot), "pallas" (kernels.grouped_matmul, impl auto / kernel_kw),
     "dense" (kernels.grouped_matmul.reference: every expert on every row, masked; for tests).
@@ -55,17 +62,14 @@ def grouped_swiglu(xs: jnp.ndarray, group_sizes: jnp.ndarray, w_gate: jnp.ndarra
     dtype = dtype or xs.dtype
     xs = xs.astype(dtype)
     if impl == "ragged":
-        mm = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), group_sizes, preferred_element_type=jnp.float32)
+        mm = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), group_sizes, preferred_element_type=dtype)
     elif impl == "pallas":
-        mm = lambda a, w: grouped_matmul(a, w.astype(dtype), group_sizes, preferred_element_type=jnp.float32,
-                                         **kernel_kw)
+        mm = lambda a, w: grouped_matmul(a, w.astype(dtype), group_sizes, preferred_element_type=dtype, **kernel_kw)
     elif impl == "dense":
-        from kernels.grouped_matmul import reference
-        mm = lambda a, w: reference(a, w.astype(dtype), group_sizes, preferred_element_type=jnp.float32)
+        mm = lambda a, w: gmm_reference(a, w.astype(dtype), group_sizes, preferred_element_type=dtype)
     else:
         raise ValueError(f"grouped_swiglu impl={impl!r} must be 'ragged', 'pallas' or 'dense'")
-    h = jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up)
-    return mm(h.astype(dtype), w_down).astype(dtype)
+    return mm(_silu_mul(mm(xs, w_gate), mm(xs, w_up), dtype), w_down)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -193,7 +193,7 @@ class ModelConfig(ConfigBase):
     mlp_impl: str = "auto"
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per scan iteration (>= num_hidden_layers: fully unrolled; fastest decode)
-    remat: str = "none"  # "none" | "full" | "dots_saveable"
+    remat: str = "none"  # "none" | "full" | "dots_saveable" | "dots_with_no_batch_dims_saveable"
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Tuple[int, ...]] = None
     pad_token_id: Optional[int] = None
@@ -233,7 +233,7 @@ class ModelConfig(ConfigBase):
         check_choice(self, "dtype", _DTYPES)
         for f in ("attn_impl", "norm_impl", "mlp_impl"):
             check_choice(self, f, ("auto", "xla", "pallas", "triton", "mosaic"))
-        check_choice(self, "remat", ("none", "full", "dots_saveable"))
+        check_choice(self, "remat", ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"))
         check(isinstance(self.scan_unroll, int) and self.scan_unroll >= 1, "scan_unroll", self.scan_unroll,
               "must be a positive integer")
         if self.eos_token_id is not None:

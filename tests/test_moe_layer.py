@@ -290,3 +290,26 @@ def test_config_layer_pattern_and_yaml(tmp_path):
     import yaml
     moe = yaml.safe_load(open(repo))["moe"]
     MoEConfig.from_dict(moe)
+
+
+def test_moe_block_under_nn_scan():
+    """The decoder will scan layers: params/moe_stats stacked on a leading axis, aux stacked per layer."""
+    cfg = MoEConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, router="bias_balanced")
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            y, aux = MoeBlock(cfg, hidden_size=6, name="mlp")(h, deterministic=False)
+            return h + y, aux
+
+    Scanned = nn.scan(Layer, variable_axes={"params": 0, "moe_stats": 0}, split_rngs={"params": True},
+                      length=3, metadata_params={nn.PARTITION_NAME: "layers"})
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 5, 6)), jnp.float32)
+    model = Scanned()
+    v = rand_params(model, x)
+    assert v["params"]["mlp"]["experts"]["gate_proj"].shape == (3, 4, 6, 8)
+    v["moe_stats"]["mlp"]["expert_bias"] = jnp.zeros((3, 4))
+    (h, aux), st = jax.jit(lambda v: model.apply(v, x, mutable=["moe_stats"]))(v)
+    assert h.shape == x.shape and aux["load_per_expert"].shape == (3, 4)
+    assert st["moe_stats"]["mlp"]["expert_bias"].shape == (3, 4)
+    assert float(jnp.max(jnp.abs(st["moe_stats"]["mlp"]["expert_bias"]))) > 0  # updated per layer

@@ -41,7 +41,9 @@ class MoEConfig(ConfigBase):
     moe_intermediate_size: int = 1408
     router: str = "softmax_topk"
     router_temperature: float = 1.0
-    jitter_noise: float = 0.0  # multiplicative U(1-eps, 1+eps) on the router input, training only
+    # multiplicative U(1-eps, 1+eps) on the router input, training only (Switch Transformer; HF Mixtral's
+    # router_jitter_noise also scales the experts' input, which we do not)
+    jitter_noise: float = 0.0
     norm_topk_prob: bool = True  # renormalize the k selected gate weights to sum to 1
     capacity_factor: Optional[float] = None
     dispatch: str = "auto"

@@ -75,6 +75,14 @@ class SharedExpert(nn.Module):
 class MoeBlock(nn.Module):
     """Sparse MoE FFN: x [B, S, D] -> (y [B, S, D], aux) with aux = losses + routing metrics.
 
+    __call__ keywords: router_temperature (None = config; float, traced scalar or [B, S]),
+    deterministic (False = training: jitter from the "dropout" rng stream, Sinkhorn selection,
+    bias update), token_ids [B, S] (hash router), mask [B, S] (False = padding: left out of losses,
+    metrics and capacity).
+    aux: "loss" (= aux_loss_coef * balancing + z_loss_coef * z, to add to the task loss),
+    "load_balancing_loss", "importance_loss", "z_loss", "tokens_per_expert" / "router_prob_per_expert"
+    (f, P for an HF-style average over layers), and `losses.routing_metrics` (load_per_expert,
+    overflow_pct, route_entropy, load_std_over_mean, expert_counts).
     `mesh` with an `expert` axis > 1 turns on expert parallelism (iva_jax.moe.expert_parallel);
     `gmm_kw` passes block sizes / interpret to the Pallas grouped matmul (dispatch="dropless_pallas").
     """

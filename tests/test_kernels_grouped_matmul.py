@@ -70,10 +70,10 @@ def test_every_output_row_written_and_one_group_many_tiles():
     """Poisoned (NaN) output buffer: every element must be written (groups, tile overlaps, zero tail)."""
     rng = np.random.default_rng(1)
     lhs, rhs = rng.normal(size=(70, 24)), rng.normal(size=(3, 24, 20))
+    run = jax.jit(functools.partial(gm._gmm_pallas, out_dtype=jnp.float32, transpose_rhs=False, num_warps=4,
+                                    num_stages=2, interpret=True, poison=True, **BLOCKS))
     for gs in ([70, 0, 0], [1, 1, 60], [0, 33, 30]):
-        out = gm._gmm_pallas(jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32), jnp.asarray(gs, jnp.int32),
-                             jnp.float32, transpose_rhs=False, num_warps=4, num_stages=2, interpret=True,
-                             poison=True, **BLOCKS)
+        out = run(jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32), jnp.asarray(gs, jnp.int32))
         assert not np.isnan(np.asarray(out)).any(), gs
         np.testing.assert_allclose(out, np_gmm(lhs, rhs, np.array(gs)), rtol=1e-5, atol=1e-5)
 

@@ -246,7 +246,8 @@ def run_ep(a) -> dict:
     for r_ in rows:
         if "error" not in r_ and "EP=1" in r_["config"]:
             base[r_["config"].split()[0]] = r_
-    print(f"\nexpert parallelism: {t} tokens per GPU, D={d} F={f} E={e} top-{k} {a.dtype}, {jax.devices()[0].device_kind}")
+    print(f"\nexpert parallelism: {t} tokens per GPU, D={d} F={f} E={e} top-{k} {a.dtype}, "
+          f"{jax.devices()[0].device_kind}")
     print(f"{'config':52s} {'fwd tok/s/GPU':>14s} {'vs EP=1':>8s} {'f+b tok/s/GPU':>14s} {'vs EP=1':>8s}")
     for r_ in rows:
         if "error" in r_:

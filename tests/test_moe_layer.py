@@ -36,7 +36,8 @@ def _hf_block(family: str, norm_topk_prob: bool):
         block = MixtralSparseMoeBlock(MixtralConfig(intermediate_size=F, num_local_experts=E, **common))
     elif family == "qwen2_moe":
         from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
-        block = Qwen2MoeSparseMoeBlock(Qwen2MoeConfig(moe_intermediate_size=F, num_experts=E, norm_topk_prob=norm_topk_prob,
+        block = Qwen2MoeSparseMoeBlock(Qwen2MoeConfig(moe_intermediate_size=F, num_experts=E,
+                                                      norm_topk_prob=norm_topk_prob,
                                                       shared_expert_intermediate_size=FS, **common))
     else:
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeConfig, Qwen3MoeSparseMoeBlock

@@ -34,6 +34,7 @@ def build_torch(cfg, device):
 
     D, H, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     T = cfg.total_len
+    fdt = torch.bfloat16 if cfg.forward_dtype == "bfloat16" else torch.float32  # the carry / residual dtype
 
     def tn_(w, std):  # truncated at +-2 sigma, rescaled so the result has std `std`
         s = std / 0.8796
@@ -83,7 +84,7 @@ def build_torch(cfg, device):
         def forward(self, h, inj):
             h = h + inj
             for layer in self.layers:
-                h = layer(h)
+                h = layer(h).to(fdt)
             return h
 
     class Inner(nn.Module):
@@ -96,15 +97,15 @@ def build_torch(cfg, device):
                 self.q_head.weight.zero_()
                 self.q_head.bias.fill_(-5)
             self.H, self.L = Level(cfg.H_layers), Level(cfg.L_layers)
-            self.register_buffer("H_init", tn_(torch.empty(D), 1.0))
-            self.register_buffer("L_init", tn_(torch.empty(D), 1.0))
+            self.register_buffer("H_init", tn_(torch.empty(D), 1.0).to(fdt))
+            self.register_buffer("L_init", tn_(torch.empty(D), 1.0).to(fdt))
 
         def forward(self, zH, zL, inputs, rows):
             x = self.embed(inputs)
             if cfg.puzzle_emb_ndim:
                 pe = F.pad(rows, (0, cfg.puzzle_emb_len * D - cfg.puzzle_emb_ndim)).view(-1, cfg.puzzle_emb_len, D)
                 x = torch.cat([pe.to(x.dtype), x], 1)
-            x = math.sqrt(D) * x
+            x = (math.sqrt(D) * x).to(fdt)
             with torch.no_grad():
                 for h in range(cfg.H_cycles):
                     for l_ in range(cfg.L_cycles):
@@ -131,7 +132,8 @@ def torch_runner(cfg, tc, device, compile_model):
     v = [torch.zeros_like(p) for p in params]
     table = torch.zeros(cfg.num_puzzle_identifiers, cfg.puzzle_emb_ndim, device=device)
     B, T, D = cfg.batch_size, cfg.total_len, cfg.hidden_size
-    st = {"zH": torch.zeros(B, T, D, device=device), "zL": torch.zeros(B, T, D, device=device),
+    st = {"zH": torch.zeros(B, T, D, device=device, dtype=model.H_init.dtype),
+          "zL": torch.zeros(B, T, D, device=device, dtype=model.H_init.dtype),
           "steps": torch.zeros(B, dtype=torch.int32, device=device), "halted": torch.ones(B, dtype=torch.bool, device=device),
           "data": None, "t": 0}
     amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 import kernels
 from iva_jax.config import ModelConfig, dtype_of
+from iva_jax.inference import paged
 from iva_jax.layers.linear import Linear, default_kernel_init
 from iva_jax.layers.norms import RMSNorm
 from iva_jax.layers.rotary import apply_rotary
@@ -130,6 +131,10 @@ class Attention(nn.Module):
         new_cache = None
         if cache is None:
             out = attend(q, k, v, impl=c.attn_impl, window=window, segment_ids=segment_ids, bias=bias)
+        elif hasattr(cache, "attend"):  # paged / ring KV cache step (iva_jax.inference.paged)
+            if bias is not None:
+                raise ValueError("an additive attention bias is not supported with a paged KV cache")
+            out, new_cache = cache.attend(q, k, v, layer=layer, window=window, impl=c.attn_impl)
         else:
             ck, cv = cache
             zero = jnp.zeros((), jnp.int32)
@@ -137,6 +142,10 @@ class Attention(nn.Module):
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], at)
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], at)
             new_cache = (ck, cv)
+            if paged.use_decode_kernel(c.attn_impl, q, bias):  # one token: the Pallas decode kernel
+                out = paged.dense_decode(q, ck, cv, layer=layer, cache_index=cache_index, kv_valid=kv_valid,
+                                         window=window, impl=c.attn_impl)
+                return self.o_proj(out.reshape(b, t, -1)), new_cache
             lk = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
             lv = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
             out = attend(q, lk.astype(q.dtype), lv.astype(q.dtype), impl="xla", window=window,

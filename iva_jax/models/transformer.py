@@ -9,7 +9,8 @@ Parameter tree (HF names, `model.` prefix dropped; scanned layers stacked on a l
 
 Call contract: `model.apply({"params": p}, input_ids)` -> logits [B, S, V].  Optional arguments:
 `attention_mask` [B, S] (1 = token, 0 = padding; left padding works), `positions` [B, S],
-`segment_ids` [B, S] (packed sequences), `cache` (a `KVCache`; then the result is (logits, cache)),
+`segment_ids` [B, S] (packed sequences), `cache` (a `KVCache` or a paged `PagedKVCache`; then the result is
+(logits, cache)),
 `return_hidden` (append the final normed hidden states), `last_logits_only` (logits of the last
 position only, [B, 1, V]), `inputs_embeds` (instead of input_ids).
 """
@@ -113,6 +114,10 @@ class Transformer(nn.Module):
             if attention_mask is not None:
                 seg = mask.astype(jnp.int32)
                 segment_ids = seg if segment_ids is None else segment_ids * seg
+        elif hasattr(cache, "begin"):  # paged / ring KV cache (iva_jax.inference.paged) keeps its own bookkeeping
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+            positions, layer_caches = cache.begin(mask, positions, c)
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
@@ -143,7 +148,9 @@ class Transformer(nn.Module):
         hidden = self.norm(h)
         logits = self.unembed(hidden)
         out: Tuple[Any, ...] = (logits,)
-        if cache is not None:
+        if cache is not None and hasattr(cache, "begin"):
+            out += (new_caches.finish(),)
+        elif cache is not None:
             new_cache = KVCache(k=new_caches[0], v=new_caches[1], valid=kv_valid, index=cache_index + t,
                                 next_pos=cache.next_pos + jnp.sum(mask, axis=1).astype(jnp.int32))
             out += (new_cache,)

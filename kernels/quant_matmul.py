@@ -1,0 +1,297 @@
+"""Weight-only quantized matmul: y = x @ dequant(W) for int8 / int4 group-wise weights (decode shapes).
+
+Weight format (one group = `group_size` consecutive rows of W [K, N], one scale per group and column):
+  * bits 8:  qweight int8 [K, N] (symmetric, q in [-127, 127]) or uint8 [K, N] (asymmetric, u in [0, 255]).
+  * bits 4:  qweight uint8 [K / 2, N], two 4-bit codes u in [0, 15] per byte, packed WITHIN each group:
+             byte r of group g holds row g*G + r in its low nibble and row g*G + G/2 + r in its high
+             nibble (so a kernel reads one group as two contiguous half-groups).  Symmetric codes are
+             q + 8 (q in [-7, 7]).
+  * scale [K / G, N] (float16 or float32); zero [K / G, N] or None.
+  dequant:  symmetric  W[k, n] = q[k, n] * scale[g, n]                      (g = k // G)
+            asymmetric W[k, n] = u[k, n] * scale[g, n] + zero[g, n]         (zero = the group's minimum)
+
+Implementations (all accumulate in f32; output in x.dtype unless `out_dtype`):
+  * "xla":    dequantize to x's dtype, then jnp.dot (`reference` is the same in f32/f64).
+  * "triton": Pallas-Triton kernel, grid (column block, row block, k-split): per group it loads the
+              codes once (int4: one byte for two weights), converts them exactly to the activation
+              dtype, does the group's dot on the tensor cores and applies the scale (and zero * row sum
+              of x) in f32; k-splits (for few column blocks) are summed by a small XLA epilogue.
+              Meant for decode (rows <= 64); `auto` uses XLA above that.  VJP w.r.t. x through XLA.
+Until the kernel has passed `experiments/bench_inference.py --check` on a GPU, `auto` keeps XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels import dispatch
+
+try:
+    from jax.experimental.pallas import triton as plt
+except ImportError:  # pragma: no cover
+    plt = None
+
+_F32 = jnp.float32
+_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+_MAX_KERNEL_ROWS = 64
+_GPU_VALIDATED = False  # flip after experiments/bench_inference.py --check passes on a GPU
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantBlocks:
+    """Kernel tiling: columns per program, k-splits (None = heuristic), warps, pipeline stages."""
+
+    block_n: int = 64
+    num_splits: Optional[int] = None
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"QuantBlocks.block_n must be a power of 2 >= 16, got {self.block_n}")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"QuantBlocks.num_splits must be >= 1, got {self.num_splits}")
+
+
+# ----------------------------------------------------------------------------- format helpers
+
+def unpack_int4(packed: jax.Array, group_size: int) -> jax.Array:
+    """uint8 [..., K/2, N] (packed within groups) -> uint8 codes [..., K, N] in [0, 15]."""
+    *lead, kh, n = packed.shape
+    g = group_size
+    p = packed.reshape(*lead, (2 * kh) // g, g // 2, n)
+    lo = p & jnp.uint8(15)
+    hi = p >> jnp.uint8(4)
+    return jnp.concatenate([lo, hi], axis=-2).reshape(*lead, 2 * kh, n)
+
+
+def pack_int4(codes: jax.Array, group_size: int) -> jax.Array:
+    """uint8 codes [..., K, N] in [0, 15] -> [..., K/2, N] (low nibble: first half of each group)."""
+    *lead, k, n = codes.shape
+    g = group_size
+    c = codes.astype(jnp.uint8).reshape(*lead, k // g, g, n)
+    lo, hi = c[..., : g // 2, :], c[..., g // 2:, :]
+    return (lo | (hi << jnp.uint8(4))).reshape(*lead, k // 2, n)
+
+
+def dequantize(qweight: jax.Array, scale: jax.Array, zero: Optional[jax.Array], *, bits: int, group_size: int,
+               dtype: Any = jnp.float32) -> jax.Array:
+    """The float weight [..., K, N] the codes stand for, in `dtype` (arithmetic in f32, or f64 for f64)."""
+    acc = jnp.promote_types(dtype, _F32)
+    if bits == 4:
+        codes = unpack_int4(qweight, group_size).astype(acc)
+        if zero is None:
+            codes = codes - 8.0
+    else:
+        codes = qweight.astype(acc)
+    *lead, k, n = codes.shape
+    w = codes.reshape(*lead, k // group_size, group_size, n) * scale.astype(acc)[..., None, :]
+    if zero is not None:
+        w = w + zero.astype(acc)[..., None, :]
+    return w.reshape(*lead, k, n).astype(dtype)
+
+
+def reference(x: jax.Array, qweight: jax.Array, scale: jax.Array, zero: Optional[jax.Array] = None, *, bits: int,
+              group_size: int, out_dtype: Any = None) -> jax.Array:
+    """x [M, K] @ dequantize(...) in f32 (f64 for f64 x): the definition."""
+    acc = jnp.promote_types(x.dtype, _F32)
+    w = dequantize(qweight, scale, zero, bits=bits, group_size=group_size, dtype=acc)
+    y = jnp.dot(x.astype(acc), w, precision=lax.Precision.HIGHEST)
+    return y.astype(out_dtype or x.dtype)
+
+
+def _xla(x, qweight, scale, zero, bits, group_size, out_dtype):
+    w = dequantize(qweight, scale, zero, bits=bits, group_size=group_size, dtype=x.dtype)
+    prec = lax.Precision.HIGHEST if x.dtype == _F32 else None
+    return jnp.dot(x, w, preferred_element_type=_F32, precision=prec).astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------- checks and dispatch
+
+def _check(x, qweight, scale, zero, bits, group_size):
+    if bits not in (4, 8):
+        raise ValueError(f"quant_matmul: bits must be 4 or 8, got {bits!r}")
+    if x.ndim != 2 or qweight.ndim != 2:
+        raise ValueError(f"quant_matmul: x must be [M, K] and qweight 2-D, got {x.shape}, {qweight.shape}")
+    k = x.shape[1]
+    if not isinstance(group_size, int) or group_size < 2 or group_size % 2 or k % group_size:
+        raise ValueError(f"quant_matmul: group_size {group_size!r} must be an even divisor of in_features {k}")
+    want = (k // 2 if bits == 4 else k, scale.shape[1])
+    if qweight.shape != want or scale.shape[0] != k // group_size:
+        raise ValueError(f"quant_matmul: x {x.shape} needs qweight {want} and scale ({k // group_size}, N); "
+                         f"got {qweight.shape}, {scale.shape}")
+    if zero is not None and zero.shape != scale.shape:
+        raise ValueError(f"quant_matmul: zero shape {zero.shape} != scale shape {scale.shape}")
+    want_dt = jnp.uint8 if (bits == 4 or zero is not None) else jnp.int8
+    if qweight.dtype != want_dt:
+        raise ValueError(f"quant_matmul: bits={bits} {'asymmetric' if zero is not None else 'symmetric'} codes "
+                         f"must be {jnp.dtype(want_dt).name}, got {qweight.dtype}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"quant_matmul: x dtype {x.dtype} is not floating")
+
+
+def _unsupported(m: int, x_dtype, group_size: int) -> dict[str, str | None]:
+    triton = None
+    if jnp.dtype(x_dtype) not in _FLOATS:
+        triton = f"x dtype {jnp.dtype(x_dtype)} not in bf16/f16/f32"
+    elif m > _MAX_KERNEL_ROWS:
+        triton = f"{m} rows > {_MAX_KERNEL_ROWS} (not a decode shape: XLA dequant + GEMM is faster)"
+    elif group_size < 32 or group_size & (group_size - 1):
+        triton = f"group_size {group_size} is not a power of 2 >= 32"
+    elif not _GPU_VALIDATED and not dispatch.allow_unvalidated() and dispatch.device_info().platform == "cuda":
+        triton = "quant matmul kernel not yet validated on a GPU (experiments/bench_inference.py --check)"
+    return {"triton": triton, "mosaic": "no Mosaic quant-matmul kernel (Triton is the Pallas path)"}
+
+
+def choose_impl(impl: str, m: int, x_dtype: Any, group_size: int, *, interpret: bool = False) -> str:
+    """The implementation `impl` resolves to for these rows / dtype / group size ("xla" or "triton")."""
+    return dispatch.select_impl("quant_matmul", impl, interpret=interpret,
+                                unsupported=_unsupported(m, x_dtype, group_size), preference=("triton",))
+
+
+def explain_auto() -> dict[str, tuple[str, str]]:
+    """What `impl="auto"` picks here for a bf16 decode row, group 128, and why."""
+    return {"bf16 M=1 g128": dispatch.explain("quant_matmul", unsupported=_unsupported(1, jnp.bfloat16, 128),
+                                              preference=("triton",))}
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+
+def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, k, n, bm, bn, g, bits, groups_per_split, splits):
+    j = pl.program_id(0)
+    i = pl.program_id(1)
+    sp = pl.program_id(2)
+    rows = i * bm + jnp.arange(bm)
+    cols = j * bn + jnp.arange(bn)
+    r_ok = rows < m
+    c_ok = cols < n
+    half = g // 2
+    ngroups = k // g
+    g0 = sp * groups_per_split
+    g1 = jnp.minimum(g0 + groups_per_split, ngroups)
+    cdt = x_ref.dtype
+
+    def xload(start, size):
+        kk = start + jnp.arange(size)
+        return plt.load(x_ref.at[rows[:, None], kk[None, :]], mask=r_ok[:, None], other=0.0)
+
+    def body(gi, acc):
+        scale = plt.load(s_ref.at[gi, cols], mask=c_ok, other=0.0).astype(_F32)
+        if bits == 4:
+            pr = gi * half + jnp.arange(half)
+            packed = plt.load(w_ref.at[pr[:, None], cols[None, :]], mask=c_ok[None, :], other=0)
+            lo = (packed & 15).astype(jnp.int32)
+            hi = (packed >> 4).astype(jnp.int32)
+            if z_ref is None:
+                lo, hi = lo - 8, hi - 8
+            x_lo, x_hi = xload(gi * g, half), xload(gi * g + half, half)
+            part = _dot(x_lo, lo.astype(cdt)) + _dot(x_hi, hi.astype(cdt))
+            xparts = (x_lo, x_hi)
+        else:
+            kr = gi * g + jnp.arange(g)
+            codes = plt.load(w_ref.at[kr[:, None], cols[None, :]], mask=c_ok[None, :], other=0)
+            xg = xload(gi * g, g)
+            part = _dot(xg, codes.astype(jnp.int32).astype(cdt))
+            xparts = (xg,)
+        acc = acc + part * scale[None, :]
+        if z_ref is not None:
+            zero = plt.load(z_ref.at[gi, cols], mask=c_ok, other=0.0).astype(_F32)
+            xsum = sum(jnp.sum(xp.astype(_F32), axis=1) for xp in xparts)
+            acc = acc + xsum[:, None] * zero[None, :]
+        return acc
+
+    acc = lax.fori_loop(g0, g1, body, jnp.zeros((bm, bn), _F32))
+    omask = r_ok[:, None] & c_ok[None, :]
+    if splits == 1:
+        plt.store(o_ref.at[rows[:, None], cols[None, :]], acc.astype(o_ref.dtype), mask=omask)
+    else:
+        plt.store(o_ref.at[sp, rows[:, None], cols[None, :]], acc, mask=omask)
+
+
+def _dot(a, b):
+    prec = lax.Precision.HIGHEST if a.dtype == _F32 else None
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=_F32, precision=prec)
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+    cls = getattr(plt, "CompilerParams", None) or getattr(plt, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _heuristic_splits(programs: int, ngroups: int) -> int:
+    cores = dispatch.device_info().core_count or 132
+    if programs >= cores or ngroups < 8:
+        return 1
+    return int(max(1, min(pl.cdiv(2 * cores, programs), ngroups // 4)))
+
+
+def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interpret):
+    m, k = x.shape
+    n = scale.shape[1]
+    bm = 16
+    bn = blocks.block_n if not interpret else min(blocks.block_n, 32)
+    ngroups = k // group_size
+    programs = pl.cdiv(n, bn) * pl.cdiv(m, bm)
+    splits = blocks.num_splits or _heuristic_splits(programs, ngroups)
+    splits = min(splits, ngroups)
+    per = pl.cdiv(ngroups, splits)
+    kern = functools.partial(_kernel, m=m, k=k, n=n, bm=bm, bn=bn, g=group_size, bits=bits, groups_per_split=per,
+                             splits=splits)
+    args = [x, qweight, scale] + ([zero] if zero is not None else [])
+    if zero is None:
+        def kernel(x_ref, w_ref, s_ref, o_ref):
+            return kern(x_ref, w_ref, s_ref, None, o_ref)
+    else:
+        kernel = kern
+    anyspec = pl.BlockSpec(memory_space=pl.ANY)
+    shape = (m, n) if splits == 1 else (splits, m, n)
+    out = pl.pallas_call(
+        kernel, grid=(pl.cdiv(n, bn), pl.cdiv(m, bm), splits), in_specs=[anyspec] * len(args), out_specs=anyspec,
+        out_shape=jax.ShapeDtypeStruct(shape, out_dtype if splits == 1 else _F32),
+        compiler_params=_compiler_params(blocks.num_warps, blocks.num_stages), interpret=interpret,
+        name=f"quant_matmul_int{bits}",
+    )(*args)
+    return out if splits == 1 else jnp.sum(out, axis=0).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _kernel_call(x, qweight, scale, zero, cfg):
+    bits, group_size, out_dtype, blocks, interpret = cfg
+    return _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interpret)
+
+
+def _kernel_fwd(x, qweight, scale, zero, cfg):
+    return _kernel_call(x, qweight, scale, zero, cfg), (qweight, scale, zero)
+
+
+def _kernel_bwd(cfg, res, dy):
+    qweight, scale, zero = res
+    bits, group_size = cfg[:2]
+    w = dequantize(qweight, scale, zero, bits=bits, group_size=group_size, dtype=dy.dtype)
+    prec = lax.Precision.HIGHEST if dy.dtype == _F32 else None
+    dx = jnp.dot(dy, w.T, preferred_element_type=_F32, precision=prec)
+    return dx, None, None, None
+
+
+_kernel_call.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def quant_matmul(x: jax.Array, qweight: jax.Array, scale: jax.Array, zero: Optional[jax.Array] = None, *,
+                 bits: int, group_size: int, out_dtype: Any = None, impl: str = "auto", interpret: bool = False,
+                 blocks: QuantBlocks = QuantBlocks()) -> jax.Array:
+    """x [M, K] @ dequant(qweight, scale, zero) -> [M, N] (f32 accumulation; see module docstring)."""
+    _check(x, qweight, scale, zero, bits, group_size)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    chosen = choose_impl(impl, x.shape[0], x.dtype, group_size, interpret=interpret)
+    if chosen == "xla":
+        return _xla(x, qweight, scale, zero, bits, group_size, out_dtype)
+    return _kernel_call(x, qweight, scale, zero, (bits, group_size, out_dtype, blocks, bool(interpret)))

@@ -148,7 +148,7 @@ class MoeBlock(nn.Module):
 
         f, p = L.load_balancing_stats(r.probs, r.expert_index, valid)
         lb = L.load_balancing_loss_from_stats(f, p)
-        imp = jnp.sum(p * f / c.top_k)
+        imp = L.importance_loss_from_stats(f, p, c.top_k)
         z = L.router_z_loss(r.logits, valid)
         aux_main = lb if c.aux_loss_form == "switch" else imp
         aux: Dict[str, Array] = {

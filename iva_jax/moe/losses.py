@@ -66,9 +66,13 @@ def importance_loss(probs: jnp.ndarray, expert_index: jnp.ndarray,
 
     Equals load_balancing_loss / (E * k); 1/E at perfect balance, 1 when everything hits one expert.
     """
-    k = expert_index.shape[-1]
     f, p = load_balancing_stats(probs, expert_index, mask)
-    return jnp.sum(p * (f / k), axis=-1)
+    return importance_loss_from_stats(f, p, expert_index.shape[-1])
+
+
+def importance_loss_from_stats(f: jnp.ndarray, p: jnp.ndarray, top_k: int) -> jnp.ndarray:
+    """sum_e p_e * l_e from `load_balancing_stats` (l_e = f_e / k)."""
+    return jnp.sum(p * (f / top_k), axis=-1)
 
 
 def router_z_loss(logits: jnp.ndarray, mask: Optional[jnp.ndarray] = None) -> jnp.ndarray:

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from iva_jax.train.config import TrainConfig
+from iva_jax.train.sft import SFTConfig
 from iva_jax.train.optim import (health_monitor, lr_schedule, make_optimizer, make_schedule, optimizer_metrics,
                                  skip_nonfinite)
 from iva_jax.layers.remat import remat_policy
@@ -318,7 +319,7 @@ def test_config_rejects_unknown_keys_and_bad_values():
         TrainConfig(batch_size=8, microbatches=3)
     with pytest.raises(ValueError, match="remat='some'"):
         TrainConfig(remat="some")
-    cfg = TrainConfig.from_yaml(ROOT / "configs" / "train_sft.yaml")
+    cfg = SFTConfig.from_yaml(ROOT / "configs" / "train_sft.yaml")
     assert cfg.optimizer == "adamw" and cfg.compute_dtype == "bfloat16" and cfg.resolved_warmup_steps == 30
-    assert TrainConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert SFTConfig.from_yaml(cfg.to_yaml()) == cfg
     assert TrainConfig.from_dict({"mesh": {"fsdp": 2}, "data": {"paths": ["a.jsonl"]}}).data.paths == ("a.jsonl",)

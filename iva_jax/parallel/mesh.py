@@ -16,6 +16,7 @@ import os
 from typing import Iterator, Optional, Sequence, Tuple
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from iva_jax.config import ConfigBase, check
@@ -41,8 +42,23 @@ class MeshConfig(ConfigBase):
         free = [f for f in MESH_AXES if getattr(self, f) == -1]
         check(len(free) <= 1, "mesh", free, "at most one axis may be -1")
 
-    def build(self, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-        """The mesh over `devices` (default: all); ValueError when the sizes do not fit them."""
+    @property
+    def fixed_size(self) -> Optional[int]:
+        """Product of the axis sizes, or None when one axis is -1."""
+        sizes = [getattr(self, f) for f in MESH_AXES]
+        return None if -1 in sizes else int(np.prod(sizes))
+
+    def build(self, devices: Optional[Sequence[jax.Device]] = None, allow_subset: bool = False) -> Mesh:
+        """The mesh over `devices` (default: all); ValueError when the sizes do not fit them.
+
+        `allow_subset`: fixed sizes that multiply to fewer devices than present take the first ones
+        (logged), e.g. a single-device run (all sizes 1) on a multi-GPU host.
+        """
+        devices = list(devices if devices is not None else jax.devices())
+        n = self.fixed_size
+        if allow_subset and n is not None and n < len(devices):
+            log.warning("mesh %s uses %d of the %d devices present", self.to_dict(), n, len(devices))
+            devices = devices[:n]
         return make_mesh(self.data, self.fsdp, self.tensor, self.expert, devices=devices)
 
 

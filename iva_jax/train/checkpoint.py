@@ -295,3 +295,19 @@ class Checkpointer:
         state = TrainState(step=restored["step"], params=restored["params"], opt_state=restored["opt_state"],
                            rng=restored["rng"], frozen=target.frozen)
         return Restored(state, out.get("data") or None, out.get("meta") or {}, int(step))
+
+
+def save_params(directory: str | Path, params: Any, *, model_config: Any = None, step: int = 0,
+                metrics: Optional[Dict[str, Any]] = None) -> Path:
+    """Write a params-only checkpoint (no optimizer state) that `Checkpointer.restore_params` reads.
+
+    Used for converted models (`torch_bridge.hf_to_orbax`) and a LoRA run's random base; the model
+    config goes to `directory/model_config.yaml`.
+    """
+    state = TrainState(step=np.asarray(step, np.int32), params=params, opt_state={},
+                       rng=np.zeros(2, np.uint32))
+    with Checkpointer(directory, keep=1, async_save=False, model_config=model_config) as ck:
+        if step in ck.all_steps():
+            raise FileExistsError(f"{ck.directory} already holds step {step}")
+        ck.save(step, state, metrics=metrics)
+    return Path(directory)

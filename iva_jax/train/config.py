@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Type, TypeVar
 
-from iva_jax.config import ConfigBase, check, check_choice, check_positive
+import yaml
+
+from iva_jax.config import ConfigBase, check, check_choice, check_positive, parse_overrides
 from iva_jax.layers.remat import REMAT_POLICIES
 from iva_jax.parallel.mesh import MeshConfig
 
@@ -158,3 +162,46 @@ class TrainConfig(ConfigBase):
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
+
+
+C = TypeVar("C", bound=ConfigBase)
+
+
+def merge_nested(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str, Any]:
+    """`base` updated by `changes`, recursing into nested dicts (a None or absent section becomes the dict)."""
+    out = dict(base)
+    for k, v in changes.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_nested(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(cls: Type[C], path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> C:
+    """`cls` from a YAML file (or defaults when `path` is None) plus `key=value` CLI overrides.
+
+    Dotted keys edit nested sections (`mesh.fsdp=2`, `lora.rank=16`; a `null` section is created);
+    unknown keys raise ValueError listing the valid ones.
+    """
+    raw: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"config file not found: {p}")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{p}: expected a mapping at the top level, got {type(raw).__name__}")
+    return cls.from_dict(merge_nested(raw, _numbers(parse_overrides(list(overrides)))))
+
+
+_SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _numbers(tree: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; on the command line it means the float."""
+    if isinstance(tree, dict):
+        return {k: _numbers(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_numbers(v) for v in tree]
+    return float(tree) if isinstance(tree, str) and _SCI.match(tree) else tree

@@ -63,15 +63,18 @@ def _num(v: Any) -> Any:
 
 def make_record(step: int, metrics: Mapping[str, Any], *, tokens: Optional[float] = None,
                 step_time_s: Optional[float] = None, memory: Optional[Dict[str, Any]] = None,
-                blocks: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Any]:
-    """A schema record from a train-step metrics dict (scalars; NaN becomes null)."""
+                blocks: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                speed_extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """A schema record from a train-step metrics dict (scalars; NaN becomes null).
+
+    `speed_extra` adds keys to the speed block (e.g. `includes_compile` for a first step)."""
     m = {k: _num(v) for k, v in jax.device_get(dict(metrics)).items()}
     tokens = float(m.get("tokens", 0.0) if tokens is None else tokens)
     dt = float(step_time_s) if step_time_s else float("nan")
     rec: Dict[str, Any] = {
         "step": int(step), "time": time.time(),
         "speed": {"tokens_per_sec": tokens / dt if dt == dt and dt > 0 else 0.0,
-                  "step_time_ms": dt * 1e3 if dt == dt else 0.0},
+                  "step_time_ms": dt * 1e3 if dt == dt else 0.0, **dict(speed_extra or {})},
         "memory": memory if memory is not None else memory_gb(),
         "quality": {},
     }

@@ -1,8 +1,10 @@
 """RL configuration: the algorithm and loss knobs (`RLConfig`) and the built-in task (`TaskConfig`).
 
 Field names follow the references where they exist (verl: clip_ratio_low/high/c, loss_agg_mode,
-kl estimator names; TRL: scale_rewards, label_smoothing).  Trainer fields (optimizer, batch sizes,
-steps) are added with the trainers.
+kl estimator names; TRL: scale_rewards, label_smoothing).  Trainer fields: the model, prompts per
+step, minibatches, eval cadence, optional LoRA, and `train` (an iva_jax.train TrainConfig that
+supplies the optimizer and schedule; its `steps` is the number of RL steps, its `seed`, batch and
+data fields are unused: RLConfig.seed seeds everything).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from iva_jax.rl.advantages import GRPO_REWARD_SCALES
 from iva_jax.rl.kl import KL_ESTIMATORS
 from iva_jax.rl.masking import LOSS_AGG_MODES
 from iva_jax.rl.preference import DPO_LOSS_TYPES
+from iva_jax.train.config import TrainConfig
+from iva_jax.train.lora import LoRAConfig
 
 ALGORITHMS = ("ppo", "grpo", "dpo", "hrm_rpo")
 KL_MODES = ("loss", "reward", "none")
@@ -38,6 +42,12 @@ class TaskConfig(ConfigBase):
         check(self.max_digits >= self.min_digits, "max_digits", self.max_digits,
               f"must be >= min_digits={self.min_digits}")
         check(self.format_weight >= 0, "format_weight", self.format_weight, "must be >= 0")
+
+
+def default_rl_train_config() -> TrainConfig:
+    """RL fine-tuning defaults: constant LR 1e-6, no weight decay, clip 1.0, float32 compute."""
+    return TrainConfig(steps=100, lr=1e-6, b1=0.9, b2=0.99, weight_decay=0.0, schedule="constant",
+                       grad_clip_norm=1.0, compute_dtype="float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +96,13 @@ class RLConfig(ConfigBase):
     mem_temperature: float = 0.1
     seed: int = 0
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    # trainer
+    model: str = "smollm2-135m"  # HF directory, .gguf file, or the embedded "smollm2-135m"
+    prompts_per_step: int = 16  # rollout batch = prompts_per_step * group_size sequences
+    mini_batches: int = 1  # optimizer updates per epoch over one rollout batch
+    eval_every: int = 0  # held-out evaluation every this many steps (0 = before and after only)
+    lora: Optional[LoRAConfig] = None  # None = full fine-tuning
+    train: TrainConfig = dataclasses.field(default_factory=default_rl_train_config)
 
     def validate(self) -> None:
         check_choice(self, "algorithm", ALGORITHMS)
@@ -119,6 +136,18 @@ class RLConfig(ConfigBase):
         check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
         for f in ("b_halt", "b_entropy", "b_mem"):
             check(getattr(self, f) >= 0, f, getattr(self, f), "must be >= 0")
+        check_positive(self, "prompts_per_step", "mini_batches")
+        check(self.prompts_per_step * self.group_size % self.mini_batches == 0, "mini_batches", self.mini_batches,
+              f"must divide the rollout batch prompts_per_step * group_size = {self.prompts_per_step * self.group_size}")
+        check(isinstance(self.eval_every, int) and self.eval_every >= 0, "eval_every", self.eval_every,
+              "must be an integer >= 0")
+        check(isinstance(self.train, TrainConfig), "train", self.train, "must be a TrainConfig")
+        check(self.lora is None or isinstance(self.lora, LoRAConfig), "lora", self.lora, "must be a LoRAConfig or None")
+
+    @property
+    def rollout_batch(self) -> int:
+        """Sequences per rollout: prompts_per_step * group_size."""
+        return self.prompts_per_step * self.group_size
 
     @property
     def resolved_norm_len(self) -> int:

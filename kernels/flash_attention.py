@@ -127,7 +127,7 @@ def _check(q, k, v, sliding_window, q_offset):
 
 
 def _unsupported(dtype, head_dim: int, static_offset: bool, backward: bool, causal: bool = True,
-                 q_offset: int = 0) -> dict[str, str | None]:
+                 q_offset: int = 0, interpret: bool = False) -> dict[str, str | None]:
     triton = mosaic = None
     dt = jnp.dtype(dtype)
     if not static_offset:
@@ -136,6 +136,10 @@ def _unsupported(dtype, head_dim: int, static_offset: bool, backward: bool, caus
         triton = f"dtype {dt}"
     elif head_dim < 16 or head_dim > 256:
         triton = f"head_dim {head_dim} outside [16, 256]"
+    elif not causal and not interpret and not dispatch.allow_unvalidated():
+        # the H100 check of 2026-11-22 failed to lower the non-causal Triton kernel (Triton MLIR parse
+        # error); interpret mode (CPU tests) is unaffected
+        triton = "non-causal Triton kernel fails to lower on GPU (Mosaic covers it on sm90)"
     if mosaic is None:
         from kernels import flash_attention_mosaic as fam
         mosaic = fam.unsupported_reason(dt, head_dim, causal=causal, q_offset=q_offset, backward=backward)
@@ -146,7 +150,8 @@ def _choose(impl, dtype, head_dim, static_offset, interpret, backward=False, log
     op = "flash_attention_bwd" if backward else "flash_attention"
     q_offset = q_offset if static_offset else 0
     return dispatch.select_impl(op, impl, interpret=interpret, log=log,
-                                unsupported=_unsupported(dtype, head_dim, static_offset, backward, causal, q_offset))
+                                unsupported=_unsupported(dtype, head_dim, static_offset, backward, causal, q_offset,
+                                                         interpret))
 
 
 def explain_auto() -> dict[str, tuple[str, str]]:

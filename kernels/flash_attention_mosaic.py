@@ -69,10 +69,9 @@ def unsupported_reason(dtype, head_dim: int, *, causal: bool = True, q_offset: i
         return f"dtype {jnp.dtype(dtype)} not yet validated on GPU (bf16 is)"
     if head_dim not in VALIDATED_HEAD_DIMS:
         return f"head_dim {head_dim} not in the GPU-validated set {VALIDATED_HEAD_DIMS}"
-    if not causal:
-        return "non-causal attention not yet validated on GPU"
-    if q_offset < 0:
-        return "q_offset < 0 (rows with no key) not yet validated on GPU"
+    # non-causal and q_offset < 0 (rows with no key) passed on the H100 on 2026-11-22
+    # (experiments/results/kernels_h100_2026-11-22_check2.json)
+    del causal, q_offset
     return None
 
 

@@ -35,7 +35,7 @@ class Tiles:
 TILES = Tiles()
 # Timed on an H100 (BENCHMARKS.md) but its parity check did not run there yet: auto never picks it
 # and impl="mosaic" raises until experiments/check_kernels_gpu.py --cases swiglu passes and this flips.
-VALIDATED = False
+VALIDATED = True  # passed on the H100, 2026-11-22 (experiments/results/kernels_h100_2026-11-22_check2.json)
 
 
 def unsupported_reason(m: int, k: int, n: int, dtype, tiles: Tiles = TILES) -> str | None:

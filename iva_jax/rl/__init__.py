@@ -2,7 +2,9 @@
 
 Modules: masking (masked stats, loss aggregation), advantages (GAE, GRPO, KL-penalized rewards),
 policy_losses (PPO clip / dual-clip, value loss, entropy), kl (estimators, controllers),
-preference (DPO, reward model), distill (KD, NT-Xent), shaping (HRM-RPO), tasks, config.
+preference (DPO, reward model), distill (KD, NT-Xent), shaping (HRM-RPO), tasks, config;
+policy (the decoder as a policy: LoRA, scalar head, teacher-forced log-probs), rollout (prompt
+batches, group sampling, EOS masks), trainers (PPO / GRPO, DPO, reward model, telemetry).
 """
 
 from iva_jax.rl.advantages import (  # noqa: F401
@@ -27,5 +29,30 @@ from iva_jax.rl.policy_losses import (  # noqa: F401
     ppo_policy_loss,
 )
 from iva_jax.rl.preference import dpo_loss, pairwise_reward_loss  # noqa: F401
-from iva_jax.rl.shaping import expected_ponder_steps, halting_reward, hrm_rpo_reward, memory_reward  # noqa: F401
+from iva_jax.rl.policy import Policy, ScalarHead, response_forward, sequence_logprobs, sequence_scores  # noqa: F401
+from iva_jax.rl.rollout import (  # noqa: F401
+    PromptBatch,
+    Rollout,
+    left_pad,
+    preference_batch,
+    response_mask,
+    sample_rollout,
+    text_reward_fn,
+)
+from iva_jax.rl.shaping import (  # noqa: F401
+    HRMRPOShaping,
+    expected_ponder_steps,
+    halting_reward,
+    hrm_rpo_reward,
+    memory_reward,
+)
 from iva_jax.rl.tasks import AdditionProblem, AdditionTask, extract_answer, make_addition_splits  # noqa: F401
+from iva_jax.rl.trainers import (  # noqa: F401
+    DPOTrainer,
+    GRPOTrainer,
+    PolicyGradientTrainer,
+    PPOTrainer,
+    RewardModelTrainer,
+    RLState,
+    telemetry_record,
+)

@@ -158,6 +158,35 @@ def sample_rollout(model: Any, dec_params: Any, prompts: PromptBatch, *, group_s
                    rep.metas, group_size)
 
 
+def preference_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
+                     rejected: Sequence[Sequence[int]], pad_id: int, length: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """Pairs for DPO / the reward model: prompt + chosen and prompt + rejected, right-padded to `length`.
+
+    Returns int32 [B, length] arrays chosen_/rejected_ ids, mask (attention) and loss_mask (1 on
+    the response tokens, aligned with the ids).
+    """
+    if not (len(prompts) == len(chosen) == len(rejected)) or not len(prompts):
+        raise ValueError(f"need equally many prompts ({len(prompts)}), chosen ({len(chosen)}) and rejected "
+                         f"({len(rejected)}), at least one")
+    total = [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)]
+    length = max(total) if length is None else int(length)
+    if max(total) > length:
+        raise ValueError(f"a pair needs {max(total)} tokens, length={length}")
+    out = {}
+    for name, resp in (("chosen", chosen), ("rejected", rejected)):
+        ids = np.full((len(prompts), length), pad_id, np.int32)
+        mask, loss = np.zeros_like(ids), np.zeros_like(ids)
+        for i, (p, r) in enumerate(zip(prompts, resp)):
+            if not len(p) or not len(r):
+                raise ValueError(f"pair {i}: empty prompt or {name} response")
+            seq = list(p) + list(r)
+            ids[i, :len(seq)] = seq
+            mask[i, :len(seq)] = 1
+            loss[i, len(p):len(seq)] = 1
+        out.update({f"{name}_ids": ids, f"{name}_mask": mask, f"{name}_loss_mask": loss})
+    return out
+
+
 RewardFn = Callable[[Rollout], np.ndarray]
 
 

@@ -10,6 +10,7 @@ p_h per ponder step; z_H is its high-level state.  The three shaping terms:
   r_mem     = -L_mem with L_mem = NT-Xent(z_H(i), z_H(j)) over two views i, j of the same prompt
               (e.g. two rollouts in one GRPO group): rewards a memory state that identifies its
               problem.  As a reward it carries no gradient; L_mem can also be added to the loss.
+`HRMRPOShaping` plugs these into the GRPO trainer as its reward hook.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from iva_jax.rl.distill import nt_xent_loss
 
@@ -58,3 +60,61 @@ def hrm_rpo_reward(rewards: Array, r_halt: Union[float, Array], r_entropy: Union
         raise ValueError(f"shaping terms broadcast rewards {rewards.shape} to {shaped.shape}; "
                          f"they must broadcast to the rewards' shape")
     return shaped
+
+
+def group_partners(n: int, group_size: int) -> np.ndarray:
+    """For rows in contiguous groups, the index of the next row of the same group (cyclic): the second view."""
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide {n}")
+    idx = np.arange(n)
+    return idx - idx % group_size + (idx % group_size + 1) % group_size
+
+
+class HRMRPOShaping:
+    """HRM-RPO as a RewardHook of the policy-gradient trainer: R' = R + b_halt r_halt + b_entropy r_entropy + b_mem r_mem.
+
+    r_entropy is the response's mean token entropy (from the rollout's scoring pass).  r_halt and
+    r_mem need the HRM controller, a callable `controller(hidden [N, T, D], response_mask [N, T])
+    -> {"ponder_steps" [N] or "halt_probs" [N, S], "z_h" [N, Dz]}` with an int `max_steps`; r_mem
+    pairs each sample with the next sample of its GRPO group (two views of one prompt).  If the
+    controller has `update(rollout, hidden) -> metrics`, the trainer calls it once per step.
+    """
+
+    def __init__(self, b_halt: float = 0.0, b_entropy: float = 0.0, b_mem: float = 0.0, group_size: int = 1,
+                 controller=None, mem_temperature: float = 0.1):
+        if controller is None and (b_halt or b_mem):
+            raise ValueError(f"b_halt={b_halt} / b_mem={b_mem} need the HRM controller (controller=None)")
+        if controller is not None and not isinstance(getattr(controller, "max_steps", None), int):
+            raise ValueError("the controller needs an int attribute max_steps")
+        self.b_halt, self.b_entropy, self.b_mem = b_halt, b_entropy, b_mem
+        self.group_size, self.controller, self.mem_temperature = group_size, controller, mem_temperature
+
+    @classmethod
+    def from_config(cls, cfg, controller=None) -> "HRMRPOShaping":
+        """From an RLConfig (b_halt, b_entropy, b_mem, group_size, mem_temperature)."""
+        return cls(cfg.b_halt, cfg.b_entropy, cfg.b_mem, cfg.group_size, controller, cfg.mem_temperature)
+
+    @property
+    def needs_hidden(self) -> bool:
+        return self.controller is not None
+
+    def __call__(self, rollout, rewards, hidden=None):
+        mask = jnp.asarray(rollout.response_mask)
+        ent = jnp.where(mask, jnp.asarray(rollout.entropy), 0.0)
+        r_entropy = jnp.sum(ent, -1) / jnp.maximum(jnp.sum(mask, -1), 1)
+        r_halt = r_mem = jnp.zeros_like(r_entropy)
+        if self.controller is not None:
+            out = self.controller(hidden, mask)
+            steps = out["ponder_steps"] if "ponder_steps" in out else expected_ponder_steps(out["halt_probs"])
+            r_halt = halting_reward(steps, self.controller.max_steps)
+            z = jnp.asarray(out["z_h"])
+            r_mem = memory_reward(z, z[group_partners(z.shape[0], self.group_size)], self.mem_temperature)
+        shaped = hrm_rpo_reward(jnp.asarray(rewards, jnp.float32), r_halt, r_entropy, r_mem, self.b_halt,
+                                self.b_entropy, self.b_mem)
+        metrics = {"r_entropy": float(jnp.mean(r_entropy)), "r_halt": float(jnp.mean(r_halt)),
+                   "r_mem": float(jnp.mean(r_mem)), "shaped_mean": float(jnp.mean(shaped))}
+        return np.asarray(shaped, np.float32), metrics
+
+    def update(self, rollout, hidden):
+        fn = getattr(self.controller, "update", None)
+        return fn(rollout, hidden) if fn is not None else {}

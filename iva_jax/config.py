@@ -5,6 +5,11 @@ valid ones), nested configs are rebuilt from nested dicts, `to_dict`/`to_yaml`/`
 trip, and `replace(**changes)` re-validates.  Subsystem configs (MoE, SSM, HRM, train, RL, quant)
 live beside their code and subclass `ConfigBase`; `ModelConfig` is the decoder's single source of
 truth for shapes.
+
+Nested subsystem configs (`ModelConfig.moe: MoEConfig`, `ModelConfig.ssm: SSMConfig`) are named in
+annotations only: `iva_jax.moe` / `iva_jax.ssm` import this module, so this module cannot import them at
+load time.  A class lists such names in `_nested_types()`, which imports them when first needed
+(`from_dict` resolves the annotations with it; `ModelConfig.__post_init__` turns mappings into them).
 """
 
 from __future__ import annotations
@@ -12,9 +17,14 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
+import numpy as np
 import yaml
+
+if TYPE_CHECKING:  # only for readers and linters: resolved lazily by ModelConfig._nested_types
+    from iva_jax.moe.config import MoEConfig
+    from iva_jax.ssm.config import SSMConfig
 
 T = TypeVar("T", bound="ConfigBase")
 
@@ -48,6 +58,11 @@ class ConfigBase:
     def validate(self) -> None:  # overridden by subclasses
         pass
 
+    @classmethod
+    def _nested_types(cls) -> dict:
+        """Names used in field annotations that live in modules importing this one (resolved lazily)."""
+        return {}
+
     # ---- dict / yaml -------------------------------------------------------------------------
     @classmethod
     def field_names(cls) -> Tuple[str, ...]:
@@ -62,7 +77,7 @@ class ConfigBase:
         unknown = sorted(set(d) - set(valid))
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(valid)}")
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, localns=cls._nested_types())
         kwargs = {}
         for k, v in d.items():
             kwargs[k] = _coerce(hints.get(k), v)
@@ -162,7 +177,11 @@ class RopeScaling(ConfigBase):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(ConfigBase):
-    """Decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 families)."""
+    """Decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 and the MoE families Mixtral / Qwen2-MoE /
+    Qwen3-MoE), with heterogeneous layers: each layer's sequence mixer comes from `mixer_types` ("attention"
+    or an `iva_jax.ssm` mixer name, hyper-parameters from `ssm`) and its FFN from `moe.moe_layer_mask`
+    (MoE there, dense SwiGLU of `intermediate_size` elsewhere).  `layer_kinds()` lists them per layer.
+    """
 
     vocab_size: int = 32000
     hidden_size: int = 512
@@ -184,6 +203,11 @@ class ModelConfig(ConfigBase):
     sliding_window: Optional[int] = None  # keys at distance >= window are masked (Mistral)
     # per-layer "full_attention" | "sliding_attention" (Qwen2/Qwen3); None = every layer uses sliding_window
     layer_types: Optional[Tuple[str, ...]] = None
+    # per-layer sequence mixer: "attention" or an SSM mixer name (iva_jax.ssm.MIXER_TYPES); None = all attention
+    mixer_types: Optional[Tuple[str, ...]] = None
+    moe: Optional[MoEConfig] = None  # MoE FFN on the layers moe.moe_layer_mask(L) selects; dense FFN elsewhere
+    ssm: Optional[SSMConfig] = None  # SSM mixer hyper-parameters (the mixer type comes from mixer_types)
+    n_sink: int = 1  # leading key positions a per-call `attn_sink_bias` applies to (attention sinks)
     max_position_embeddings: int = 4096
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
@@ -197,6 +221,25 @@ class ModelConfig(ConfigBase):
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Tuple[int, ...]] = None
     pad_token_id: Optional[int] = None
+
+    @classmethod
+    def _nested_types(cls) -> dict:
+        from iva_jax.moe.config import MoEConfig
+        from iva_jax.ssm.config import SSMConfig
+
+        return {"MoEConfig": MoEConfig, "SSMConfig": SSMConfig}
+
+    def __post_init__(self) -> None:
+        # accept plain mappings for the nested configs and lists for the tuple fields (Python callers)
+        for f, type_name in (("moe", "MoEConfig"), ("ssm", "SSMConfig")):
+            v = getattr(self, f)
+            if isinstance(v, Mapping):
+                object.__setattr__(self, f, self._nested_types()[type_name].from_dict(v))
+        for f in ("layer_types", "mixer_types", "eos_token_id"):
+            v = getattr(self, f)
+            if isinstance(v, list):
+                object.__setattr__(self, f, tuple(v))
+        super().__post_init__()
 
     def validate(self) -> None:
         check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -239,6 +282,69 @@ class ModelConfig(ConfigBase):
         if self.eos_token_id is not None:
             check(all(isinstance(t, int) and 0 <= t < self.vocab_size for t in self.eos_token_id),
                   "eos_token_id", self.eos_token_id, "ids must be in [0, vocab_size)")
+        check(isinstance(self.n_sink, int) and not isinstance(self.n_sink, bool) and self.n_sink >= 0, "n_sink",
+              self.n_sink, "must be a non-negative integer")
+        self._validate_layer_pattern()
+
+    def _validate_layer_pattern(self) -> None:
+        L = self.num_hidden_layers
+        if self.mixer_types is not None:
+            from iva_jax.ssm.config import MIXER_TYPES
+
+            check(isinstance(self.mixer_types, tuple) and len(self.mixer_types) == L, "mixer_types",
+                  self.mixer_types, f"needs one entry per layer ({L})")
+            bad = sorted(set(self.mixer_types) - {"attention", *MIXER_TYPES})
+            check(not bad, "mixer_types", bad, f"entries must be 'attention' or an SSM mixer {list(MIXER_TYPES)}")
+        ssm_types = sorted(set(self.layer_mixers()) - {"attention"})
+        if self.ssm is not None:
+            check(isinstance(self.ssm, self._nested_types()["SSMConfig"]), "ssm", type(self.ssm).__name__,
+                  "must be an SSMConfig (or a mapping of its fields)")
+        if ssm_types:
+            check(self.ssm is not None, "ssm", None, f"mixer_types uses SSM mixers {ssm_types}: give an ssm config")
+            for t in ssm_types:
+                try:
+                    if t in ("retnet", "topk_attention"):
+                        self.ssm.head_dim(self.hidden_size)
+                    elif t == "mamba2":
+                        self.ssm.mamba2_heads(self.hidden_size)
+                except ValueError as e:
+                    raise ValueError(f"invalid config: ssm (for {t} layers): {e}") from None
+        if self.moe is not None:
+            check(isinstance(self.moe, self._nested_types()["MoEConfig"]), "moe", type(self.moe).__name__,
+                  "must be a MoEConfig (or a mapping of its fields)")
+            m = self.moe
+            if m.moe_layers is not None:
+                bad = [i for i in m.moe_layers if i >= L]
+                check(not bad, "moe.moe_layers", m.moe_layers, f"indices {bad} >= num_hidden_layers={L}")
+            bad = [i for i in m.mlp_only_layers if i >= L]
+            check(not bad, "moe.mlp_only_layers", m.mlp_only_layers, f"indices {bad} >= num_hidden_layers={L}")
+            check(any(m.moe_layer_mask(L)), "moe", "no MoE layer",
+                  f"decoder_sparse_step={m.decoder_sparse_step} / mlp_only_layers / moe_layers select no layer "
+                  f"of {L}; set moe to null for a dense model")
+
+    # ---- the layer pattern ---------------------------------------------------------------------------
+    def layer_mixers(self) -> Tuple[str, ...]:
+        """The sequence mixer of each layer: "attention" or an SSM mixer name."""
+        return self.mixer_types if self.mixer_types is not None else ("attention",) * self.num_hidden_layers
+
+    def layer_ffns(self) -> Tuple[str, ...]:
+        """The FFN of each layer: "moe" where `moe.moe_layer_mask` selects it, else "dense"."""
+        mask = self.moe.moe_layer_mask(self.num_hidden_layers) if self.moe is not None else \
+            (False,) * self.num_hidden_layers
+        return tuple("moe" if m else "dense" for m in mask)
+
+    def layer_kinds(self) -> Tuple[Tuple[str, str], ...]:
+        """(mixer, ffn) of each layer, e.g. ("attention", "moe") or ("mamba", "dense")."""
+        return tuple(zip(self.layer_mixers(), self.layer_ffns()))
+
+    @property
+    def attention_layers(self) -> Tuple[int, ...]:
+        """Indices of the attention layers (the KV cache holds these only, in this order)."""
+        return tuple(i for i, m in enumerate(self.layer_mixers()) if m == "attention")
+
+    @property
+    def num_attention_layers(self) -> int:
+        return len(self.attention_layers)
 
     @property
     def kv_heads(self) -> int:
@@ -259,15 +365,36 @@ class ModelConfig(ConfigBase):
         return int(self.resolved_head_dim * self.partial_rotary_factor)
 
     def num_params(self) -> int:
-        """Parameter count (embedding counted once when tied)."""
+        """Parameter count (embedding counted once when tied; SSM mixers counted from their modules)."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.resolved_head_dim
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.attention_bias else 0)
         attn += d if self.attention_out_bias else 0
         attn += 2 * hd if self.qk_norm else 0
-        layer = attn + 3 * d * f + 2 * d + ((2 * f + d) if self.mlp_bias else 0)
+        dense = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+        total = 0
+        for mixer, ffn in self.layer_kinds():
+            total += 2 * d + (attn if mixer == "attention" else self._ssm_mixer_params(mixer))
+            if ffn == "dense":
+                total += dense
+            else:
+                m = self.moe
+                total += d * m.num_experts + 3 * m.num_experts * d * m.moe_intermediate_size
+                if m.has_shared_expert:
+                    total += 3 * d * m.shared_expert_intermediate_size + (d if m.shared_expert_gate else 0)
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * layer + emb + d
+        return total + emb + d
+
+    def _ssm_mixer_params(self, mixer: str) -> int:
+        import jax
+        import jax.numpy as jnp
+
+        from iva_jax.ssm import make_mixer
+
+        mod = make_mixer(self.ssm.replace(type=mixer), self.hidden_size)
+        x = jax.ShapeDtypeStruct((1, 4, self.hidden_size), jnp.float32)
+        shapes = jax.eval_shape(mod.init, jax.random.PRNGKey(0), x)
+        return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes.get("params", {})))
 
 
 def dtype_of(name: str):

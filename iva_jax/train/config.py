@@ -98,7 +98,7 @@ class TrainConfig(ConfigBase):
     best_mode: str = "min"
     async_checkpoint: bool = True
     # evaluation
-    eval_every: int = 0  # 0 = only at the end
+    eval_every: int = 0  # 0 = only at the end; -1 = never
     eval_batches: int = 8
     gen_samples: int = 4  # prompts generated for distinct-2 / repetition rate
     gen_max_new_tokens: int = 64
@@ -149,6 +149,7 @@ class TrainConfig(ConfigBase):
         check(isinstance(self.mesh, MeshConfig), "mesh", self.mesh, "must be a MeshConfig (from_dict builds it from a dict)")
         check(isinstance(self.data, DataConfig), "data", self.data, "must be a DataConfig (from_dict builds it from a dict)")
         check(self.keep_best >= 0, "keep_best", self.keep_best, "must be >= 0")
+        check(self.eval_every >= -1, "eval_every", self.eval_every, "must be >= 0, or -1 for no evaluation")
 
     @property
     def resolved_warmup_steps(self) -> int:

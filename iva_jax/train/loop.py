@@ -9,7 +9,7 @@ the window since the previous logging point (host data work included, eval / che
 excluded).  The first step's record carries `speed.includes_compile = true`.
 
 Evaluation (`eval_fn(state, step) -> {name: scalar}`) runs every `eval_every` steps and after the
-last one; its result is the record's `eval` block and goes into the checkpoint metrics (so
+last one (`eval_every=-1`: never); its result is the record's `eval` block and goes into the checkpoint metrics (so
 `keep_best` can rank by `eval_loss`).  Checkpoints are written every `checkpoint_every` steps and at
 the end (also when `stop_after` ends the run early), with the data iterator's `state()` for exact
 resume.  Updates skipped by the non-finite guard are counted in `metrics["skipped"]`, reported in
@@ -106,7 +106,8 @@ def fit(train_step: Callable, state: Any, batches: Iterator, config: Any, *, sta
             if bar is not None:
                 bar.update(1)
             first = step == start_step + 1
-            do_eval = eval_fn is not None and (step == total or (config.eval_every > 0 and step % config.eval_every == 0))
+            every = config.eval_every  # 0: only after the last step; -1: never
+            do_eval = eval_fn is not None and every >= 0 and (step == total or (every > 0 and step % every == 0))
             do_save = checkpointer is not None and (step % config.checkpoint_every == 0 or step == end)
             if not (first or do_eval or do_save or step == end or step % config.log_every == 0):
                 continue

@@ -271,7 +271,9 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
             data.load_state(restored.data_state)
         log.warning("resumed from %s step %d", ckdir, start)
     train_step = make_train_step(apply_fn, tx, cfg, schedule=sched, mesh=mesh, state_shardings=sh)
-    eval_fn = make_sft_eval(model, apply_fn, cfg, tokenizer, mesh=mesh, state_shardings=sh, gen_params=gen_params)
+    eval_fn = None
+    if cfg.eval_every >= 0:
+        eval_fn = make_sft_eval(model, apply_fn, cfg, tokenizer, mesh=mesh, state_shardings=sh, gen_params=gen_params)
     bsh = batch_sharding(mesh, batch_size=cfg.batch_size)
     telemetry = Telemetry(cfg.telemetry_path, cfg.tensorboard_dir)
     try:

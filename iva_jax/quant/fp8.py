@@ -20,6 +20,7 @@ what the CPU tests use.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import flax.struct
@@ -154,6 +155,11 @@ def _paths(params) -> List[Tuple[str, Fp8Weight]]:
     return [(jax.tree_util.keystr(p), leaf) for p, leaf in flat if _is_fp8(leaf)]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, input_ids, attention_mask):
+    return model.apply({"params": params}, input_ids, attention_mask)
+
+
 def fp8_update(model, params, input_ids, attention_mask=None) -> Tuple[Any, Dict[str, float]]:
     """One forward on `input_ids`: roll each fp8 input's amax into its history (delayed scaling).
 
@@ -172,7 +178,7 @@ def fp8_update(model, params, input_ids, attention_mask=None) -> Tuple[Any, Dict
 
     probed = jax.tree_util.tree_map_with_path(probe, params, is_leaf=_is_fp8)
     _RECORDS.clear()
-    out = jax.jit(lambda p, ids, m: model.apply({"params": p}, ids, m))(probed, jnp.asarray(input_ids), attention_mask)
+    out = _forward(model, probed, jnp.asarray(input_ids), attention_mask)
     jax.block_until_ready(out)
     jax.effects_barrier()
     drift = 0.0

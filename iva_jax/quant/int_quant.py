@@ -12,9 +12,11 @@ element); int4 codes are packed two per byte within each group (see `kernels.qua
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Tuple
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 from flax.core import meta
 
@@ -41,6 +43,16 @@ def quantize_groupwise(w: jnp.ndarray, *, bits: int, group_size: int, symmetric:
     *lead, k, n = w.shape
     if not isinstance(group_size, int) or group_size < 2 or group_size % 2 or k % group_size:
         raise ValueError(f"group_size {group_size!r} must be an even divisor of in_features {k} (weight {w.shape})")
+    codes, s, zero = _quantize_jit(w, bits=bits, group_size=group_size, symmetric=bool(symmetric),
+                                   scale_dtype=scale_dtype)
+    if not bool(jnp.all(jnp.isfinite(s.astype(jnp.float32)))):
+        raise ValueError(f"weight {w.shape}: a group scale overflows {scale_dtype}; use scale_dtype='float32'")
+    return codes, s, zero
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "symmetric", "scale_dtype"))
+def _quantize_jit(w, *, bits, group_size, symmetric, scale_dtype):
+    *lead, k, n = w.shape
     sdt = jnp.dtype(scale_dtype)
     wg = w.astype(jnp.float32).reshape(*lead, k // group_size, group_size, n)
     if symmetric:
@@ -58,8 +70,6 @@ def quantize_groupwise(w: jnp.ndarray, *, bits: int, group_size: int, symmetric:
         s = _round_away(jnp.where(s > 0, s, 1.0), sdt, up=True)
         u = jnp.round((wg - zero.astype(jnp.float32)[..., None, :]) / s.astype(jnp.float32)[..., None, :])
         codes = jnp.clip(u, 0, qmax).astype(jnp.uint8)
-    if not bool(jnp.all(jnp.isfinite(s.astype(jnp.float32)))):
-        raise ValueError(f"weight {w.shape}: a group scale overflows {scale_dtype}; use scale_dtype='float32'")
     codes = codes.reshape(*lead, k, n)
     if bits == 4:
         codes = qmm.pack_int4(codes, group_size)

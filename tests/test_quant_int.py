@@ -1,0 +1,145 @@
+"""int8 / int4 weight-only quantization: error bounds against float64 numpy, the quantized model through
+`model.apply` / `generate`, checkpoints, QuantConfig, and bad input."""
+
+import importlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iva_jax import quant
+from iva_jax.config import ModelConfig
+from iva_jax.inference import generate
+from iva_jax.models.transformer import init_params
+from iva_jax.quant import QuantConfig, QuantizedWeight
+
+qm = importlib.import_module("kernels.quant_matmul")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def numpy_codes(qw: QuantizedWeight) -> np.ndarray:
+    """Integer codes [..., K, N] decoded in numpy (int4: nibble by nibble, as the format documents)."""
+    c = np.asarray(qw.qweight).astype(np.int64)
+    if qw.bits == 8:
+        return c
+    *lead, k2, n = c.shape
+    g = qw.group_size
+    c = c.reshape(*lead, 2 * k2 // g, g // 2, n)
+    return np.concatenate([c & 15, c >> 4], axis=-2).reshape(*lead, 2 * k2, n)
+
+
+def weight(seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((2, 192, 40)) * rng.uniform(0.01, 1.0, (2, 1, 40))
+    w[0, 64:128, 3] = 0.0  # an all-zero group
+    w[1, :64, 5] = 0.37  # a constant group
+    w[1, 70, 7] = 25.0  # an outlier
+    return w.astype(np.float32)
+
+
+@pytest.mark.parametrize("bits,sym", [(8, True), (8, False), (4, True), (4, False)])
+def test_dequantize_error_within_half_step(bits, sym):
+    w = weight(bits)
+    g = 64
+    qw = QuantizedWeight.from_float(jnp.asarray(w), bits=bits, group_size=g, symmetric=sym)
+    assert qw.shape == w.shape and qw.symmetric == sym and qw.scale.dtype == jnp.float16
+    codes = numpy_codes(qw)
+    s = np.repeat(np.asarray(qw.scale, np.float64), g, axis=-2)
+    if sym:
+        qmax = 127 if bits == 8 else 7
+        vals = codes - (8 if bits == 4 else 0)
+        assert np.abs(vals).max() <= qmax
+        w_hat = vals * s
+        wg = np.abs(w.astype(np.float64)).reshape(2, 3, g, 40).max(axis=2)
+        smin = np.where(wg > 0, wg / qmax, 1.0)
+    else:
+        qmax = 2 ** bits - 1
+        assert codes.min() >= 0 and codes.max() <= qmax
+        w_hat = codes * s + np.repeat(np.asarray(qw.zero, np.float64), g, axis=-2)
+        wg = w.astype(np.float64).reshape(2, 3, g, 40)
+        zero = np.asarray(qw.zero, np.float64)
+        assert np.all(zero <= wg.min(axis=2)) and np.all(zero >= wg.min(axis=2) - 1e-3 * np.abs(wg.min(axis=2)))
+        span = wg.max(axis=2) - zero
+        smin = np.where(span > 0, span / qmax, 1.0)
+    err = np.abs(w - w_hat)
+    assert np.all(err <= 0.5 * s * (1 + 1e-6) + 1e-12)  # round to nearest, nothing clipped
+    # the scale is the smallest that covers the group (up to one float16 ulp)
+    sc = np.asarray(qw.scale, np.float64)
+    assert np.all(sc >= smin * (1 - 1e-3)) and np.all(sc <= smin * (1 + 2e-3) + 1e-7)
+    # rounding error of a real quantizer: about s/4 on average, exact on zero / constant groups
+    mean_rel = np.mean(err[0, :64] / s[0, :64])
+    assert 0.15 < mean_rel < 0.35, mean_rel
+    assert np.all(err[0, 64:128, 3] == 0)
+    assert np.max(err[1, :64, 5]) <= 0.37 * 2e-3
+    np.testing.assert_allclose(np.asarray(qw.dequantize(jnp.float32)), w_hat, rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    model, params = init_params(cfg, seed=1)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 11)))
+    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    return model, params, ids, fwd, fwd(params, ids)
+
+
+def test_quantized_model_apply_generate_and_size(tiny):
+    model, params, ids, fwd, ref = tiny
+    sizes = {}
+    for prec, tol in (("int8", 0.02), ("int4", 0.25)):
+        m, qp = quant.quantize(model, params, prec, 32)
+        kernel = qp["layers"]["self_attn"]["q_proj"]["kernel"]
+        assert isinstance(kernel, QuantizedWeight) and kernel.shape == (2, 64, 64)
+        assert "bias" in qp["layers"]["self_attn"]["q_proj"]
+        assert not isinstance(qp["embed_tokens"]["embedding"], QuantizedWeight)
+        out = fwd(qp, ids)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(fwd(quant.dequantize_params(qp), ids)), atol=1e-4)
+        err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+        assert 0 < err < tol, (prec, err)
+        sizes[prec] = quant.params_nbytes(qp)
+    assert generate(m, qp, ids, 4, eos_token_id=[]).shape == (2, 4)
+    assert quant.params_nbytes(params) > sizes["int8"] > sizes["int4"]
+
+
+def test_checkpoint_roundtrip(tiny, tmp_path):
+    model, params, ids, fwd, _ = tiny
+    m, qp = quant.quantize(model, params, "int4", 64)
+    quant.save_quantized(m, qp, tmp_path / "q4")
+    m2, qp2 = quant.load_quantized(tmp_path / "q4")
+    assert m2.config == m.config
+    a, b = qp["layers"]["mlp"]["down_proj"]["kernel"], qp2["layers"]["mlp"]["down_proj"]["kernel"]
+    assert (b.bits, b.group_size) == (4, 64) and b.qweight.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(a.qweight), np.asarray(b.qweight))
+    np.testing.assert_array_equal(np.asarray(fwd(qp2, ids)), np.asarray(fwd(qp, ids)))
+    with pytest.raises(ValueError, match="not a quantized checkpoint"):
+        quant.load_quantized(tmp_path)
+
+
+def test_bad_input(tiny):
+    model, params = tiny[:2]
+    with pytest.raises(ValueError, match="unknown precision"):
+        quant.quantize(model, params, "int3")
+    with pytest.raises(ValueError, match="group_size 96 not in"):
+        quant.quantize(model, params, "int8", 96)
+    with pytest.raises(ValueError, match="group_size 256 does not divide in_features"):
+        quant.quantize(model, params, "int4", 256)
+    with pytest.raises(ValueError, match="no kernel of the modules"):
+        quant.quantize(model, params, "int8", 32, modules=("nope",))
+    _, qp = quant.quantize(model, params, "int8", 32)
+    with pytest.raises(ValueError, match="already quantized"):
+        quant.quantize(model, qp, "int8", 32)
+    assert quant.quantize(model, params, "bf16") == (model, params)
+
+
+def test_quant_config_yaml_and_validation():
+    cfg = QuantConfig.from_yaml(ROOT / "configs" / "quant_infer.yaml")
+    assert cfg.precision in ("int8", "int4") and cfg.paged_kv_cache
+    assert QuantConfig.from_yaml(cfg.to_yaml()) == cfg
+    for bad, match in ((dict(precision="int2"), "precision"), (dict(group_size=100), "group_size"),
+                       (dict(kv_precision="int8"), "kv_precision"), (dict(n_sink=4), "n_sink"),
+                       (dict(kv_window=64, paged_kv_cache=False), "kv_window")):
+        with pytest.raises(ValueError, match=match):
+            QuantConfig(**bad)

@@ -1,19 +1,30 @@
-"""The HF <-> iva-jax parameter table for the dense decoder families.
+"""The HF <-> iva-jax parameter table for the decoder families (dense and MoE).
 
 Each row: HF tensor name pattern -> (iva-jax param path, transform).  `{i}` is the layer index;
-per-layer tensors are stacked on a leading axis when the model scans its layers.  Transforms:
-`T` transposes a torch Linear weight [out, in] into a Flax kernel [in, out]; `I` keeps the tensor.
+per-layer paths are relative to the layer, whose place in the param tree comes from
+`iva_jax.models.transformer.layer_param_location` (stacked on a leading axis when the model scans its
+layers, per layer or per periodic block).  Transforms: `T` transposes a torch Linear weight [out, in]
+into a Flax kernel [in, out]; `I` keeps the tensor.
+
+MoE layers (Mixtral, Qwen2-MoE, Qwen3-MoE) go through `iva_jax.moe.hf`: HF's per-expert tensors
+(`model.layers.{i}.block_sparse_moe.*` for Mixtral, `model.layers.{i}.mlp.*` for the Qwen families) are
+stacked into `mlp/experts/{gate,up,down}_proj [E, ...]` on load and split per expert on export; the router
+`gate`, `shared_expert` and `shared_expert_gate` map one to one.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from iva_jax.config import ModelConfig
+from iva_jax.models.transformer import layer_param_location
+from iva_jax.moe.hf import moe_block_from_hf, moe_block_to_hf
+
+MOE_PREFIX = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}  # HF module of the MoE FFN
 
 TABLE: Tuple[Tuple[str, str, str], ...] = (
     ("model.embed_tokens.weight", "embed_tokens/embedding", "I"),
@@ -85,54 +96,109 @@ def _flatten(tree: Mapping, prefix: str = "") -> Dict[str, np.ndarray]:
     return out
 
 
+class _LazyTensors(Mapping):
+    """A read-only mapping over checkpoint names that loads a tensor only when it is looked up."""
+
+    def __init__(self, names: Iterable[str], get: Callable[[str], np.ndarray]):
+        self._names = set(names)
+        self._get = get
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._names:
+            raise KeyError(key)
+        return self._get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _moe_prefix(config: ModelConfig) -> str:
+    if config.model_type not in MOE_PREFIX:
+        raise ValueError(f"MoE layers need an MoE model_type {sorted(MOE_PREFIX)}, got {config.model_type!r}")
+    return MOE_PREFIX[config.model_type]
+
+
 def hf_to_params(names: Iterable[str], get: Callable[[str], np.ndarray], config: ModelConfig,
-                 expected: Mapping, scan_layers: bool = True, dtype=np.float32) -> dict:
+                 expected: Mapping, scan_layers: Optional[bool] = None, dtype=np.float32) -> dict:
     """Build the param tree from HF-named tensors (`get(name)` returns an array).
 
-    `expected` is the model's abstract param tree (shapes); missing or misshaped tensors raise
-    ValueError naming them; unused tensors raise an `UnusedWeightsWarning` listing them.
+    `expected` is the model's abstract param tree (shapes); the layer layout follows the config
+    (`scan_layers` is accepted for compatibility and must agree with it).  Missing or misshaped tensors
+    raise ValueError naming them; unused tensors raise an `UnusedWeightsWarning` listing them.
     """
+    if scan_layers is not None and scan_layers != config.scan_layers:
+        raise ValueError(f"scan_layers={scan_layers} disagrees with config.scan_layers={config.scan_layers}")
+    names = list(names)
     L = config.num_hidden_layers
     flat_expected = {k: tuple(v.shape) for k, v in _flatten(expected).items()}
-    layer_parts: Dict[str, List[Optional[np.ndarray]]] = {}
+    per_layer: List[Dict[str, Tuple[str, np.ndarray]]] = [{} for _ in range(L)]  # rel path -> (hf name, array)
     params: dict = {}
     unused, problems = [], []
+    consumed: set = set()
+    ffns = config.layer_ffns()
+    if "moe" in ffns:
+        lazy = _LazyTensors(names, get)
+        prefix = _moe_prefix(config)
+        for i in range(L):
+            if ffns[i] != "moe":
+                continue
+            hf_prefix = f"model.layers.{i}.{prefix}"
+            try:
+                sub, used = moe_block_from_hf(lazy, hf_prefix, config.model_type, config.moe.num_experts)
+            except ValueError as e:
+                problems.append(str(e))
+                continue
+            consumed |= used
+            for rel, arr in _flatten(sub, "mlp/").items():
+                per_layer[i][rel] = (f"{hf_prefix}.{rel[4:].replace('/', '.')}", np.asarray(arr))
     for name in names:
-        for pat, ours, tr, per_layer in _ROWS:
+        if name in consumed:
+            continue
+        for pat, ours, tr, is_layer in _ROWS:
             m = pat.match(name)
             if not m:
                 continue
             arr = np.asarray(get(name))
             arr = arr.T if tr == "T" else arr
-            if per_layer:
+            if is_layer:
                 i = int(m.group(1))
                 if i >= L:
                     unused.append(name)
-                    break
-                if scan_layers:
-                    key = "layers/" + ours
-                    want = flat_expected.get(key)
-                    if want is None:
-                        unused.append(name)
-                    elif tuple(arr.shape) != want[1:]:
-                        problems.append(f"{name}: shape {tuple(arr.shape)} (as {key}[{i}]) but the config "
-                                        f"expects {want[1:]}")
-                    else:
-                        layer_parts.setdefault(key, [None] * L)[i] = arr
                 else:
-                    _place(params, f"layers_{i}/" + ours, arr, flat_expected, name, problems, unused, dtype)
+                    per_layer[i][ours] = (name, arr)
             else:
                 _place(params, ours, arr, flat_expected, name, problems, unused, dtype)
             break
         else:
             if not any(p.match(name) for p in IGNORABLE):
                 unused.append(name)
-    for ours, parts in layer_parts.items():
-        missing = [i for i, a in enumerate(parts) if a is None]
-        if missing:
-            problems.append(f"{ours}: layers {missing} missing")
+    stacks: Dict[str, List[Optional[np.ndarray]]] = {}
+    stack_prefix: Dict[str, str] = {}
+    for i, parts in enumerate(per_layer):
+        prefix, idx = layer_param_location(config, i)
+        for rel, (name, arr) in parts.items():
+            key = f"{prefix}/{rel}"
+            if idx is None:
+                _place(params, key, arr, flat_expected, name, problems, unused, dtype)
+                continue
+            want = flat_expected.get(key)
+            if want is None:
+                unused.append(name)
+            elif tuple(arr.shape) != want[1:]:
+                problems.append(f"{name}: shape {tuple(arr.shape)} (as {key}[{idx}]) but the config expects {want[1:]}")
+            else:
+                stacks.setdefault(key, [None] * want[0])[idx] = arr
+                stack_prefix[key] = prefix
+    for key, parts in stacks.items():
+        if any(a is None for a in parts):
+            locs = [(i, layer_param_location(config, i)) for i in range(L)]
+            missing = [i for i, (p, idx) in locs if p == stack_prefix[key] and parts[idx] is None]
+            problems.append(f"{key}: layers {missing} missing")
             continue
-        _place(params, ours, np.stack(parts), flat_expected, ours, problems, unused, dtype)
+        _place(params, key, np.stack(parts), flat_expected, key, problems, unused, dtype)
     have = set(_flatten(params))
     missing = sorted(set(flat_expected) - have)
     if missing:
@@ -156,24 +222,39 @@ def _place(params, path, arr, flat_expected, name, problems, unused, dtype) -> N
 
 
 def params_to_hf(params: Mapping, config: ModelConfig) -> Dict[str, np.ndarray]:
-    """HF-named tensors (torch layout) from an iva-jax param tree (scanned or not)."""
+    """HF-named tensors (torch layout) from an iva-jax param tree (any layer layout; MoE experts split)."""
+    ssm = sorted(set(config.layer_mixers()) - {"attention"})
+    if ssm:
+        raise ValueError(f"SSM mixer layers {ssm} have no Hugging Face family to export to")
     flat = _flatten(params)
     out: Dict[str, np.ndarray] = {}
     used = set()
     for hf, ours, tr in TABLE:
-        if "{i}" in hf:
-            for i in range(config.num_hidden_layers):
-                key = f"layers/{ours}" if f"layers/{ours}" in flat else f"layers_{i}/{ours}"
-                if key not in flat:
-                    break
-                used.add(key)
-                arr = np.asarray(flat[key])
-                arr = arr[i] if key.startswith("layers/") else arr
-                out[hf.replace("{i}", str(i))] = np.ascontiguousarray(arr.T if tr == "T" else arr)
-        elif ours in flat:
+        if "{i}" not in hf and ours in flat:
             used.add(ours)
             arr = np.asarray(flat[ours])
             out[hf] = np.ascontiguousarray(arr.T if tr == "T" else arr)
+    layer_rows = [(hf, ours, tr) for hf, ours, tr in TABLE if "{i}" in hf]
+    ffns = config.layer_ffns()
+    for i in range(config.num_hidden_layers):
+        prefix, idx = layer_param_location(config, i)
+        keys = [k for k in flat if k.startswith(prefix + "/")]
+        layer = {k[len(prefix) + 1:]: (np.asarray(flat[k]) if idx is None else np.asarray(flat[k])[idx]) for k in keys}
+        done = set()
+        for hf, ours, tr in layer_rows:
+            if ours in layer and not (ffns[i] == "moe" and ours.startswith("mlp/")):
+                arr = layer[ours]
+                out[hf.replace("{i}", str(i))] = np.ascontiguousarray(arr.T if tr == "T" else arr)
+                done.add(ours)
+        if ffns[i] == "moe":
+            sub: dict = {}
+            for rel, arr in layer.items():
+                if rel.startswith("mlp/"):
+                    _set(sub, rel[4:], arr)
+                    done.add(rel)
+            hf_prefix = f"model.layers.{i}.{_moe_prefix(config)}"
+            out.update({k: np.ascontiguousarray(v) for k, v in moe_block_to_hf(sub, hf_prefix, config.model_type).items()})
+        used.update(f"{prefix}/{rel}" for rel in done)
     leftover = sorted(set(flat) - used)
     if leftover:
         raise ValueError(f"params without an HF mapping: {leftover}")

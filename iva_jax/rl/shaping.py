@@ -62,6 +62,17 @@ def hrm_rpo_reward(rewards: Array, r_halt: Union[float, Array], r_entropy: Union
     return shaped
 
 
+@jax.jit
+def _shape(rewards, entropy, mask, r_halt, r_mem, b_halt, b_entropy, b_mem):
+    """(R', term means) with r_entropy the masked mean token entropy per response; absent terms are 0."""
+    r_entropy = jnp.sum(jnp.where(mask, entropy, 0.0), -1) / jnp.maximum(jnp.sum(mask, -1), 1)
+    r_halt = jnp.zeros_like(r_entropy) if r_halt is None else r_halt
+    r_mem = jnp.zeros_like(r_entropy) if r_mem is None else r_mem
+    shaped = hrm_rpo_reward(rewards, r_halt, r_entropy, r_mem, b_halt, b_entropy, b_mem)
+    return shaped, {"r_entropy": jnp.mean(r_entropy), "r_halt": jnp.mean(r_halt), "r_mem": jnp.mean(r_mem),
+                    "shaped_mean": jnp.mean(shaped)}
+
+
 def group_partners(n: int, group_size: int) -> np.ndarray:
     """For rows in contiguous groups, the index of the next row of the same group (cyclic): the second view."""
     if group_size < 1 or n % group_size:
@@ -99,20 +110,17 @@ class HRMRPOShaping:
         return self.controller is not None
 
     def __call__(self, rollout, rewards, hidden=None):
-        mask = jnp.asarray(rollout.response_mask)
-        ent = jnp.where(mask, jnp.asarray(rollout.entropy), 0.0)
-        r_entropy = jnp.sum(ent, -1) / jnp.maximum(jnp.sum(mask, -1), 1)
-        r_halt = r_mem = jnp.zeros_like(r_entropy)
+        r_halt = r_mem = None
         if self.controller is not None:
-            out = self.controller(hidden, mask)
+            out = self.controller(hidden, jnp.asarray(rollout.response_mask))
             steps = out["ponder_steps"] if "ponder_steps" in out else expected_ponder_steps(out["halt_probs"])
             r_halt = halting_reward(steps, self.controller.max_steps)
             z = jnp.asarray(out["z_h"])
             r_mem = memory_reward(z, z[group_partners(z.shape[0], self.group_size)], self.mem_temperature)
-        shaped = hrm_rpo_reward(jnp.asarray(rewards, jnp.float32), r_halt, r_entropy, r_mem, self.b_halt,
-                                self.b_entropy, self.b_mem)
-        metrics = {"r_entropy": float(jnp.mean(r_entropy)), "r_halt": float(jnp.mean(r_halt)),
-                   "r_mem": float(jnp.mean(r_mem)), "shaped_mean": float(jnp.mean(shaped))}
+        shaped, terms = _shape(jnp.asarray(rewards, jnp.float32), jnp.asarray(rollout.entropy),
+                               jnp.asarray(rollout.response_mask), r_halt, r_mem, self.b_halt, self.b_entropy,
+                               self.b_mem)
+        metrics = {k: float(v) for k, v in jax.device_get(terms).items()}
         return np.asarray(shaped, np.float32), metrics
 
     def update(self, rollout, hidden):

@@ -96,16 +96,18 @@ def _mean_metrics(ms) -> Dict[str, float]:
 
 
 class _Trainer:
-    """Shared pieces: optimizer from cfg.train, state creation, the jitted optimizer step."""
+    """Shared pieces: optimizer (cfg.train's make_optimizer chain unless `tx` is given), state
+    creation, the jitted optimizer step."""
 
-    def __init__(self, policy: Policy, cfg: RLConfig, mesh=None, rules=DEFAULT_RULES):
+    def __init__(self, policy: Policy, cfg: RLConfig, mesh=None, rules=DEFAULT_RULES,
+                 tx: Optional[optax.GradientTransformation] = None):
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be an iva_jax.rl.policy.Policy, got {type(policy).__name__}")
         if not isinstance(cfg, RLConfig):
             raise ValueError(f"cfg must be an RLConfig, got {type(cfg).__name__}")
         self.policy, self.cfg, self.mesh, self.rules = policy, cfg, mesh, rules
         self.schedule = make_schedule(cfg.train)
-        self.tx = optax.with_extra_args_support(make_optimizer(cfg.train, self.schedule))
+        self.tx = optax.with_extra_args_support(tx if tx is not None else make_optimizer(cfg.train, self.schedule))
         self.compute_dtype = dtype_of(policy.model.config.dtype)
 
     def _jit(self, fn, donate_argnums=(), static_argnums=()):
@@ -152,8 +154,9 @@ class PolicyGradientTrainer(_Trainer):
     KL loss to the frozen reference) from one RLConfig; see the module docstring for the loop."""
 
     def __init__(self, policy: Policy, cfg: RLConfig, reward_fn: RewardFn, *, reward_hook: Optional[RewardHook] = None,
-                 eos_token_id: Any = None, pad_token_id: Optional[int] = None, mesh=None, rules=DEFAULT_RULES):
-        super().__init__(policy, cfg, mesh, rules)
+                 eos_token_id: Any = None, pad_token_id: Optional[int] = None, mesh=None, rules=DEFAULT_RULES,
+                 tx: Optional[optax.GradientTransformation] = None):
+        super().__init__(policy, cfg, mesh, rules, tx)
         if cfg.algorithm not in ("ppo", "grpo", "hrm_rpo"):
             raise ValueError(f"algorithm={cfg.algorithm!r}: PolicyGradientTrainer runs ppo, grpo or hrm_rpo")
         if cfg.algorithm == "ppo" and not policy.head:
@@ -431,8 +434,9 @@ class DPOTrainer(_Trainer):
     """DPO on preference pairs (TRL DPOTrainer): chosen and rejected in one concatenated forward,
     reference log-probs from the frozen reference (the LoRA base under LoRA) in the same step."""
 
-    def __init__(self, policy: Policy, cfg: RLConfig, mesh=None, rules=DEFAULT_RULES):
-        super().__init__(policy, cfg, mesh, rules)
+    def __init__(self, policy: Policy, cfg: RLConfig, mesh=None, rules=DEFAULT_RULES,
+                 tx: Optional[optax.GradientTransformation] = None):
+        super().__init__(policy, cfg, mesh, rules, tx)
         self._step = self._jit(self._step_impl, donate_argnums=(0,))
         self._eval = self._jit(lambda train, ref, batch: self._losses(train.params, train, ref, batch)[1])
 
@@ -476,13 +480,13 @@ class DPOTrainer(_Trainer):
 class RewardModelTrainer(_Trainer):
     """Bradley-Terry reward model (TRL RewardTrainer): a ScalarHead on the last real token's hidden state."""
 
-    def __init__(self, policy: Policy, cfg: RLConfig, mesh=None, rules=DEFAULT_RULES):
+    def __init__(self, policy: Policy, cfg: RLConfig, mesh=None, rules=DEFAULT_RULES,
+                 tx: Optional[optax.GradientTransformation] = None):
         if not policy.head:
             raise ValueError("a reward model needs Policy(model, head=True)")
-        super().__init__(policy, cfg, mesh, rules)
+        super().__init__(policy, cfg, mesh, rules, tx)
         self.needs_reference = False
         self._step = self._jit(self._step_impl, donate_argnums=(0,))
-        self._eval = self._jit(lambda train, batch: self._losses(train.params, train, batch)[1])
         self._scores = self._jit(lambda train, ids, mask: sequence_scores(
             policy, train.params, policy.decoder_params(train.params, train.frozen), ids, mask))
 
@@ -510,9 +514,12 @@ class RewardModelTrainer(_Trainer):
         return state.replace(train=train, step=state.step + 1), m
 
     def evaluate(self, state: RLState, batch: Mapping[str, Any]) -> Dict[str, float]:
-        """Pairwise loss, accuracy (chosen scored higher) and margin without an update."""
+        """Pairwise loss, accuracy (chosen scored higher) and margin without an update (via `score`)."""
         _check_pairs(batch, loss_masks=False)
-        return _host(self._eval(state.train, dict(batch)))
+        rc, rr = (self.score(state, batch[f"{k}_ids"], batch[f"{k}_mask"]) for k in ("chosen", "rejected"))
+        m = {"loss": pairwise_reward_loss(rc, rr, batch.get("margin")), "accuracy": jnp.mean(rc > rr),
+             "margin": jnp.mean(rc - rr), "reward_mean": (jnp.mean(rc) + jnp.mean(rr)) / 2}
+        return _host(m)
 
     def score(self, state: RLState, input_ids: Array, attention_mask: Array) -> Array:
         """Scalar rewards [B] of full sequences (prompt + response)."""

@@ -99,6 +99,8 @@ class _Trainer:
     """Shared pieces: optimizer (cfg.train's make_optimizer chain unless `tx` is given), state
     creation, the jitted optimizer step."""
 
+    updates_per_step = 1
+
     def __init__(self, policy: Policy, cfg: RLConfig, mesh=None, rules=DEFAULT_RULES,
                  tx: Optional[optax.GradientTransformation] = None):
         if not isinstance(policy, Policy):
@@ -106,8 +108,10 @@ class _Trainer:
         if not isinstance(cfg, RLConfig):
             raise ValueError(f"cfg must be an RLConfig, got {type(cfg).__name__}")
         self.policy, self.cfg, self.mesh, self.rules = policy, cfg, mesh, rules
-        self.schedule = make_schedule(cfg.train)
-        self.tx = optax.with_extra_args_support(tx if tx is not None else make_optimizer(cfg.train, self.schedule))
+        # the schedule counts optimizer updates: train.steps RL steps of `updates_per_step` each
+        opt_cfg = cfg.train.replace(steps=cfg.train.steps * self.updates_per_step)
+        self.schedule = make_schedule(opt_cfg)
+        self.tx = optax.with_extra_args_support(tx if tx is not None else make_optimizer(opt_cfg, self.schedule))
         self.compute_dtype = dtype_of(policy.model.config.dtype)
 
     def _jit(self, fn, donate_argnums=(), static_argnums=()):
@@ -156,6 +160,7 @@ class PolicyGradientTrainer(_Trainer):
     def __init__(self, policy: Policy, cfg: RLConfig, reward_fn: RewardFn, *, reward_hook: Optional[RewardHook] = None,
                  eos_token_id: Any = None, pad_token_id: Optional[int] = None, mesh=None, rules=DEFAULT_RULES,
                  tx: Optional[optax.GradientTransformation] = None):
+        self.updates_per_step = cfg.ppo_epochs * cfg.mini_batches
         super().__init__(policy, cfg, mesh, rules, tx)
         if cfg.algorithm not in ("ppo", "grpo", "hrm_rpo"):
             raise ValueError(f"algorithm={cfg.algorithm!r}: PolicyGradientTrainer runs ppo, grpo or hrm_rpo")
@@ -365,15 +370,18 @@ class PolicyGradientTrainer(_Trainer):
         return state.replace(step=state.step + 1), metrics
 
     def evaluate(self, state: RLState, prompts: PromptBatch, *, temperature: float = 0.0, seed: int = 0,
-                 batch_size: Optional[int] = None) -> Dict[str, Any]:
-        """Rewards of one response per prompt (greedy by default) in fixed-size chunks (one compile).
+                 batch_size: Optional[int] = None, metrics: Optional[Mapping[str, RewardFn]] = None) -> Dict[str, Any]:
+        """One response per prompt (greedy by default) in fixed-size chunks (one compile), scored by
+        `metrics` (name -> RewardFn; default {"reward": reward_fn}).
 
-        Returns {"reward_mean", "reward_std", "rewards" [n], "response_length"}; `seed` fixes the
-        sampling keys, so evaluations before and after training see the same noise.
+        Returns {name + "_mean": float, name: [n] array for each metric, "response_length"}; `seed`
+        fixes the sampling keys, so evaluations before and after training see the same noise.
         """
+        fns = dict(metrics) if metrics else {"reward": self.reward_fn}
         bs = batch_size or self.cfg.rollout_batch
         n = len(prompts)
-        rewards, lengths = [], []
+        scores: Dict[str, list] = {k: [] for k in fns}
+        lengths = []
         key = jax.random.PRNGKey(seed)
         for start in range(0, n, bs):
             idx = list(range(start, min(start + bs, n)))
@@ -382,11 +390,14 @@ class PolicyGradientTrainer(_Trainer):
             key, sub = jax.random.split(key)
             ro = self.sample(state, prompts.take(idx), sub, group_size=1, temperature=temperature)
             ro = _head(ro, k)
-            rewards.append(np.asarray(self.reward_fn(ro), np.float32))
+            for name, fn in fns.items():
+                scores[name].append(np.asarray(fn(ro), np.float32))
             lengths.append(np.asarray(ro.response_mask).sum(axis=1))
-        r = np.concatenate(rewards)
-        return {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "rewards": r,
-                "response_length": float(np.concatenate(lengths).mean())}
+        out: Dict[str, Any] = {"response_length": float(np.concatenate(lengths).mean())}
+        for name, parts in scores.items():
+            out[name] = np.concatenate(parts)
+            out[name + "_mean"] = float(out[name].mean())
+        return out
 
 
 def _head(ro: Rollout, k: int) -> Rollout:

@@ -27,6 +27,8 @@ COMMON = [f"steps={STEPS}", "batch_size=4", "seq_len=24", "eval_every=2", "check
 SHARDED = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "gen_samples=0"]
 SINGLE = ["mesh.data=1", "eval_every=-1"]
 LORA = ["mesh.data=1", "lora.rank=4", "lora.alpha=8.0", "lora.targets=q_proj|v_proj", "lr=1e-2", "steps=3"]
+QLORA = LORA + ["base_quant=int4", "base_quant_group_size=32", "eval_every=-1", "steps=2"]
+HF_SHAPE = dict(vocab_size=258, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 
 
 def _script():
@@ -57,7 +59,7 @@ def compile_cache(tmp_path_factory):
 def runs(tmp_path_factory, compile_cache):
     root = tmp_path_factory.mktemp("sft")
     hf_dir = root / "hf_base"
-    hf_model = tiny_hf("llama", hf_dir, seed=3, vocab_size=258)
+    hf_model = tiny_hf("llama", hf_dir, seed=3, **HF_SHAPE)
     main = _script().main
 
     def run(name, extra, stop_after=None):
@@ -73,6 +75,7 @@ def runs(tmp_path_factory, compile_cache):
     out["B2"] = run("B", SHARDED)  # ... and resumed
     out["S"] = run("S", SINGLE)  # the same run on one device
     out["L"] = run("L", LORA)  # LoRA on one device, with generation metrics
+    out["Q"] = run("Q", QLORA)  # QLoRA: LoRA over an int4 base
     return out
 
 
@@ -167,7 +170,7 @@ def test_lora_sft_trains_adapters_only_and_exports_merged(runs, tmp_path):
     adapters = Checkpointer(ckpt).restore_params()
     names = {str(getattr(p[-1], "key", p[-1])) for p, _ in jax.tree_util.tree_leaves_with_path(adapters)}
     assert names == {"lora_a", "lora_b"} and set(adapters["layers"]["self_attn"]) == {"q_proj", "v_proj"}
-    assert res.trainable_params == 2 * (48 * 4 + 4 * 48 + 48 * 4 + 4 * 16)  # 2 layers x (q: A + B, v: A + B)
+    assert res.trainable_params == 2 * (64 * 4 + 4 * 64 + 64 * 4 + 4 * 32)  # 2 layers x (q: A + B, v: A + B)
     assert np.abs(np.asarray(adapters["layers"]["self_attn"]["q_proj"]["lora_b"])).max() > 1e-4  # B moved off 0
     # the frozen base stayed bit-identical to the HF weights it was loaded from
     _, base = load_pretrained(runs["hf_dir"])
@@ -199,3 +202,41 @@ def test_unknown_config_keys_are_rejected_listing_valid_ones():
         main(["model_overrides.hiden_size=3"])
     with pytest.raises(ValueError, match="lr='fast'"):
         main(["lr=fast"])
+
+
+def test_qlora_trains_adapters_over_an_int4_base_and_exports_dequantized_merge(runs, tmp_path):
+    import transformers
+    from safetensors.numpy import load_file
+
+    from iva_jax.models.transformer import Transformer
+    from iva_jax.quant import is_quantized
+    from iva_jax.train.lora import lora_apply
+    from iva_jax.train.sft import dequantize_leaf
+    from torch_bridge.orbax_to_torch import convert
+
+    res, ckpt = runs["Q"], runs["root"] / "Q" / "ckpt"
+    frozen = res.state.frozen
+    assert is_quantized(frozen["layers"]["self_attn"]["k_proj"]["kernel"])
+    assert is_quantized(frozen["layers"]["mlp"]["down_proj"]["kernel"]) and not is_quantized(frozen["embed_tokens"]["embedding"])
+    recs = _records(runs, "Q")
+    assert recs[-1]["quant"]["base_bits"] == 4 and recs[-1]["quant"]["group_size"] == 32
+    assert all(np.isfinite(r["quality"]["loss"]) for r in recs) and recs[-1]["quality"]["skipped"] == 0
+    adapters = Checkpointer(ckpt).restore_params()
+    assert np.abs(np.asarray(adapters["layers"]["self_attn"]["v_proj"]["lora_b"])).max() > 1e-4
+    # the export is the dequantized int4 base with the adapters merged: transformers reproduces the QLoRA forward
+    exp = load_file(runs["root"] / "Q" / "hf" / "model.safetensors")
+    src = load_file(runs["hf_dir"] / "model.safetensors")
+    k = "model.layers.0.self_attn.k_proj.weight"  # not adapted: the int4 round trip of the base weight
+    w = src[k].T.astype(np.float64).reshape(2, 32, 32)  # [in, out] in groups of 32 input rows
+    half_step = ((w.max(1) - w.min(1)) / 15 / 2)[:, None, :]  # asymmetric int4: step = range / 15
+    err = np.abs(exp[k].T.astype(np.float64).reshape(2, 32, 32) - w)
+    assert err.max() > 0 and np.all(err <= half_step * 1.01 + 1e-6)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(runs["root"] / "Q" / "hf")).eval()
+    ids = np.random.default_rng(2).integers(0, 258, (2, 9)).astype(np.int32)
+    model = Transformer(res.model.config)
+    ours = lora_apply(model.apply, res.config.lora, dequantize_leaf)({"params": adapters, "frozen": frozen}, jnp.asarray(ids))
+    np.testing.assert_allclose(hf_logits(hf, ids), np.asarray(ours), rtol=1e-5, atol=1e-5)
+    # orbax_to_torch re-quantizes the base as training did (lora.yaml records int4 / group 32) and merges alike
+    conv = load_file(convert(ckpt, tmp_path / "conv") / "model.safetensors")
+    for name in exp:
+        np.testing.assert_allclose(conv[name], exp[name], rtol=0, atol=1e-7, err_msg=name)

@@ -10,7 +10,8 @@ and, when the source has one, `CKPT_DIR/tokenizer/`.  Such a directory is itself
   "smollm2-135m"            the embedded SmolLM2-135M-Instruct GGUF
   an HF directory / .gguf   through `load_pretrained`
   an orbax checkpoint dir   (has model_config.yaml): params of the latest (or given) step; a LoRA run's
-                            adapters are merged into its base (from lora.yaml, or `base=`)
+                            adapters are merged into its base (from lora.yaml, or `base=`; a QLoRA
+                            run's base is quantized as in training, then dequantized)
   a ModelConfig YAML        config only (params None: the caller initializes randomly)
 """
 
@@ -80,7 +81,15 @@ def _load_orbax(path: Path, step: Optional[int], base: Optional[str]) -> LoadedM
     if b.params is None:
         raise ValueError(f"LoRA base {base!r} has no weights (a config-only source)")
     _check_shapes(b.params, config, f"LoRA base {base!r} vs {path / MODEL_CONFIG_FILE}")
-    merged = jax.jit(lambda p, a: merge_lora(p, a, info["lora"]))(b.params, params)
+    base_params = b.params
+    if info["base_quant"]:  # QLoRA: the adapters were trained against the quantized base; merge into that
+        from iva_jax.models.transformer import Transformer
+        from iva_jax.quant import dequantize_params
+        from iva_jax.train.sft import quantize_base
+
+        q = quantize_base(Transformer(config), base_params, info["base_quant"], info["base_quant_group_size"])
+        base_params = jax.jit(dequantize_params)(q)
+    merged = jax.jit(lambda p, a: merge_lora(p, a, info["lora"]))(base_params, params)
     return LoadedModel(config, merged, tok or b.tokenizer, str(path))
 
 

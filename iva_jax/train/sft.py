@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from jax.sharding import NamedSharding, PartitionSpec
 
 from iva_jax.config import ModelConfig, check, check_positive
 from iva_jax.parallel import batch_sharding, put_batch, shard_params, tree_shardings, unbox
@@ -44,7 +45,8 @@ class SFTConfig(TrainConfig):
     tokenizer: Optional[str] = None  # None: the model's own; "bytes": iva_jax.train.data.ByteTokenizer
     model_overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields
     lora: Optional[LoRAConfig] = None  # None: full fine-tuning
-    base_quant: Optional[str] = None  # "int4": QLoRA base (needs iva_jax.quant)
+    base_quant: Optional[str] = None  # "int4" / "int8": QLoRA, the frozen base quantized (iva_jax.quant)
+    base_quant_group_size: int = 64
     gen_prompt_len: int = 16  # tokens of each held-out row used as a generation prompt
     resume: bool = True  # continue from the latest checkpoint in checkpoint_dir when there is one
     export_dir: Optional[str] = None  # Hugging Face directory written at the end (LoRA merged)
@@ -57,9 +59,11 @@ class SFTConfig(TrainConfig):
         bad = sorted(set(self.model_overrides) - set(ModelConfig.field_names()))
         check(not bad, "model_overrides", bad, f"unknown ModelConfig keys; valid keys: {sorted(ModelConfig.field_names())}")
         check(self.lora is None or isinstance(self.lora, LoRAConfig), "lora", self.lora, "must be a LoRAConfig or null")
-        check(self.base_quant in (None, "int4"), "base_quant", self.base_quant, "must be null or 'int4'")
+        check(self.base_quant in (None, "int4", "int8"), "base_quant", self.base_quant, "must be null, 'int4' or 'int8'")
         check(self.base_quant is None or self.lora is not None, "base_quant", self.base_quant,
               "a quantized base is frozen: it needs lora (QLoRA)")
+        check(self.base_quant_group_size in (32, 64, 128, 256), "base_quant_group_size", self.base_quant_group_size,
+              "must be one of [32, 64, 128, 256]")
         check_positive(self, "gen_prompt_len")
         check(self.export_dtype is None or self.export_dtype in DTYPES, "export_dtype", self.export_dtype,
               f"must be one of {list(DTYPES)} or null")
@@ -82,14 +86,16 @@ def tokenizer_vocab(tokenizer: Any) -> int:
         return int(tokenizer.vocab_size)
 
 
-def _quant_hooks(cfg: SFTConfig, model, params):  # pragma: no cover - until iva_jax.quant lands
-    """(quantized base, dequantize hook) for QLoRA."""
-    try:
-        from iva_jax import quant  # noqa: F401
-    except ImportError:
-        raise ValueError("base_quant='int4' (QLoRA) needs iva_jax.quant, which is not available yet") from None
-    qparams = quant.quantize(model, params, cfg.base_quant)
-    return qparams, lambda path, leaf: quant.dequantize(leaf) if hasattr(quant, "dequantize") else leaf
+def dequantize_leaf(path: Any, leaf: Any) -> Any:
+    """The LoRA merge hook for a quantized base: a quantized kernel as float32, anything else unchanged."""
+    return leaf.dequantize(jnp.float32) if hasattr(leaf, "dequantize") else leaf
+
+
+def quantize_base(model, params: Any, precision: str, group_size: int) -> Any:
+    """The frozen QLoRA base: every projection kernel quantized (iva_jax.quant, weight-only, group-wise)."""
+    from iva_jax.quant import quantize
+
+    return quantize(model, params, precision, group_size=group_size)[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,25 +170,34 @@ class SFTResult:
     trainable_params: int
 
     def full_params(self) -> Any:
-        """The trained decoder params (LoRA adapters merged into the base) as host arrays."""
+        """The trained decoder params as float host arrays (LoRA merged into the base, a quantized base dequantized)."""
         if self.config.lora is None:
             return jax.device_get(self.state.params)
-        merged = jax.jit(lambda b, a: merge_lora(b, a, self.config.lora))(self.state.frozen, self.state.params)
-        return jax.device_get(merged)
+        lcfg = self.config.lora
+
+        def merged(base, adapters):
+            out = merge_lora(base, adapters, lcfg, dequantize_leaf)
+            return jax.tree_util.tree_map(lambda x: dequantize_leaf(None, x), out,
+                                          is_leaf=lambda x: hasattr(x, "dequantize"))
+        return jax.device_get(jax.jit(merged)(self.state.frozen, self.state.params))
 
 
-def _write_lora_file(directory: Path, lcfg: LoRAConfig, base: str) -> None:
+def _write_lora_file(directory: Path, cfg: SFTConfig, base: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / LORA_FILE).write_text(yaml.safe_dump({"lora": lcfg.to_dict(), "base": base}, sort_keys=False))
+    info = {"lora": cfg.lora.to_dict(), "base": base, "base_quant": cfg.base_quant,
+            "base_quant_group_size": cfg.base_quant_group_size}
+    (directory / LORA_FILE).write_text(yaml.safe_dump(info, sort_keys=False))
 
 
 def read_lora_file(directory: str | Path) -> Optional[Dict[str, Any]]:
-    """{"lora": LoRAConfig, "base": source} of a LoRA run's checkpoint directory (None if not a LoRA run)."""
+    """{"lora": LoRAConfig, "base": source, "base_quant": None | "int4" | "int8", "base_quant_group_size"} of a
+    LoRA run's checkpoint directory (None if it is not a LoRA run)."""
     p = Path(directory) / LORA_FILE
     if not p.exists():
         return None
     raw = yaml.safe_load(p.read_text()) or {}
-    return {"lora": LoRAConfig.from_dict(raw.get("lora") or {}), "base": raw.get("base")}
+    return {"lora": LoRAConfig.from_dict(raw.get("lora") or {}), "base": raw.get("base"),
+            "base_quant": raw.get("base_quant"), "base_quant_group_size": int(raw.get("base_quant_group_size") or 64)}
 
 
 def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: Any, *,
@@ -237,18 +252,23 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
             base_source = str(ckdir / BASE_DIR) if ckdir is not None else None
         else:
             base = shard_params(cast(params), param_sh)
-        dequant = None
-        if cfg.base_quant is not None:
-            base, dequant = _quant_hooks(cfg, model, base)
-            extra_blocks["quant"] = {"base": cfg.base_quant}
+        dequant, frozen_sh = None, param_sh
+        if cfg.base_quant is not None:  # QLoRA: the quantized base is replicated (it is small by design)
+            base = quantize_base(model, base, cfg.base_quant, cfg.base_quant_group_size)
+            frozen_sh = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec()), base)
+            base = jax.device_put(base, frozen_sh)
+            dequant = dequantize_leaf
+            from iva_jax.quant import params_nbytes
+            extra_blocks["quant"] = {"base_bits": 4 if cfg.base_quant == "int4" else 8,
+                                     "group_size": cfg.base_quant_group_size, "base_gb": params_nbytes(base) / 1e9}
         adapters = init_lora(logical, cfg.lora, k_lora)
         apply_fn = lora_apply(model.apply, cfg.lora, dequant)
         state, sh = create_train_state(adapters, tx, k_state, mesh=mesh, logical=adapters,
-                                       param_dtype=cfg.param_dtype, frozen=base, frozen_shardings=param_sh)
+                                       param_dtype=cfg.param_dtype, frozen=base, frozen_shardings=frozen_sh)
         if ckdir is not None:
             if base_source is None:
                 log.warning("LoRA run without a base source: orbax_to_torch will need --base")
-            _write_lora_file(ckdir, cfg.lora, base_source or "")
+            _write_lora_file(ckdir, cfg, base_source or "")
         merge = jax.jit(lambda b, a: merge_lora(b, a, cfg.lora, dequant))
 
         def gen_params(st):
@@ -289,4 +309,4 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
 
 
 __all__ = ["SFTConfig", "SFTResult", "run_sft", "sft_model_config", "make_sft_eval", "read_lora_file",
-           "generation_prompts", "trim_generations", "tokenizer_vocab"]
+           "generation_prompts", "trim_generations", "tokenizer_vocab", "quantize_base", "dequantize_leaf"]

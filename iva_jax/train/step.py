@@ -78,9 +78,18 @@ def raw_key(rng: jax.Array) -> jax.Array:
     return jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
 
 
+def _is_quantized(x: Any) -> bool:
+    """A quantized weight leaf (iva_jax.quant): it multiplies / dequantizes itself and keeps its own dtypes."""
+    return hasattr(x, "dequantize") and hasattr(x, "matmul")
+
+
 def _cast_floating(tree: Any, dtype) -> Any:
-    return jax.tree_util.tree_map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+    """Floating leaves cast to `dtype`; integer leaves and quantized weights (QLoRA bases) left alone."""
+    def one(x):
+        if _is_quantized(x) or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return x
+        return x.astype(dtype)
+    return jax.tree_util.tree_map(one, tree, is_leaf=_is_quantized)
 
 
 def init_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, rng: jax.Array, *,

@@ -289,7 +289,8 @@ def check_moe(ctx: Ctx) -> List[Result]:
         stdm.append(float(aux["load_std_over_mean"]))
         over.append(float(aux["overflow_pct"]))
     last = slice(-10, None)
-    m = {"load_std_over_mean": round(float(np.mean(stdm[last])), 4), "overflow_pct": round(float(np.mean(over[last])), 3),
+    m = {"load_std_over_mean": round(float(np.mean(stdm[last])), 4),
+         "overflow_pct": round(float(np.mean(over[last])), 3),
          "loss_first": round(float(np.mean(ces[:5])), 4), "loss_last": round(float(np.mean(ces[last])), 4),
          "steps": steps, "capacity_factor": 1.25, "experts": 8, "top_k": 2}
     ok = m["load_std_over_mean"] <= 1.0 and m["overflow_pct"] <= 5.0 and all(map(math.isfinite, ces))
@@ -378,7 +379,6 @@ def check_quant(ctx: Ctx) -> List[Result]:
         return [_result(n, UNAVAILABLE, {}, t, why) for n, t in (("quant_int8_ppl", "drift <= 5%"),
                                                                   ("quant_int4_ppl", "drift <= 5%"),
                                                                   ("quant_int4_generate", "64 tokens"))]
-    import jax.numpy as jnp
     import numpy as np
 
     from iva_jax.inference import generate
@@ -407,7 +407,6 @@ def check_quant(ctx: Ctx) -> List[Result]:
          round(float(np.mean(new == ref)), 3), "distinct_tokens": int(np.unique(new).size)}
     out.append(_result("quant_int4_generate", PASS if ok else FAIL, m, "64 new tokens, valid ids",
                        f"{label}, greedy, EOS disabled"))
-    del jnp
     return out
 
 

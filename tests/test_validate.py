@@ -13,7 +13,8 @@ OK = {"PASS", "not applicable", "not available"}
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("validate_end_to_end", ROOT / "experiments" / "validate_end_to_end.py")
+    path = ROOT / "experiments" / "validate_end_to_end.py"
+    spec = importlib.util.spec_from_file_location("validate_end_to_end", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # its dataclasses look their module up
     spec.loader.exec_module(mod)

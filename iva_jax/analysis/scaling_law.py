@@ -109,7 +109,8 @@ class BrokenPowerLaw:
     def predict(self, compute: ArrayLike) -> np.ndarray:
         """Predicted loss at `compute` (> 0), on either side of the breakpoint (extrapolates linearly in log-log)."""
         d = np.log(_as_positive("compute", np.ravel(compute))) - math.log(self.breakpoint)
-        logl = math.log(self.loss_at_breakpoint) + self.slope_low * np.minimum(d, 0) + self.slope_high * np.maximum(d, 0)
+        logl = (math.log(self.loss_at_breakpoint) + self.slope_low * np.minimum(d, 0)
+                + self.slope_high * np.maximum(d, 0))
         return np.exp(logl).reshape(np.shape(compute))
 
     def to_dict(self) -> Dict[str, float]:

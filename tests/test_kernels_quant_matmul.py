@@ -61,6 +61,14 @@ def test_kernel_matches_float64(bits, sym, splits):
         np.testing.assert_allclose(np.asarray(got), exp, rtol=2e-6, atol=2e-6 * np.abs(exp).max())
 
 
+def test_xla_prefill_rows_use_the_dequantised_gemm():
+    q, s, z = weights(5, 4, True)
+    x = np.random.default_rng(6).standard_normal((40, K))  # > 16 rows: dequantise + one GEMM
+    out = qm.quant_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(q), jnp.asarray(s), bits=4, group_size=G, impl="xla")
+    exp = x @ numpy_dequant(q, s, None, 4, G)
+    np.testing.assert_allclose(np.asarray(out), exp, rtol=2e-6, atol=2e-6 * np.abs(exp).max())
+
+
 def test_bf16_activations_and_vjp():
     q, s, z = weights(11, 4, False)
     x = jnp.asarray(np.random.default_rng(8).standard_normal((M, K)), jnp.bfloat16)

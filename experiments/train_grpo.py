@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-TINY = ["model=tiny-random", "train.steps=4", "prompts_per_step=4", "group_size=4", "max_new_tokens=6", "task.n_train=64",
-        "task.n_eval=12", "task.max_digits=2", "eval_every=2", "train.lr=0.003", "train.warmup_steps=0",
-        "train.compute_dtype=float32"]
+TINY = ["model=tiny-random", "train.steps=4", "prompts_per_step=4", "group_size=4", "max_new_tokens=6",
+        "task.n_train=64", "task.n_eval=12", "task.max_digits=2", "eval_every=2", "train.lr=0.003",
+        "train.warmup_steps=0", "train.compute_dtype=float32"]
 EVAL_SEED = 1234
 
 
@@ -145,7 +145,8 @@ class Experiment:
             out.update(sampled_accuracy=s["accuracy_mean"], sampled_reward=s["reward_mean"])
         return out
 
-    def run_seed(self, seed: int, out: Path, before: Dict[str, float], deadline: float = float("inf")) -> Dict[str, Any]:
+    def run_seed(self, seed: int, out: Path, before: Dict[str, float],
+                 deadline: float = float("inf")) -> Dict[str, Any]:
         """Train one seed for train.steps steps (or until `deadline`); evaluate; telemetry + curve."""
         from iva_jax.rl import telemetry_record
         from iva_jax.train.telemetry import Telemetry
@@ -241,10 +242,12 @@ def summarize(results: List[Dict[str, Any]], before: Dict[str, float], cfg, exp:
                "config": cfg.to_dict(), "budget_s": budget_s, "load_s": exp.load_s, "before": before,
                "after_accuracy_mean": acc_m, "after_accuracy_std": acc_s,
                "after_reward_mean": ms("reward")[0], "after_sampled_accuracy_mean": ms("sampled_accuracy")[0],
-               "improvement_mean": float(gains.mean()), "improvement_std": float(gains.std(ddof=1)) if len(gains) > 1 else 0.0,
+               "improvement_mean": float(gains.mean()),
+               "improvement_std": float(gains.std(ddof=1)) if len(gains) > 1 else 0.0,
                "clear_improvement": clear, "per_seed": results}
     t = cfg.task
-    rows = [f"# {cfg.algorithm.upper()} on {cfg.model}: {t.min_digits}-{t.max_digits} digit addition, {t.n_eval} held-out problems\n",
+    rows = [f"# {cfg.algorithm.upper()} on {cfg.model}: {t.min_digits}-{t.max_digits} digit addition, "
+            f"{t.n_eval} held-out problems\n",
             f"device {summary['device']}; {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step, "
             f"lr {cfg.train.lr}, kl_coef {cfg.kl_coef} ({cfg.kl_estimator}), temperature {cfg.temperature}, "
             f"{cfg.mini_batches} minibatches x {cfg.ppo_epochs} epochs, loss {cfg.loss_agg_mode}, "
@@ -290,7 +293,7 @@ def main(argv=None) -> Dict[str, Any]:
     for i, seed in enumerate(seeds):
         elapsed = time.perf_counter() - t_start
         if results and args.study:
-            per_seed = max(r["train_s"] for r in results) + 10.0
+            per_seed = max(r["train_s"] - r["compile_s"] for r in results) + 15.0  # compiled once, in seed 1
             if elapsed + per_seed > args.budget_s:
                 print(f"[study] stopping before seed {seed}: {elapsed:.0f}s used, a seed takes ~{per_seed:.0f}s",
                       flush=True)

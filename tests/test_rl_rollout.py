@@ -8,7 +8,6 @@ import pytest
 from flax.core import meta
 
 from iva_jax.config import ModelConfig
-from iva_jax.inference import generate
 from iva_jax.inference.kv_cache import KVCache
 from iva_jax.models.transformer import Transformer
 from iva_jax.rl import Policy, PromptBatch, left_pad, preference_batch, response_forward, response_mask, sample_rollout
@@ -29,7 +28,9 @@ def tiny_model(seed=0, std=0.25, vocab=29):
 
     def one(path, s):
         name = str(getattr(path[-1], "key", path[-1]))
-        return np.ones(s.shape, np.float32) if name == "scale" else (std * rng.standard_normal(s.shape)).astype(np.float32)
+        if name == "scale":
+            return np.ones(s.shape, np.float32)
+        return (std * rng.standard_normal(s.shape)).astype(np.float32)
 
     return model, jax.tree_util.tree_map_with_path(one, abstract)
 
@@ -83,7 +84,8 @@ def test_preference_batch_and_sequence_logprobs(tiny):
     lp, logits = both(b["chosen_ids"], b["chosen_mask"], b["chosen_loss_mask"])
     logits = np.asarray(logits, np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    ref = [sum(logp[i, t - 1, b["chosen_ids"][i, t]] for t in range(6) if b["chosen_loss_mask"][i, t]) for i in range(2)]
+    ids, lm = b["chosen_ids"], b["chosen_loss_mask"]
+    ref = [sum(logp[i, t - 1, ids[i, t]] for t in range(6) if lm[i, t]) for i in range(2)]
     np.testing.assert_allclose(lp, ref, rtol=1e-5)
     with pytest.raises(ValueError, match="at least one"):
         preference_batch([], [], [], 0)

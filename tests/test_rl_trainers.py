@@ -36,7 +36,9 @@ def tiny_model(seed=0, std=0.25, vocab=23):
 
     def one(path, s):
         name = str(getattr(path[-1], "key", path[-1]))
-        return np.ones(s.shape, np.float32) if name == "scale" else (std * rng.standard_normal(s.shape)).astype(np.float32)
+        if name == "scale":
+            return np.ones(s.shape, np.float32)
+        return (std * rng.standard_normal(s.shape)).astype(np.float32)
 
     return model, jax.tree_util.tree_map_with_path(one, abstract)
 

@@ -138,7 +138,7 @@ class RLConfig(ConfigBase):
             check(getattr(self, f) >= 0, f, getattr(self, f), "must be >= 0")
         check_positive(self, "prompts_per_step", "mini_batches")
         check(self.prompts_per_step * self.group_size % self.mini_batches == 0, "mini_batches", self.mini_batches,
-              f"must divide the rollout batch prompts_per_step * group_size = {self.prompts_per_step * self.group_size}")
+              f"must divide the rollout batch prompts_per_step * group_size = {self.rollout_batch}")
         check(isinstance(self.eval_every, int) and self.eval_every >= 0, "eval_every", self.eval_every,
               "must be an integer >= 0")
         check(isinstance(self.train, TrainConfig), "train", self.train, "must be a TrainConfig")

@@ -159,7 +159,8 @@ def sample_rollout(model: Any, dec_params: Any, prompts: PromptBatch, *, group_s
 
 
 def preference_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
-                     rejected: Sequence[Sequence[int]], pad_id: int, length: Optional[int] = None) -> Dict[str, np.ndarray]:
+                     rejected: Sequence[Sequence[int]], pad_id: int,
+                     length: Optional[int] = None) -> Dict[str, np.ndarray]:
     """Pairs for DPO / the reward model: prompt + chosen and prompt + rejected, right-padded to `length`.
 
     Returns int32 [B, length] arrays chosen_/rejected_ ids, mask (attention) and loss_mask (1 on

@@ -82,7 +82,7 @@ def group_partners(n: int, group_size: int) -> np.ndarray:
 
 
 class HRMRPOShaping:
-    """HRM-RPO as a RewardHook of the policy-gradient trainer: R' = R + b_halt r_halt + b_entropy r_entropy + b_mem r_mem.
+    """HRM-RPO as the GRPO trainer's RewardHook: R' = R + b_halt r_halt + b_entropy r_entropy + b_mem r_mem.
 
     r_entropy is the response's mean token entropy (from the rollout's scoring pass).  r_halt and
     r_mem need the HRM controller, a callable `controller(hidden [N, T, D], response_mask [N, T])

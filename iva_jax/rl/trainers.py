@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple
+from typing import Any, Dict, Mapping, Optional, Protocol, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ import optax
 
 from iva_jax.config import dtype_of
 from iva_jax.parallel.rules import DEFAULT_RULES
-from iva_jax.parallel.sharding import replicated, sharded_jit
+from iva_jax.parallel.sharding import batch_sharding, replicated, sharded_jit
 from iva_jax.rl.advantages import gae_advantages_and_returns, grpo_advantages, kl_penalized_rewards
 from iva_jax.rl.config import RLConfig
 from iva_jax.rl.kl import adaptive_kl_update, kl_penalty
@@ -119,8 +119,15 @@ class _Trainer:
                            rules=self.rules)
 
     def _place(self, tree):
-        """Replicate on the mesh (data parallel: batches are split, params replicated) or keep as is."""
+        """Replicate on the mesh (data parallel: params replicated, batches split) or keep as is."""
         return tree if self.mesh is None else jax.device_put(tree, replicated(self.mesh))
+
+    def _shard(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """Split a batch's leading dimension over the mesh's batch axes (no-op without a mesh)."""
+        if self.mesh is None:
+            return batch
+        n = int(np.shape(next(iter(batch.values())))[0])
+        return jax.device_put(batch, batch_sharding(self.mesh, self.rules, n))
 
     needs_reference = True
 
@@ -282,8 +289,9 @@ class PolicyGradientTrainer(_Trainer):
         jax.block_until_ready(ro.responses)
         t_gen = time.perf_counter() - t0
         need_hidden = bool(getattr(self.reward_hook, "needs_hidden", False))
-        sc = self._score(state.train.params, state.train.frozen, state.ref, ro.input_ids, ro.attention_mask,
-                         ro.responses, ro.prompt_len, need_hidden)
+        b = self._shard({"ids": ro.input_ids, "mask": ro.attention_mask, "responses": jnp.asarray(ro.responses)})
+        sc = self._score(state.train.params, state.train.frozen, state.ref, b["ids"], b["mask"], b["responses"],
+                         ro.prompt_len, need_hidden)
         hidden = sc.pop("hidden", None)
         ro = ro.replace(**sc)
         jax.block_until_ready(ro.old_logp)
@@ -346,7 +354,7 @@ class PolicyGradientTrainer(_Trainer):
                 else:
                     idx = jnp.asarray(perm[i * mb:(i + 1) * mb])
                     part = {k: jnp.take(v, idx, axis=0) for k, v in batch.items()}
-                train, m = self._update(train, part, kl_coef, ro.prompt_len)
+                train, m = self._update(train, self._shard(part), kl_coef, ro.prompt_len)
                 ms.append(m)
         jax.block_until_ready(train.params)
         dt = time.perf_counter() - t0

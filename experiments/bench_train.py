@@ -51,7 +51,8 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_la
 
 def model_flops(shape: dict, n_params: int, batch: int, seq: int) -> float:
     """6 * N * tokens + causal attention 12 * L * hidden * seq^2 * batch / 2 (the anchor's count)."""
-    return 6.0 * n_params * batch * seq + 12.0 * shape["num_hidden_layers"] * shape["hidden_size"] * seq * seq * batch / 2
+    attention = 12.0 * shape["num_hidden_layers"] * shape["hidden_size"] * seq * seq * batch / 2
+    return 6.0 * n_params * batch * seq + attention
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,7 +71,10 @@ def _peak_bytes(devices) -> float:
 
 
 def run_trial(t: dict) -> dict:
-    """Compile and time one configuration: t = {impl, param_dtype, remat, batch (global), seq, mesh, tiny, steps, warmup}."""
+    """Compile and time one configuration.
+
+    t = {impl, param_dtype, remat, batch (global), seq, mesh, tiny, steps, warmup}.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -143,7 +147,8 @@ def run_trial(t: dict) -> dict:
         return out
     flops = model_flops(shape, mc.num_params(), B, S)
     n = out["devices"]
-    out.update(ok=True, oom=False, step_ms=dt * 1e3, tokens_per_sec=B * S / dt, tokens_per_sec_per_device=B * S / dt / n,
+    out.update(ok=True, oom=False, step_ms=dt * 1e3, tokens_per_sec=B * S / dt,
+               tokens_per_sec_per_device=B * S / dt / n,
                model_tflops_per_device=flops / dt / 1e12 / n, peak_memory_gb=_peak_bytes(mesh.devices.flat) / 1e9,
                losses=losses, finite=bool(np.all(np.isfinite(losses))), kernel_choices=sorted(set(choices)))
     if "xla_flops_per_device" in out:
@@ -254,7 +259,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke run of the whole script)")
     p.add_argument("--out", default=None, help="JSON results (rewritten after every configuration)")
     p.add_argument("--impls", default="auto,xla")
-    p.add_argument("--remats", default=None, help="remat policies to try (default none,dots_saveable,full; tiny none,full)")
+    p.add_argument("--remats", default=None,
+                   help="remat policies to try (default none,dots_saveable,full; tiny none,full)")
     p.add_argument("--batches", default=None, help="per-GPU batch sizes to try, increasing (default 8,16; tiny 2)")
     p.add_argument("--param_dtypes", default="float32,bfloat16",
                    help="first: the sweep; others: the best configuration of the sweep again")

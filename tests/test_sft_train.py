@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 COMMON = [f"steps={STEPS}", "batch_size=4", "seq_len=24", "eval_every=2", "checkpoint_every=2", "log_every=1",
           "eval_batches=1", "gen_samples=2", "gen_max_new_tokens=6", "compute_dtype=float32", "lr=3e-3",
-          "warmup_pct=null", "warmup_steps=1", "eps=1e-6", "data.eval_fraction=0.2", "tokenizer=bytes", "export_dtype=float32"]
+          "warmup_pct=null", "warmup_steps=1", "eps=1e-6", "data.eval_fraction=0.2", "tokenizer=bytes",
+          "export_dtype=float32"]
 # generation (the costliest compile here) is exercised in the LoRA run only; S trains without evaluation
 SHARDED = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "gen_samples=0"]
 SINGLE = ["mesh.data=1", "eval_every=-1"]
@@ -151,7 +152,8 @@ def test_checkpoint_converts_to_transformers_with_same_logits(runs, tmp_path):
     # the script's own export equals the conversion of its last checkpoint, tensor for tensor
     from safetensors.numpy import load_file
 
-    conv, exp = load_file(tmp_path / "conv" / "model.safetensors"), load_file(runs["root"] / "A" / "hf" / "model.safetensors")
+    conv = load_file(tmp_path / "conv" / "model.safetensors")
+    exp = load_file(runs["root"] / "A" / "hf" / "model.safetensors")
     assert sorted(conv) == sorted(exp)
     for k in conv:
         np.testing.assert_array_equal(conv[k], exp[k], err_msg=k)
@@ -177,7 +179,8 @@ def test_lora_sft_trains_adapters_only_and_exports_merged(runs, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(res.state.frozen), jax.device_get(base))
     # merged export: only the adapted projections differ from the base, and transformers reproduces the
     # adapted forward pass
-    src, exp = load_file(runs["hf_dir"] / "model.safetensors"), load_file(runs["root"] / "L" / "hf" / "model.safetensors")
+    src = load_file(runs["hf_dir"] / "model.safetensors")
+    exp = load_file(runs["root"] / "L" / "hf" / "model.safetensors")
     changed = sorted(k for k in exp if not np.array_equal(exp[k], src[k]))
     assert changed == sorted(f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(runs["root"] / "L" / "hf")).eval()
@@ -196,7 +199,8 @@ def test_unknown_config_keys_are_rejected_listing_valid_ones():
     main = _script().main
     with pytest.raises(ValueError, match=r"unknown SFTConfig keys \['learning_rate'\]; valid keys: \[.*'lora'.*'lr'"):
         main(["learning_rate=1e-3"])
-    with pytest.raises(ValueError, match=r"unknown LoRAConfig keys \['rnk'\]; valid keys: \['alpha', 'rank', 'targets'\]"):
+    with pytest.raises(ValueError,
+                       match=r"unknown LoRAConfig keys \['rnk'\]; valid keys: \['alpha', 'rank', 'targets'\]"):
         main(["lora.rnk=4"])
     with pytest.raises(ValueError, match=r"model_overrides=\['hiden_size'\].*valid keys: \[.*'hidden_size'"):
         main(["model_overrides.hiden_size=3"])
@@ -217,7 +221,8 @@ def test_qlora_trains_adapters_over_an_int4_base_and_exports_dequantized_merge(r
     res, ckpt = runs["Q"], runs["root"] / "Q" / "ckpt"
     frozen = res.state.frozen
     assert is_quantized(frozen["layers"]["self_attn"]["k_proj"]["kernel"])
-    assert is_quantized(frozen["layers"]["mlp"]["down_proj"]["kernel"]) and not is_quantized(frozen["embed_tokens"]["embedding"])
+    assert is_quantized(frozen["layers"]["mlp"]["down_proj"]["kernel"])
+    assert not is_quantized(frozen["embed_tokens"]["embedding"])
     recs = _records(runs, "Q")
     assert recs[-1]["quant"]["base_bits"] == 4 and recs[-1]["quant"]["group_size"] == 32
     assert all(np.isfinite(r["quality"]["loss"]) for r in recs) and recs[-1]["quality"]["skipped"] == 0
@@ -234,9 +239,22 @@ def test_qlora_trains_adapters_over_an_int4_base_and_exports_dequantized_merge(r
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(runs["root"] / "Q" / "hf")).eval()
     ids = np.random.default_rng(2).integers(0, 258, (2, 9)).astype(np.int32)
     model = Transformer(res.model.config)
-    ours = lora_apply(model.apply, res.config.lora, dequantize_leaf)({"params": adapters, "frozen": frozen}, jnp.asarray(ids))
+    apply = lora_apply(model.apply, res.config.lora, dequantize_leaf)
+    ours = apply({"params": adapters, "frozen": frozen}, jnp.asarray(ids))
     np.testing.assert_allclose(hf_logits(hf, ids), np.asarray(ours), rtol=1e-5, atol=1e-5)
     # orbax_to_torch re-quantizes the base as training did (lora.yaml records int4 / group 32) and merges alike
     conv = load_file(convert(ckpt, tmp_path / "conv") / "model.safetensors")
     for name in exp:
         np.testing.assert_allclose(conv[name], exp[name], rtol=0, atol=1e-7, err_msg=name)
+
+
+def test_resume_names_settings_that_changed():
+    from iva_jax.parallel import MeshConfig
+    from iva_jax.train.sft import SFTConfig, resume_changes
+
+    cfg = SFTConfig(steps=10)
+    meta = {"train_config": cfg.to_yaml()}
+    assert resume_changes(meta, cfg.replace(log_every=3, mesh=MeshConfig(fsdp=2), export_dir="x")) == []
+    changed = cfg.replace(lr=1e-3, batch_size=4, data=cfg.data.replace(eval_fraction=0.5))
+    assert resume_changes(meta, changed) == ["batch_size", "data", "lr"]
+    assert resume_changes({}, cfg) == []

@@ -98,7 +98,8 @@ def test_load_config_yaml_plus_overrides(tmp_path):
     cfg = load_config(TrainConfig, p, ["lr=2e-4", "mesh.tensor=2", "data.eval_fraction=0.1", "remat=full"])
     assert cfg.steps == 7 and cfg.lr == 2e-4 and isinstance(cfg.lr, float)
     assert cfg.mesh == MeshConfig(fsdp=2, tensor=2) and cfg.data.paths == ("a.jsonl",) and cfg.data.eval_fraction == 0.1
-    with pytest.raises(ValueError, match=r"unknown MeshConfig keys \['pipe'\]; valid keys: \['data', 'expert', 'fsdp', 'tensor'\]"):
+    with pytest.raises(ValueError,
+                       match=r"unknown MeshConfig keys \['pipe'\]; valid keys: \['data', 'expert', 'fsdp', 'tensor'\]"):
         load_config(TrainConfig, p, ["mesh.pipe=2"])
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_config(TrainConfig, tmp_path / "missing.yaml")

@@ -73,7 +73,8 @@ def _load_orbax(path: Path, step: Optional[int], base: Optional[str]) -> LoadedM
         return LoadedModel(config, params, tok, str(path))
     info = read_lora_file(path)
     if info is None:
-        raise ValueError(f"{path}: the checkpoint holds only LoRA adapters but has no lora.yaml saying how to merge them")
+        raise ValueError(f"{path}: the checkpoint holds only LoRA adapters but has no lora.yaml "
+                         "saying how to merge them")
     base = base or info["base"]
     if not base:
         raise ValueError(f"{path}: LoRA adapters need their base model; pass base=... (--base)")
@@ -100,7 +101,8 @@ def _check_shapes(params: Any, config: ModelConfig, what: str) -> None:
     want = {jax.tree_util.keystr(k): v.shape for k, v in
             jax.tree_util.tree_leaves_with_path(unbox(abstract["params"]))}
     have = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    diff = [f"  {k}: {have.get(k)} != {want.get(k)}" for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
+    diff = [f"  {k}: {have.get(k)} != {want.get(k)}" for k in sorted(set(want) | set(have))
+            if have.get(k) != want.get(k)]
     if diff:
         raise ValueError(f"{what}: parameter shapes differ (have != expected):\n" + "\n".join(diff))
 

@@ -57,9 +57,11 @@ class SFTConfig(TrainConfig):
         check(isinstance(self.model, str) and bool(self.model), "model", self.model, "must name a model source")
         check(isinstance(self.model_overrides, dict), "model_overrides", self.model_overrides, "must be a mapping")
         bad = sorted(set(self.model_overrides) - set(ModelConfig.field_names()))
-        check(not bad, "model_overrides", bad, f"unknown ModelConfig keys; valid keys: {sorted(ModelConfig.field_names())}")
+        check(not bad, "model_overrides", bad,
+              f"unknown ModelConfig keys; valid keys: {sorted(ModelConfig.field_names())}")
         check(self.lora is None or isinstance(self.lora, LoRAConfig), "lora", self.lora, "must be a LoRAConfig or null")
-        check(self.base_quant in (None, "int4", "int8"), "base_quant", self.base_quant, "must be null, 'int4' or 'int8'")
+        check(self.base_quant in (None, "int4", "int8"), "base_quant", self.base_quant,
+              "must be null, 'int4' or 'int8'")
         check(self.base_quant is None or self.lora is not None, "base_quant", self.base_quant,
               "a quantized base is frozen: it needs lora (QLoRA)")
         check(self.base_quant_group_size in (32, 64, 128, 256), "base_quant_group_size", self.base_quant_group_size,
@@ -200,6 +202,21 @@ def read_lora_file(directory: str | Path) -> Optional[Dict[str, Any]]:
             "base_quant": raw.get("base_quant"), "base_quant_group_size": int(raw.get("base_quant_group_size") or 64)}
 
 
+# settings that may change between a run and its resumption without changing what is trained
+RESUME_SAFE = ("log_every", "eval_every", "eval_batches", "gen_samples", "gen_max_new_tokens", "gen_prompt_len",
+               "checkpoint_every", "keep", "keep_best", "best_metric", "best_mode", "async_checkpoint",
+               "telemetry_path", "tensorboard_dir", "export_dir", "export_dtype", "resume", "checkpoint_dir", "mesh")
+
+
+def resume_changes(meta: Dict[str, Any], cfg: SFTConfig) -> List[str]:
+    """Keys (outside `RESUME_SAFE`) whose value differs from the checkpoint's saved train config."""
+    saved = meta.get("train_config")
+    if not saved:
+        return []
+    old, new = yaml.safe_load(saved) or {}, yaml.safe_load(cfg.to_yaml())
+    return sorted(k for k in set(old) | set(new) if k not in RESUME_SAFE and old.get(k) != new.get(k))
+
+
 def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: Any, *,
             base_source: Optional[str] = None, stop_after: Optional[int] = None, progress: bool = True) -> SFTResult:
     """Train `model_config` from `params` (None: random init from `cfg.seed`) on `cfg.data`; see the module doc.
@@ -290,6 +307,9 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
         if restored.data_state:
             data.load_state(restored.data_state)
         log.warning("resumed from %s step %d", ckdir, start)
+        changed = resume_changes(restored.meta, cfg)
+        if changed:
+            log.warning("resuming with changed settings %s: the run will differ from an uninterrupted one", changed)
     train_step = make_train_step(apply_fn, tx, cfg, schedule=sched, mesh=mesh, state_shardings=sh)
     eval_fn = None
     if cfg.eval_every >= 0:

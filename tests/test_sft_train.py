@@ -195,8 +195,13 @@ def test_lora_sft_trains_adapters_only_and_exports_merged(runs, tmp_path):
         np.testing.assert_array_equal(conv[k], exp[k], err_msg=k)
 
 
-def test_unknown_config_keys_are_rejected_listing_valid_ones():
+def test_unknown_config_keys_are_rejected_listing_valid_ones(tmp_path):
     main = _script().main
+    tiny_hf("llama", tmp_path / "hf", **HF_SHAPE)
+    want = r"(?s)do not fit the model config .*\['up_proj'\]\['kernel'\]: \(2, 64, 96\) != expected \(2, 64, 100\)"
+    with pytest.raises(ValueError, match=want):
+        main([f"model={tmp_path / 'hf'}", "tokenizer=bytes", "model_overrides.intermediate_size=100",
+              f"checkpoint_dir={tmp_path / 'ck'}"])
     with pytest.raises(ValueError, match=r"unknown SFTConfig keys \['learning_rate'\]; valid keys: \[.*'lora'.*'lr'"):
         main(["learning_rate=1e-3"])
     with pytest.raises(ValueError,

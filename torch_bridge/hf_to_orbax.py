@@ -96,15 +96,12 @@ def _load_orbax(path: Path, step: Optional[int], base: Optional[str]) -> LoadedM
 
 def _check_shapes(params: Any, config: ModelConfig, what: str) -> None:
     from iva_jax.models.transformer import Transformer
+    from iva_jax.train.checkpoint import shape_differences
 
     abstract = jax.eval_shape(Transformer(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
-    want = {jax.tree_util.keystr(k): v.shape for k, v in
-            jax.tree_util.tree_leaves_with_path(unbox(abstract["params"]))}
-    have = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    diff = [f"  {k}: {have.get(k)} != {want.get(k)}" for k in sorted(set(want) | set(have))
-            if have.get(k) != want.get(k)]
+    diff = shape_differences(params, unbox(abstract["params"]))
     if diff:
-        raise ValueError(f"{what}: parameter shapes differ (have != expected):\n" + "\n".join(diff))
+        raise ValueError(f"{what}: parameter shapes differ:\n" + "\n".join(diff))
 
 
 def load_model(source: str | Path, *, step: Optional[int] = None, base: Optional[str] = None,

@@ -89,6 +89,15 @@ def compare_trees(stored: Dict[str, Any], target: Dict[str, Any]) -> list:
     return lines
 
 
+def shape_differences(tree: Any, reference: Any) -> list:
+    """Lines naming every leaf path whose shape differs between two param trees, or that only one has."""
+    def shapes(t):
+        return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(t)}
+    have, want = shapes(tree), shapes(reference)
+    return [f"  {k}: {have.get(k, 'missing')} != expected {want.get(k, 'absent')}"
+            for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+
+
 class Checkpointer:
     """Periodic (async) saves keeping the latest `keep` and the best `keep_best` by `best_metric`."""
 

@@ -226,7 +226,7 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
     (after checkpointing) without changing the schedule, as an interrupted run would.
     """
     from iva_jax.models.transformer import Transformer
-    from iva_jax.train.checkpoint import Checkpointer, save_params
+    from iva_jax.train.checkpoint import Checkpointer, save_params, shape_differences
     from iva_jax.train.data import batches_from_config
     from iva_jax.train.loop import fit
     from iva_jax.train.step import create_train_state, init_train_state, make_train_step, make_tx_and_schedule
@@ -240,6 +240,11 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
     model = Transformer(mc)
     k_init, k_lora, k_state = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
     logical = jax.eval_shape(model.init, k_init, jnp.zeros((1, 2), jnp.int32))["params"]
+    if params is not None:
+        diff = shape_differences(params, unbox(logical))
+        if diff:
+            raise ValueError(f"the loaded params do not fit the model config ({len(diff)} leaves differ; "
+                             "check model_overrides):\n" + "\n".join(diff[:20]))
     param_sh = tree_shardings(logical, mesh)
     tx, sched = make_tx_and_schedule(cfg)
     pdt = jnp.dtype(cfg.param_dtype)
@@ -282,7 +287,7 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
         apply_fn = lora_apply(model.apply, cfg.lora, dequant)
         state, sh = create_train_state(adapters, tx, k_state, mesh=mesh, logical=adapters,
                                        param_dtype=cfg.param_dtype, frozen=base, frozen_shardings=frozen_sh)
-        if ckdir is not None:
+        if ckdir is not None and jax.process_index() == 0:
             if base_source is None:
                 log.warning("LoRA run without a base source: orbax_to_torch will need --base")
             _write_lora_file(ckdir, cfg, base_source or "")
@@ -297,7 +302,7 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
         checkpointer = Checkpointer(ckdir, keep=cfg.keep, keep_best=cfg.keep_best, best_metric=cfg.best_metric,
                                     best_mode=cfg.best_mode, save_every=cfg.checkpoint_every,
                                     async_save=cfg.async_checkpoint, train_config=cfg, model_config=mc)
-        if hasattr(tokenizer, "save_pretrained") and not (ckdir / "tokenizer").exists():
+        if hasattr(tokenizer, "save_pretrained") and not (ckdir / "tokenizer").exists() and jax.process_index() == 0:
             tokenizer.save_pretrained(str(ckdir / "tokenizer"))
     data = batches_from_config(cfg, tokenizer, "train")
     start = 0

@@ -119,6 +119,9 @@ def _xla(x, qweight, scale, zero, bits, group_size, out_dtype):
     # (never materialises the float weight; several times faster than the dequantised GEMM on CPU)
     acc = jnp.promote_types(x.dtype, _F32)
     ng, g, n = k // group_size, group_size, scale.shape[1]
+    if jax.default_backend() == "cpu":  # XLA:CPU has no bf16 x bf16 -> f32 dot for every shape
+        x = x.astype(acc)
+        prec = lax.Precision.HIGHEST
     xg = x.reshape(m, ng, g)
     if bits == 4:
         p = qweight.reshape(ng, g // 2, n)

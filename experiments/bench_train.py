@@ -270,7 +270,8 @@ def main(argv=None) -> dict:
     p.add_argument("--mesh", default=None, help="e.g. data=2 or fsdp=2: scaling mode over several GPUs")
     p.add_argument("--torch_batch", type=int, default=None, help="batch of the torch measurement (default 8; tiny 2)")
     p.add_argument("--no_torch", action="store_true")
-    p.add_argument("--budget_s", type=float, default=560.0, help="start no new configuration after this many seconds")
+    p.add_argument("--budget_s", type=float, default=450.0,
+                   help="start no new configuration after this many seconds (one device command may run 600 s)")
     p.add_argument("--trial", default=None, help=argparse.SUPPRESS)
     p.add_argument("--matmul", default=None, help=argparse.SUPPRESS)
     p.add_argument("--torchrun", default=None, help=argparse.SUPPRESS)

@@ -206,6 +206,10 @@ class ModelConfig(ConfigBase):
     # per-layer sequence mixer: "attention" or an SSM mixer name (iva_jax.ssm.MIXER_TYPES); None = all attention
     mixer_types: Optional[Tuple[str, ...]] = None
     moe: Optional[MoEConfig] = None  # MoE FFN on the layers moe.moe_layer_mask(L) selects; dense FFN elsewhere
+    # how the MoE balancing loss combines layers: "hf" = HF load_balancing_loss_func (f and P averaged over
+    # the MoE layers, then E * sum f P); "per_layer" = each layer's own loss, averaged (Switch / GShard /
+    # MaxText): it balances every layer, where "hf" lets one layer's overload hide behind another's slack
+    moe_aux_loss_layers: str = "hf"
     ssm: Optional[SSMConfig] = None  # SSM mixer hyper-parameters (the mixer type comes from mixer_types)
     n_sink: int = 1  # leading key positions a per-call `attn_sink_bias` applies to (attention sinks)
     max_position_embeddings: int = 4096
@@ -284,6 +288,7 @@ class ModelConfig(ConfigBase):
                   "eos_token_id", self.eos_token_id, "ids must be in [0, vocab_size)")
         check(isinstance(self.n_sink, int) and not isinstance(self.n_sink, bool) and self.n_sink >= 0, "n_sink",
               self.n_sink, "must be a non-negative integer")
+        check_choice(self, "moe_aux_loss_layers", ("hf", "per_layer"))
         self._validate_layer_pattern()
 
     def _validate_layer_pattern(self) -> None:
@@ -415,6 +420,16 @@ def parse_overrides(items: Sequence[str]) -> dict:
         parts = k.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(v)
+        node[parts[-1]] = _scalar(yaml.safe_load(v))
     return out
+
+
+def _scalar(v: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; treat such strings as the numbers they are."""
+    if isinstance(v, str):
+        try:
+            return float(v) if any(c in v.lower() for c in ".e") else int(v)
+        except ValueError:
+            return v
+    return v
 

@@ -62,5 +62,6 @@ def test_missing_yaml_file():
 def test_overrides():
     assert parse_overrides(["a=1", "b.c=0.5", "d=[1, 2]", "e=xla"]) == {"a": 1, "b": {"c": 0.5}, "d": [1, 2],
                                                                          "e": "xla"}
+    assert parse_overrides(["lr=1e-3", "n=null", "name=exp1"]) == {"lr": 1e-3, "n": None, "name": "exp1"}
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["novalue"])

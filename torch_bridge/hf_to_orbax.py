@@ -29,7 +29,7 @@ import numpy as np
 
 from iva_jax.config import ModelConfig
 from iva_jax.parallel import unbox
-from torch_bridge.loader import _TOKENIZER_FILES, DEFAULT_MODEL, embedded_model_dir, load_pretrained
+from torch_bridge.loader import TOKENIZER_FILES, DEFAULT_MODEL, embedded_model_dir, load_pretrained
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 TOKENIZER_DIR = "tokenizer"
@@ -132,7 +132,7 @@ def export_tokenizer(tokenizer: Optional[str], out_dir: str | Path) -> bool:
     src = embedded_model_dir() if tokenizer == DEFAULT_MODEL else Path(tokenizer)
     if src.is_dir() and _has_tokenizer(src):
         out.mkdir(parents=True, exist_ok=True)
-        for f in _TOKENIZER_FILES:
+        for f in TOKENIZER_FILES:
             if (src / f).exists() and f != "generation_config.json":
                 shutil.copy2(src / f, out / f)
         return True

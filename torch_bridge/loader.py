@@ -16,7 +16,7 @@ from iva_jax.models.transformer import Transformer
 from torch_bridge import gguf_io, hf_config, safetensors_io, weight_map
 
 DEFAULT_MODEL = "smollm2-135m"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 
 _DTYPE_NAMES = {jnp.float32: "float32", jnp.bfloat16: "bfloat16", jnp.float16: "float16"}
@@ -177,7 +177,7 @@ def save_pretrained(model: Transformer, params: dict, out_dir: str | Path, *, to
     if tokenizer is not None:
         if isinstance(tokenizer, (str, Path)):
             src = Path(tokenizer)
-            for f in _TOKENIZER_FILES:
+            for f in TOKENIZER_FILES:
                 if (src / f).exists():
                     shutil.copy2(src / f, out / f)
         else:

@@ -9,7 +9,9 @@ A fixed decode batch of `max_batch` slots shares one page pool.  Each `step()`:
      prompt + tokens so far, and recomputed on re-admission: vLLM's recompute preemption);
   3. runs one jitted decode step for all slots at once (free slots are masked out and write nothing);
   4. retires sequences that hit EOS or their max_new_tokens, returning their pages.
-Greedy decoding gives each request exactly the tokens `generate` gives it alone.
+Greedy decoding gives each request exactly the tokens `generate` gives it alone.  Each request may
+set its own temperature (0 = greedy); top-k / top-p / min-p come from the batcher's SamplingConfig.
+`cancel(rid)` drops a request (e.g. a client that went away) and returns its pages.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iva_jax.inference.paged import PageAllocator, PagedKVCache, pages_needed
-from iva_jax.inference.sampling import SamplingConfig, sample
+from iva_jax.inference.sampling import SamplingConfig, process_logits
 
 
 @dataclasses.dataclass
@@ -38,6 +40,7 @@ class _Request:
     pages: List[int] = dataclasses.field(default_factory=list)
     length: int = 0  # tokens in this slot's cache (ring mode: tokens seen)
     order: int = 0  # admission counter (preemption picks the youngest)
+    temperature: float = 0.0
     prior: List[int] = dataclasses.field(default_factory=list)  # tokens generated before a preemption
 
 
@@ -45,18 +48,27 @@ def _pools(cache: PagedKVCache) -> Dict[str, Any]:
     return dict(k_pages=cache.k_pages, v_pages=cache.v_pages, k_scale=cache.k_scale, v_scale=cache.v_scale)
 
 
+def _sample_rows(logits, rng, temps, sampling: SamplingConfig):
+    """Per-row temperature (0 = greedy); the batch-wide top-k / top-p / min-p filters of `sampling`."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    t = jnp.where(temps > 0, temps, 1.0)[:, None]
+    x = process_logits(logits.astype(jnp.float32) / t, None, sampling.replace(temperature=1.0))
+    drawn = jax.random.categorical(rng, x, axis=-1).astype(jnp.int32)
+    return jnp.where(temps > 0, drawn, greedy)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnames=("cache",))
-def _prefill_row(model, params, cache, ids, mask, row_table, rng, *, sampling):
+def _prefill_row(model, params, cache, ids, mask, row_table, rng, temp, *, sampling):
     view = cache.replace(page_table=row_table, lengths=jnp.zeros((1,), jnp.int32), next_pos=jnp.zeros((1,), jnp.int32))
     logits, new = model.apply({"params": params}, ids, mask, cache=view, last_logits_only=True)
-    tok = sample(logits[:, -1], rng, None, sampling)
+    tok = _sample_rows(logits[:, -1], rng, temp[None], sampling)
     return tok[0], cache.replace(**_pools(new))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnames=("cache",))
-def _decode_rows(model, params, cache, tok, active, rng, *, sampling):
+def _decode_rows(model, params, cache, tok, active, rng, temps, *, sampling):
     logits, cache = model.apply({"params": params}, tok[:, None], active[:, None], cache=cache)
-    return sample(logits[:, -1], rng, None, sampling), cache
+    return _sample_rows(logits[:, -1], rng, temps, sampling), cache
 
 
 class ContinuousBatcher:
@@ -100,8 +112,9 @@ class ContinuousBatcher:
         self.stats = collections.Counter()
 
     # ---- public API -----------------------------------------------------------------------
-    def submit(self, prompt: Sequence[int], max_new_tokens: int, eos_token_id: Any = None) -> int:
-        """Queue a request; returns its id."""
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, eos_token_id: Any = None,
+               temperature: Optional[float] = None) -> int:
+        """Queue a request (temperature None = the batcher's; 0 = greedy); returns its id."""
         prompt = [int(t) for t in np.asarray(prompt).reshape(-1)]
         vocab = self.model.config.vocab_size
         if not prompt or min(prompt) < 0 or max(prompt) >= vocab:
@@ -116,10 +129,25 @@ class ContinuousBatcher:
                              f"holds ({self.alloc.num_pages})")
         eos = self.default_eos if eos_token_id is None else (
             (int(eos_token_id),) if isinstance(eos_token_id, (int, np.integer)) else tuple(int(e) for e in eos_token_id))
+        temperature = self.sampling.temperature if temperature is None else float(temperature)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
         rid = self._next_id
         self._next_id += 1
-        self.queue.append(_Request(rid, prompt, int(max_new_tokens), eos))
+        self.queue.append(_Request(rid, prompt, int(max_new_tokens), eos, temperature=temperature))
         return rid
+
+    def cancel(self, rid: int) -> bool:
+        """Drop a queued or running request (its pages return to the pool); False if it is unknown or done."""
+        for req in list(self.queue):
+            if req.rid == rid:
+                self.queue.remove(req)
+                return True
+        for req in self.slots:
+            if req is not None and req.rid == rid:
+                self._retire(req)
+                return True
+        return False
 
     @property
     def idle(self) -> bool:
@@ -179,7 +207,8 @@ class ContinuousBatcher:
             ids[0, tb - t:] = req.prompt
             mask[0, tb - t:] = 1
             tok, self.cache = _prefill_row(self.model, self.params, self.cache, jnp.asarray(ids), jnp.asarray(mask),
-                                           jnp.asarray(self.table[slot:slot + 1]), self._key(), sampling=self.sampling)
+                                           jnp.asarray(self.table[slot:slot + 1]), self._key(),
+                                           jnp.asarray(req.temperature, jnp.float32), sampling=self.sampling)
             self.stats["prefills"] += 1
             req.length = t
             self.slots[slot] = req
@@ -217,8 +246,9 @@ class ContinuousBatcher:
     def _decode(self, events) -> None:
         self._push_state()
         active = np.array([s is not None for s in self.slots], np.int32)
+        temps = np.array([0.0 if s is None else s.temperature for s in self.slots], np.float32)
         nxt, self.cache = _decode_rows(self.model, self.params, self.cache, jnp.asarray(self._tok),
-                                       jnp.asarray(active), self._key(), sampling=self.sampling)
+                                       jnp.asarray(active), self._key(), jnp.asarray(temps), sampling=self.sampling)
         nxt = np.asarray(nxt)
         self.stats["decode_steps"] += 1
         for i, req in enumerate(self.slots):
@@ -233,7 +263,10 @@ class ContinuousBatcher:
         events.append((req.rid, tok, finished))
         if finished:
             self.results[req.rid] = req.prior + req.out
-            self.alloc.free(req.pages)
-            self.slots[req.slot] = None
-            self.table[req.slot] = 0
-            req.pages, req.slot = [], None
+            self._retire(req)
+
+    def _retire(self, req: _Request) -> None:
+        self.alloc.free(req.pages)
+        self.slots[req.slot] = None
+        self.table[req.slot] = 0
+        req.pages, req.slot = [], None

@@ -70,8 +70,9 @@ class RewardHook(Protocol):
 
     `__call__(rollout, rewards [N], hidden [N, T, D] or None) -> (shaped [N], metrics)` runs after
     the task reward and before the advantages; `needs_hidden` asks the trainer for the policy's
-    hidden states at the response positions.  An optional `update(rollout, hidden) -> metrics`
-    trains the hook's own model (e.g. the HRM controller) once per step, after the policy update.
+    hidden states at the response positions (else hidden is None).  An optional
+    `update(rollout, hidden) -> metrics` trains the hook's own model (e.g. the HRM controller) once
+    per rollout, right after shaping (the rollout then holds rewards and the shaped scores).
     """
 
     needs_hidden: bool
@@ -320,7 +321,7 @@ class PolicyGradientTrainer(_Trainer):
                        score_mean=float(np.mean(np.asarray(ro.scores))),
                        rollout_new_tokens=new_tokens, rollout_tokens_per_s=new_tokens / max(t_gen, 1e-9),
                        t_generate_s=t_gen, t_score_s=t_score, t_rollout_s=t_total)
-        if hidden is not None and hasattr(self.reward_hook, "update"):
+        if hasattr(self.reward_hook, "update"):
             metrics.update({f"hook/{k}": float(v) for k, v in self.reward_hook.update(ro, hidden).items()})
         return state, ro, metrics
 
@@ -414,18 +415,22 @@ def _head(ro: Rollout, k: int) -> Rollout:
                       response_mask=ro.response_mask[:k], metas=tuple(ro.metas[:k]))
 
 
-def GRPOTrainer(policy: Policy, cfg: RLConfig, reward_fn: RewardFn, **kw) -> PolicyGradientTrainer:
-    """A PolicyGradientTrainer for cfg.algorithm 'grpo' (or 'hrm_rpo' with a reward_hook)."""
-    if cfg.algorithm not in ("grpo", "hrm_rpo"):
-        raise ValueError(f"GRPOTrainer needs algorithm 'grpo' or 'hrm_rpo', got {cfg.algorithm!r}")
-    return PolicyGradientTrainer(policy, cfg, reward_fn, **kw)
+class GRPOTrainer(PolicyGradientTrainer):
+    """The policy-gradient trainer for cfg.algorithm 'grpo' (or 'hrm_rpo' with a reward_hook)."""
+
+    def __init__(self, policy: Policy, cfg: RLConfig, reward_fn: RewardFn, **kw):
+        if cfg.algorithm not in ("grpo", "hrm_rpo"):
+            raise ValueError(f"GRPOTrainer needs algorithm 'grpo' or 'hrm_rpo', got {cfg.algorithm!r}")
+        super().__init__(policy, cfg, reward_fn, **kw)
 
 
-def PPOTrainer(policy: Policy, cfg: RLConfig, reward_fn: RewardFn, **kw) -> PolicyGradientTrainer:
-    """A PolicyGradientTrainer for cfg.algorithm 'ppo' (policy needs head=True: the value head)."""
-    if cfg.algorithm != "ppo":
-        raise ValueError(f"PPOTrainer needs algorithm 'ppo', got {cfg.algorithm!r}")
-    return PolicyGradientTrainer(policy, cfg, reward_fn, **kw)
+class PPOTrainer(PolicyGradientTrainer):
+    """The policy-gradient trainer for cfg.algorithm 'ppo' (the policy needs head=True: the value head)."""
+
+    def __init__(self, policy: Policy, cfg: RLConfig, reward_fn: RewardFn, **kw):
+        if cfg.algorithm != "ppo":
+            raise ValueError(f"PPOTrainer needs algorithm 'ppo', got {cfg.algorithm!r}")
+        super().__init__(policy, cfg, reward_fn, **kw)
 
 
 # ------------------------------------------------------------------------------------------------

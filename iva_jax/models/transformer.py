@@ -44,8 +44,11 @@ MoE losses and telemetry (the `iva_jax.train.step` model protocol): with the "lo
 the model sows `moe/load_balancing` (aux_loss_coef * balancing loss) and `moe/z_loss` (z_loss_coef * mean
 router z-loss over the MoE layers); with "metrics" mutable, `moe/{load_per_expert, overflow_pct,
 route_entropy, load_std_over_mean}` (means over the MoE layers) and the unweighted losses.  The balancing
-loss is HF-exact (`load_balancing_loss_func`): f_e and P_e are averaged over the MoE layers first and
-then combined, E * sum_e mean_l(f) * mean_l(P), not a mean of per-layer losses.
+loss follows `config.moe_aux_loss_layers`: "hf" (default) is HF-exact (`load_balancing_loss_func`): f_e and
+P_e are averaged over the MoE layers first and then combined, E * sum_e mean_l(f) * mean_l(P); "per_layer"
+averages each layer's own E * sum_e f_e P_e (Switch / GShard), which balances every layer (under "hf" an
+expert overloaded in one layer and idle in another looks balanced; prefer per_layer when training from
+scratch).
 
 Expert parallelism: `Transformer(config, mesh=mesh)` with a mesh whose `expert` axis is > 1 runs every MoE
 layer through `iva_jax.moe.expert_parallel` (experts sharded over `expert`, tokens over data/fsdp/expert,
@@ -405,12 +408,13 @@ class Transformer(nn.Module):
         return carry, (hid, stack(moe) if moe else None)
 
     def _sow_moe(self, stats: Dict[str, jnp.ndarray]) -> None:
-        """HF-exact balancing loss from the layer-averaged (f, P), the mean z-loss, and layer-mean metrics."""
+        """Balancing loss (HF-exact from the layer-averaged (f, P), or per layer), mean z-loss, layer-mean metrics."""
         m = self.config.moe
-        f = jnp.mean(stats["tokens_per_expert"], axis=0)
-        p = jnp.mean(stats["router_prob_per_expert"], axis=0)
-        lb = moe_losses.load_balancing_loss_from_stats(f, p)
-        imp = moe_losses.importance_loss_from_stats(f, p, m.top_k)
+        f, p = stats["tokens_per_expert"], stats["router_prob_per_expert"]  # [n_moe_layers, E]
+        if self.config.moe_aux_loss_layers == "hf":
+            f, p = jnp.mean(f, axis=0), jnp.mean(p, axis=0)
+        lb = jnp.mean(moe_losses.load_balancing_loss_from_stats(f, p))
+        imp = jnp.mean(moe_losses.importance_loss_from_stats(f, p, m.top_k))
         z = jnp.mean(stats["z_loss"])
         main = lb if m.aux_loss_form == "switch" else imp
         losses = {"load_balancing": m.aux_loss_coef * main, "z_loss": m.z_loss_coef * z}

@@ -8,8 +8,8 @@ import pytest
 
 from iva_jax import quant
 from iva_jax.config import ModelConfig
-from iva_jax.models.transformer import init_params
 from iva_jax.quant import Fp8Weight, fp8
+from inference_tiny import tiny_model
 from kernels import dispatch
 
 
@@ -66,7 +66,7 @@ def test_emulated_matmul_matches_numpy_e4m3():
 def tiny():
     cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
-    model, params = init_params(cfg, seed=3)
+    model, params = tiny_model(cfg, seed=3, std=0.05)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 9)))
     return model, params, ids
 

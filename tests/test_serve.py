@@ -41,14 +41,21 @@ def post(srv, body, stream=False):
     return [json.loads(e) for e in events[:-1]]
 
 
-def alone(model, params, prompt, n):
-    ids = np.asarray([TOK.encode(prompt)])
-    return TOK.decode(list(np.asarray(generate(model, params, ids, n, eos_token_id=[]))[0]))
+PROMPTS = ["HELLO 42", "ABC DEFG", "THE FOX ", "7 8 9 10", "JAX JAX ", "PAGED KV"]
 
 
-def test_completion_equals_generate_and_stream_equals_plain(server):
-    srv, model, params = server
-    exp = alone(model, params, "HELLO 42", 12)
+@pytest.fixture(scope="module")
+def alone(server):
+    """Each prompt's 12 greedy tokens generated on its own (equal lengths: one batched `generate` call)."""
+    _, model, params = server
+    ids = np.asarray([TOK.encode(p) for p in PROMPTS])
+    return {p: TOK.decode(list(t)) for p, t in zip(PROMPTS, np.asarray(generate(model, params, ids, 12,
+                                                                                  eos_token_id=[])))}
+
+
+def test_completion_equals_generate_and_stream_equals_plain(server, alone):
+    srv = server[0]
+    exp = alone["HELLO 42"]
     r = post(srv, {"model": "tiny", "prompt": "HELLO 42", "max_tokens": 12, "temperature": 0})
     assert r["object"] == "text_completion" and r["model"] == "tiny"
     assert r["choices"][0]["text"] == exp and r["choices"][0]["finish_reason"] == "length"
@@ -59,9 +66,9 @@ def test_completion_equals_generate_and_stream_equals_plain(server):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_concurrent_requests_and_stop_strings(server):
-    srv, model, params = server
-    prompts = ["ABC", "THE QUICK FOX", "7 8 9", "JAX", "PAGED KV"]
+def test_concurrent_requests_and_stop_strings(server, alone):
+    srv = server[0]
+    prompts = PROMPTS[1:]
     results = {}
 
     def worker(p):
@@ -72,11 +79,11 @@ def test_concurrent_requests_and_stop_strings(server):
     for t in threads:
         t.join()
     for p in prompts:
-        assert results[p] == alone(model, params, p, 10), p
-    full = results["THE QUICK FOX"]
+        assert results[p] == alone[p][:10], p
+    full = results["THE FOX "]
     stop = full[3:5]
     cut = full.index(stop)
-    r = post(srv, {"prompt": "THE QUICK FOX", "max_tokens": 10, "stop": [stop, "\x7f"]})
+    r = post(srv, {"prompt": "THE FOX ", "max_tokens": 10, "stop": [stop, "\x7f"]})
     assert r["choices"][0] == {"text": full[:cut], "index": 0, "logprobs": None, "finish_reason": "stop"}
     b = srv.batcher
     for _ in range(100):  # the cancel reaches the engine thread asynchronously

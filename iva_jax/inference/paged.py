@@ -206,7 +206,7 @@ class PagedStep:
         c = self.cache
         t = q.shape[1]
         layer = jnp.asarray(layer, jnp.int32)
-        impl = c.kernel_impl or impl
+        impl = c.kernel_impl or decode_impl(impl)
         old = None
         if c.window is not None and t > 1:  # ring: attend over (cache before the chunk) + chunk, then write
             old = self._gather(layer, q.dtype)
@@ -312,15 +312,22 @@ def dense_decode(q: jnp.ndarray, ck: jnp.ndarray, cv: jnp.ndarray, *, layer: Any
     if window is not None:
         w = jnp.asarray(window, jnp.int32)
         lo = jnp.where(w > 0, jnp.maximum(hi - w, 0), 0)
-    out = decode_kernels.decode_attention(q[:, 0], ck, cv, hi, starts=lo, kv_valid=kv_valid, layer=layer, impl=impl)
+    out = decode_kernels.decode_attention(q[:, 0], ck, cv, hi, starts=lo, kv_valid=kv_valid, layer=layer,
+                                          impl=decode_impl(impl))
     return out[:, None]
+
+
+def decode_impl(attn_impl: str) -> str:
+    """The decode-attention impl for a model's `attn_impl`: "xla" stays XLA; any other choice (auto, pallas,
+    triton, mosaic: settings of the flash-attention kernel) lets the dispatcher pick the decode kernel."""
+    return "xla" if attn_impl == "xla" else "auto"
 
 
 def use_decode_kernel(impl: str, q: jnp.ndarray, bias: Any = None) -> bool:
     """True when a one-token step over the dense cache should go through the Pallas decode kernel."""
     if q.shape[1] != 1 or bias is not None:
         return False
-    return decode_kernels.choose_impl(impl, q.dtype, q.shape[-1], log=False) != "xla"
+    return decode_kernels.choose_impl(decode_impl(impl), q.dtype, q.shape[-1], log=False) != "xla"
 
 
 # ------------------------------------------------------------------------------------------------

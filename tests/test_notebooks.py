@@ -46,7 +46,8 @@ def test_notebooks_match_their_source():
 def test_runs_top_to_bottom_on_cpu(name, monkeypatch):
     monkeypatch.setenv("IVA_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device, not the suite's 8 fake ones
+    # one CPU device (not the suite's 8 fake ones), XLA's fast-compile settings: these runs are about behaviour
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     nb = _load(name)

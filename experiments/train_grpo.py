@@ -199,7 +199,11 @@ class Experiment:
 
 def plot(paths: List[Path], png: Path, results: List[Dict[str, Any]]) -> None:
     """Train reward (sampled) per step and held-out greedy accuracy per evaluation; KL; response length."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"[plot] matplotlib is not installed (pip install -e .[plots]); {png} not written", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -3,6 +3,8 @@ the JSON holds the checks and the telemetry blocks; a failing or crashing check 
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,10 +25,14 @@ def _script():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    mod = _script()
+    """The CLI as a user runs it (own process, one CPU device; XLA's fast-compile flags keep CI short)."""
     out = tmp_path_factory.mktemp("validate") / "v.json"
-    code = mod.main(["--device", "cpu", "--quick", "--out", str(out)])
-    return mod, code, json.loads(out.read_text())
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "validate_end_to_end.py"), "--device", "cpu",
+                           "--quick", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert "| check | status |" in proc.stdout, proc.stderr[-3000:]
+    return _script(), proc.returncode, json.loads(out.read_text())
 
 
 def test_quick_cpu_run_passes_or_explains(run):

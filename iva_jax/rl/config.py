@@ -4,13 +4,14 @@ Field names follow the references where they exist (verl: clip_ratio_low/high/c,
 kl estimator names; TRL: scale_rewards, label_smoothing).  Trainer fields: the model, prompts per
 step, minibatches, eval cadence, optional LoRA, and `train` (an iva_jax.train TrainConfig that
 supplies the optimizer and schedule; its `steps` is the number of RL steps, its `seed`, batch and
-data fields are unused: RLConfig.seed seeds everything).
+data fields are unused: RLConfig.seed seeds everything).  A partial `train` mapping in a dict / YAML
+fills the rest from `default_rl_train_config()`, not from TrainConfig's pretraining defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from iva_jax.config import ConfigBase, check, check_choice, check_positive
 from iva_jax.rl.advantages import GRPO_REWARD_SCALES
@@ -143,6 +144,13 @@ class RLConfig(ConfigBase):
               "must be an integer >= 0")
         check(isinstance(self.train, TrainConfig), "train", self.train, "must be a TrainConfig")
         check(self.lora is None or isinstance(self.lora, LoRAConfig), "lora", self.lora, "must be a LoRAConfig or None")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RLConfig":
+        """As ConfigBase.from_dict; a partial `train` mapping is completed from the RL defaults."""
+        if isinstance(d, Mapping) and isinstance(d.get("train"), Mapping):
+            d = dict(d, train={**default_rl_train_config().to_dict(), **d["train"]})
+        return super().from_dict(d)
 
     @property
     def rollout_batch(self) -> int:

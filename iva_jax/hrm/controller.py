@@ -238,7 +238,7 @@ def init_controller(ctrl: HRMController, lm_hidden_size: int, seed: int = 0) -> 
 # ------------------------------------------------------------------------------------------------
 # halting
 # ------------------------------------------------------------------------------------------------
-def act_halting(halt_probs: Array, threshold: float) -> Dict[str, Array]:
+def act_halting(halt_probs: Array, threshold: Any) -> Dict[str, Array]:
     """ACT halting of per-step probabilities [..., N]: weights [..., N] (sum 1), steps N (int32),
     remainder R, ponder_cost N + R, expected_steps sum_t t w_t; the last step always halts."""
     p = jnp.asarray(halt_probs, jnp.float32)
@@ -324,8 +324,8 @@ def ponder_forward(lm: nn.Module, lm_params: Any, ctrl: HRMController, ctrl_para
     n = c.max_steps if steps is None else steps
     if not (isinstance(n, int) and n >= 1):
         raise ValueError(f"steps={steps!r} must be a positive int")
-    thr = c.threshold if threshold is None else float(threshold)
-    if not 0.0 < thr <= 1.0:
+    thr = c.threshold if threshold is None else threshold  # a float, or a traced scalar
+    if isinstance(thr, (int, float)) and not 0.0 < thr <= 1.0:
         raise ValueError(f"threshold={threshold} must be in (0, 1]")
     if early_exit and mode != "adaptive":
         raise ValueError("early_exit applies to mode='adaptive' only")

@@ -40,7 +40,8 @@ class RPOController:
     """HRMRPOShaping's controller: `max_steps`, `__call__(hidden, response_mask)`, `update(rollout, hidden)`."""
 
     def __init__(self, lm: Any, lm_params: Any, config: ControllerConfig, params: Any = None, *, seed: int = 0,
-                 lr: float = 1e-3, read: str = "all", mem_coef: float = 0.0, mem_temperature: float = 0.1):
+                 lr: float = 1e-3, read: str = "all", mem_coef: float = 0.0, mem_temperature: float = 0.1,
+                 compiler_options: Optional[Dict[str, Any]] = None):
         if read not in READS:
             raise ValueError(f"read={read!r} must be one of {list(READS)}")
         self.lm, self.lm_params, self.config = lm, lm_params, config
@@ -51,8 +52,9 @@ class RPOController:
         self.tx = optax.adam(lr)
         self.opt_state = self.tx.init(self.params)
         self._rollout = None
-        self._score = jax.jit(self._score_impl)
-        self._update = jax.jit(self._update_impl, static_argnums=(4, 5))
+        jit_kw = dict(compiler_options=compiler_options) if compiler_options else {}
+        self._score = jax.jit(self._score_impl, **jit_kw)
+        self._update = jax.jit(self._update_impl, static_argnums=(4, 5), **jit_kw)
 
     # ---- pieces ------------------------------------------------------------------------------------
     def _inputs(self, rollout):

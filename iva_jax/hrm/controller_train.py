@@ -61,26 +61,39 @@ class ControllerTrainConfig(ConfigBase):
 
 
 def lm_batch(batch: Mapping[str, Any], context_len: int) -> Dict[str, np.ndarray]:
-    """A packed batch (`iva_jax.train.data.PackedBatches`) -> the controller's: input_ids, positions,
-    segment_ids, read_mask [B, S] (real tokens before context_len), targets / weights [B, S-1]
-    (next-token targets, weighted only for predictions at positions >= context_len - 1)."""
+    """A packed batch (`iva_jax.train.data.PackedBatches`: input_ids [, labels, segment_ids, positions])
+    -> the controller's (numpy, host side): the same keys, filled in, plus read_mask [B, S] (real tokens
+    before context_len).  `scored_targets` turns it into targets / weights inside the jitted step."""
     ids = np.asarray(batch["input_ids"])
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
     b, s = ids.shape
     if not 1 <= context_len < s:
         raise ValueError(f"context_len={context_len} must be in [1, seq_len={s})")
-    seg = np.asarray(batch.get("segment_ids", np.ones_like(ids)))
-    pos = np.asarray(batch.get("positions", np.broadcast_to(np.arange(s), (b, s))))
-    tgt, w = shifted_targets({k: jnp.asarray(v) for k, v in batch.items()})
-    w = np.asarray(w) * (np.arange(s - 1)[None] >= context_len - 1)
+    seg = np.asarray(batch.get("segment_ids", np.ones_like(ids)), np.int32)
+    pos = np.asarray(batch.get("positions", np.broadcast_to(np.arange(s), (b, s))), np.int32)
+    labels = np.asarray(batch.get("labels", ids), np.int32)
     read = (np.arange(s)[None] < context_len) & (seg != 0)
-    return {"input_ids": ids.astype(np.int32), "positions": pos.astype(np.int32), "segment_ids": seg.astype(np.int32),
-            "read_mask": read, "targets": np.asarray(tgt, np.int32), "weights": w.astype(np.float32)}
+    return {"input_ids": ids.astype(np.int32), "labels": labels, "positions": pos, "segment_ids": seg,
+            "read_mask": read}
+
+
+def scored_targets(batch: Mapping[str, Array], context_len: int) -> Tuple[Array, Array]:
+    """(targets, weights) [B, S-1] of a `lm_batch`: next-token targets (`shifted_targets`: no loss on
+    -100 labels, padding or across segments), weighted only for predictions at positions >=
+    context_len - 1, i.e. for tokens the controller did not read."""
+    tgt, w = shifted_targets(batch)
+    return tgt, w * (jnp.arange(tgt.shape[1])[None] >= context_len - 1)
 
 
 class ControllerTrainer:
-    """Jitted train / eval steps of a controller over `lm` (a `Transformer`) for one ControllerTrainConfig."""
+    """Jitted train / eval steps of a controller over `lm` (a `Transformer`) for one ControllerTrainConfig.
 
-    def __init__(self, cfg: ControllerTrainConfig, lm: Any, tx: Optional[optax.GradientTransformation] = None):
+    `tx` replaces the optimizer chain of `cfg.train`; `compiler_options` go to `jax.jit` (e.g.
+    {"xla_backend_optimization_level": 0} trades run time for compile time in quick CPU runs)."""
+
+    def __init__(self, cfg: ControllerTrainConfig, lm: Any, tx: Optional[optax.GradientTransformation] = None, *,
+                 compiler_options: Optional[Dict[str, Any]] = None):
         if not isinstance(cfg, ControllerTrainConfig):
             raise ValueError(f"cfg must be a ControllerTrainConfig, got {type(cfg).__name__}")
         self.cfg, self.lm = cfg, lm
@@ -88,8 +101,9 @@ class ControllerTrainer:
         self.schedule = make_schedule(cfg.train)
         self.tx = optax.with_extra_args_support(tx if tx is not None else make_optimizer(cfg.train, self.schedule))
         self.compute_dtype = dtype_of(cfg.train.compute_dtype)
-        self._step = jax.jit(self._step_impl, donate_argnums=(0,))
-        self._eval = jax.jit(self._eval_impl)
+        jit_kw = dict(compiler_options=compiler_options) if compiler_options else {}
+        self._step = jax.jit(self._step_impl, donate_argnums=(0,), **jit_kw)
+        self._eval = jax.jit(self._eval_impl, **jit_kw)
 
     # ---- state -------------------------------------------------------------------------------------
     def init_state(self, lm_params: Any, seed: Optional[int] = None) -> TrainState:
@@ -116,9 +130,11 @@ class ControllerTrainer:
                               segment_ids=batch["segment_ids"], **kw)
 
     def _step_impl(self, state: TrainState, batch: Dict[str, Array]):
+        tgt, w = scored_targets(batch, self.cfg.context_len)
+
         def loss_fn(params):
             out = self._ponder(params, state.frozen, batch)
-            return ponder_lm_loss(out, batch["targets"], batch["weights"], self.cfg.model, logits=out.logits[:, :-1])
+            return ponder_lm_loss(out, tgt, w, self.cfg.model, logits=out.logits[:, :-1])
 
         (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params, value=loss)
@@ -131,7 +147,7 @@ class ControllerTrainer:
 
     def _eval_impl(self, params, frozen, batch):
         c = self.cfg.model
-        tgt, w = batch["targets"], batch["weights"]
+        tgt, w = scored_targets(batch, self.cfg.context_len)
 
         def nll(logits):
             return cross_entropy_sums(logits[:, :-1], tgt, w)["nll"]
@@ -196,4 +212,4 @@ class ControllerTrainer:
                    progress=progress, desc="hrm-controller")
 
 
-__all__ = ("ControllerTrainConfig", "ControllerTrainer", "lm_batch")
+__all__ = ("ControllerTrainConfig", "ControllerTrainer", "lm_batch", "scored_targets")

@@ -30,7 +30,7 @@ import numpy as np
 
 REQUIRED = {"speed": ("tokens_per_sec", "step_time_ms"), "memory": ("vram_gb", "source"),
             "quality": ("loss", "ppl")}
-OPTIONAL_BLOCKS = ("moe", "hrm", "quant", "eval", "health")
+OPTIONAL_BLOCKS = ("moe", "hrm", "quant", "rl", "eval", "health")
 
 
 def memory_gb(device: Optional[jax.Device] = None) -> Dict[str, Any]:

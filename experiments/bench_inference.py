@@ -270,7 +270,7 @@ def e2e_hf(cfg: dict, path: str, batches, prompt: int, new: int, reps: int) -> N
         ms = guard(f"transformers static bs{b}", run)
         if ms is not None:
             row("e2e", f"bs{b} transformers generate, static cache", new_tok_s=b * new / ms * 1e3, ms=ms)
-    del m
+    m = None  # free the GPU memory before torch empties its cache
     if dev == "cuda":
         torch.cuda.empty_cache()
 
@@ -434,7 +434,7 @@ def decode_bench(configs, reps: int, sweep: bool, copy_gbs: float) -> None:
                           lambda f=f: kernel_ms(f, [(q, kp, vp) for q, (kp, vp) in zip(qs, pools)], reps))
                 if t is not None:
                     rec(f"paged({page}) {impl}{tag}", t, impl=impl, layout="paged", blocks=str(blk))
-        del pools
+        pools = None
         if ON_GPU:
             def sdpa():
                 import torch

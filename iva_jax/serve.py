@@ -227,7 +227,8 @@ def _make_handler(server: CompletionServer):
             self.wfile.write(data)
 
         def _error(self, code: int, msg: str) -> None:
-            self._json(code, {"error": {"message": msg, "type": "invalid_request_error" if code == 400 else "server_error"}})
+            kind = "invalid_request_error" if code == 400 else "server_error"
+            self._json(code, {"error": {"message": msg, "type": kind}})
 
         def do_GET(self):  # noqa: N802
             if self.path == "/health":

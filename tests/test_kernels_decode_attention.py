@@ -69,9 +69,10 @@ def run_paged(c, impl, dtype, **kw):
     kd = jnp.float8_e4m3fn if c["ks"] is not None else dtype
     sc = {} if c["ks"] is None else dict(k_scale=jnp.asarray(c["ks"], jnp.float32),
                                          v_scale=jnp.asarray(c["vs"], jnp.float32))
-    return da.paged_decode_attention(jnp.asarray(c["q"], dtype), jnp.asarray(c["kp"], kd), jnp.asarray(c["vp"], kd),
-                                     jnp.asarray(c["table"]), jnp.asarray(c["lengths"]), starts=jnp.asarray(c["starts"]),
-                                     layer=c["layer"], impl=impl, interpret=True, **sc, **kw)
+    arrays = (jnp.asarray(c["q"], dtype), jnp.asarray(c["kp"], kd), jnp.asarray(c["vp"], kd), jnp.asarray(c["table"]),
+              jnp.asarray(c["lengths"]))
+    return da.paged_decode_attention(*arrays, starts=jnp.asarray(c["starts"]), layer=c["layer"], impl=impl,
+                                     interpret=True, **sc, **kw)
 
 
 def rel(a, b):
@@ -111,9 +112,9 @@ def test_dense_layout_valid_mask_traced_layer():
 
     @jax.jit
     def f(q, k, v, layer):
-        return [da.decode_attention(q, k, v, jnp.asarray(lengths), starts=jnp.asarray(starts), kv_valid=jnp.asarray(valid),
-                                    layer=layer, impl=impl, interpret=True, blocks=da.DecodeBlocks(num_splits=2))
-                for impl in ("xla", "triton")]
+        kw = dict(starts=jnp.asarray(starts), kv_valid=jnp.asarray(valid), layer=layer, interpret=True,
+                  blocks=da.DecodeBlocks(num_splits=2))
+        return [da.decode_attention(q, k, v, jnp.asarray(lengths), impl=impl, **kw) for impl in ("xla", "triton")]
 
     for out in f(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(2)):
         assert rel(out, exp) < 2e-6

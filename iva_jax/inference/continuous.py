@@ -127,8 +127,12 @@ class ContinuousBatcher:
         if pages_needed(len(prompt) + max_new_tokens, self.page_size, self.n_sink, self.window) > self.alloc.num_pages:
             raise ValueError(f"a request of {len(prompt) + max_new_tokens} tokens needs more pages than the pool "
                              f"holds ({self.alloc.num_pages})")
-        eos = self.default_eos if eos_token_id is None else (
-            (int(eos_token_id),) if isinstance(eos_token_id, (int, np.integer)) else tuple(int(e) for e in eos_token_id))
+        if eos_token_id is None:
+            eos = self.default_eos
+        elif isinstance(eos_token_id, (int, np.integer)):
+            eos = (int(eos_token_id),)
+        else:
+            eos = tuple(int(e) for e in eos_token_id)
         temperature = self.sampling.temperature if temperature is None else float(temperature)
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")

@@ -42,8 +42,8 @@ class QuantConfig(ConfigBase):
         check_choice(self, "scale_dtype", ("float16", "float32"))
         check_choice(self, "kv_precision", KV_PRECISIONS)
         check_choice(self, "kernel_impl", ("auto", "xla", "pallas", "triton"))
-        check(isinstance(self.modules, tuple) and len(self.modules) > 0 and all(isinstance(m, str) for m in self.modules),
-              "modules", self.modules, "must be a non-empty list of Linear module names")
+        mods = self.modules
+        check(isinstance(mods, tuple) and len(mods) > 0 and all(isinstance(m, str) for m in mods), "modules", self.modules, "must be a non-empty list of Linear module names")
         for f in ("fp8_amax_history", "page_size", "max_batch", "max_seq_len"):
             v = getattr(self, f)
             check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, v, "must be a positive integer")

@@ -223,7 +223,8 @@ def check_moe(ctx: Ctx) -> List[Result]:
          "overflow_pct": round(mean("model/moe/overflow_pct", last), 3),
          "overflow_pct_first30": round(mean("model/moe/overflow_pct", slice(0, 30)), 2),
          "ce_first": round(mean("ce", slice(0, 3)), 4), "ce_last": round(mean("ce", last), 4), "steps": steps,
-         "capacity_factor": cfg.moe.capacity_factor, "experts": cfg.moe.num_experts, "top_k": cfg.moe.num_experts_per_tok}
+         "capacity_factor": cfg.moe.capacity_factor, "experts": cfg.moe.num_experts,
+         "top_k": cfg.moe.num_experts_per_tok}
     ok = (m["load_std_over_mean"] <= 1.0 and m["overflow_pct"] <= 5.0 and all(math.isfinite(h["loss"]) for h in hist))
     note = ("the decoder (iva_jax.models.transformer) with configs/model_moe.yaml's MoE in miniature (2 layers, "
             "byte tokens), trained on the embedded corpus with the real train step; mean of the last 10 steps")

@@ -51,7 +51,8 @@ def test_runs_top_to_bottom_on_cpu(name, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     nb = _load(name)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(ROOT)}})
     client.execute()  # raises CellExecutionError (with the cell and traceback) on any failure
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code)

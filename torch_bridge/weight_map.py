@@ -253,7 +253,8 @@ def params_to_hf(params: Mapping, config: ModelConfig) -> Dict[str, np.ndarray]:
                     _set(sub, rel[4:], arr)
                     done.add(rel)
             hf_prefix = f"model.layers.{i}.{_moe_prefix(config)}"
-            out.update({k: np.ascontiguousarray(v) for k, v in moe_block_to_hf(sub, hf_prefix, config.model_type).items()})
+            moe_tensors = moe_block_to_hf(sub, hf_prefix, config.model_type)
+            out.update({k: np.ascontiguousarray(v) for k, v in moe_tensors.items()})
         used.update(f"{prefix}/{rel}" for rel in done)
     leftover = sorted(set(flat) - used)
     if leftover:

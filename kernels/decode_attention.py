@@ -397,6 +397,37 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                         (True, sm_scale, blocks, bool(interpret)))
 
 
+def impl_for_model(attn_impl: str) -> str:
+    """The decode impl for a model's `attn_impl`: "xla" stays XLA; any other setting (auto / pallas / triton /
+    mosaic, which name the flash-attention kernel) lets the dispatcher pick, so decoding never raises."""
+    return "xla" if attn_impl == "xla" else "auto"
+
+
+def use_for_step(attn_impl: str, q: jax.Array, bias: Any = None) -> bool:
+    """True when a one-token step q [B, 1, Hq, D] (no additive bias) should run the Pallas decode kernel."""
+    if q.shape[1] != 1 or bias is not None:
+        return False
+    return choose_impl(impl_for_model(attn_impl), q.dtype, q.shape[-1], log=False) != "xla"
+
+
+def dense_cache_step(q: jax.Array, ck: jax.Array, cv: jax.Array, *, layer: Any, cache_index: Any,
+                     kv_valid: Optional[jax.Array], window: Any, attn_impl: str = "auto") -> jax.Array:
+    """One decode step q [B, 1, Hq, D] over the decoder's dense cache [L, B, S, Hkv, D] -> [B, 1, Hq, D].
+
+    The masked-attention visibility at query slot `cache_index`: slots <= cache_index, inside `window`
+    (int, None, or traced with 0 = none) and `kv_valid`.
+    """
+    b = q.shape[0]
+    hi = jnp.full((b,), jnp.asarray(cache_index, jnp.int32) + 1)
+    lo = jnp.zeros((b,), jnp.int32)
+    if window is not None:
+        w = jnp.asarray(window, jnp.int32)
+        lo = jnp.where(w > 0, jnp.maximum(hi - w, 0), 0)
+    out = decode_attention(q[:, 0], ck, cv, hi, starts=lo, kv_valid=kv_valid, layer=layer,
+                           impl=impl_for_model(attn_impl))
+    return out[:, None]
+
+
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
                      starts: Optional[jax.Array] = None, kv_valid: Optional[jax.Array] = None, layer: Any = None,
                      sm_scale: Optional[float] = None, impl: str = "auto", interpret: bool = False,

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 from iva_jax.inference import generate
-from iva_jax.inference.paged import (PageAllocator, PagedKVCache, dense_decode, generate_paged, pages_needed,
-                                     quantize_kv)
+from iva_jax.inference.paged import PageAllocator, PagedKVCache, generate_paged, pages_needed, quantize_kv
 from iva_jax.layers.attention import masked_attention
 from iva_jax.models.transformer import Transformer
 from inference_tiny import CFG, tiny_model
-from kernels.decode_attention import DecodeBlocks
+from kernels.decode_attention import DecodeBlocks, dense_cache_step
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +88,7 @@ def test_dense_decode_wrapper_matches_masked_attention():
 
     @jax.jit
     def both(window):
-        got = dense_decode(q, ck, cv, layer=1, cache_index=9, kv_valid=valid, window=window, impl="xla")
+        got = dense_cache_step(q, ck, cv, layer=1, cache_index=9, kv_valid=valid, window=window, attn_impl="xla")
         return got, masked_attention(q, ck[1], cv[1], q_offset=9, window=window, kv_valid=valid)
 
     for window in (0, 4, 3, 100):  # traced: 0 = no window

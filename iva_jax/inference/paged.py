@@ -119,7 +119,7 @@ class PagedKVCache:
         if page_table.shape != (batch, max_pages):
             raise ValueError(f"PagedKVCache: page_table shape {page_table.shape} != {(batch, max_pages)}")
         dt = kv_dtype_of(kv_dtype, config)
-        shape = (config.num_hidden_layers, num_pages, page_size, config.num_key_value_heads,
+        shape = (config.num_attention_layers, num_pages, page_size, config.num_key_value_heads,
                  config.resolved_head_dim)
         fp8 = dt == _FP8
         scale = jnp.ones(shape[:-1], jnp.float32) if fp8 else None
@@ -157,8 +157,9 @@ class PagedKVCache:
         b, t = mask.shape
         if self.page_table.shape[0] != b:
             raise ValueError(f"paged cache batch {self.page_table.shape[0]} != input batch {b}")
-        if self.k_pages.shape[0] != config.num_hidden_layers:
-            raise ValueError(f"paged cache has {self.k_pages.shape[0]} layers, model has {config.num_hidden_layers}")
+        if self.k_pages.shape[0] != config.num_attention_layers:
+            raise ValueError(f"paged cache has {self.k_pages.shape[0]} layers, model has "
+                             f"{config.num_attention_layers} attention layers")
         if self.k_pages.shape[3:] != (config.num_key_value_heads, config.resolved_head_dim):
             raise ValueError(f"paged cache heads/head_dim {self.k_pages.shape[3:]} != model "
                              f"{(config.num_key_value_heads, config.resolved_head_dim)}")
@@ -206,7 +207,7 @@ class PagedStep:
         c = self.cache
         t = q.shape[1]
         layer = jnp.asarray(layer, jnp.int32)
-        impl = c.kernel_impl or decode_impl(impl)
+        impl = c.kernel_impl or decode_kernels.impl_for_model(impl)
         old = None
         if c.window is not None and t > 1:  # ring: attend over (cache before the chunk) + chunk, then write
             old = self._gather(layer, q.dtype)
@@ -297,37 +298,6 @@ def _multi_query_attention(q, k, v, vis):
     p = jnp.where(m5, jax.nn.softmax(s, axis=-1), 0.0).astype(v.dtype)
     o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
     return o.reshape(b, t, hq, d).astype(q.dtype)
-
-
-def dense_decode(q: jnp.ndarray, ck: jnp.ndarray, cv: jnp.ndarray, *, layer: Any, cache_index: Any,
-                 kv_valid: Optional[jnp.ndarray], window: Any, impl: str) -> jnp.ndarray:
-    """Decode step (q [B, 1, Hq, hd]) over the dense cache [L, B, S, Hkv, hd] through the decode kernel.
-
-    Same visibility as `masked_attention` at q_offset = cache_index: slots <= cache_index, inside the
-    window, and valid.
-    """
-    b = q.shape[0]
-    hi = jnp.full((b,), jnp.asarray(cache_index, jnp.int32) + 1)
-    lo = jnp.zeros((b,), jnp.int32)
-    if window is not None:
-        w = jnp.asarray(window, jnp.int32)
-        lo = jnp.where(w > 0, jnp.maximum(hi - w, 0), 0)
-    out = decode_kernels.decode_attention(q[:, 0], ck, cv, hi, starts=lo, kv_valid=kv_valid, layer=layer,
-                                          impl=decode_impl(impl))
-    return out[:, None]
-
-
-def decode_impl(attn_impl: str) -> str:
-    """The decode-attention impl for a model's `attn_impl`: "xla" stays XLA; any other choice (auto, pallas,
-    triton, mosaic: settings of the flash-attention kernel) lets the dispatcher pick the decode kernel."""
-    return "xla" if attn_impl == "xla" else "auto"
-
-
-def use_decode_kernel(impl: str, q: jnp.ndarray, bias: Any = None) -> bool:
-    """True when a one-token step over the dense cache should go through the Pallas decode kernel."""
-    if q.shape[1] != 1 or bias is not None:
-        return False
-    return decode_kernels.choose_impl(decode_impl(impl), q.dtype, q.shape[-1], log=False) != "xla"
 
 
 # ------------------------------------------------------------------------------------------------

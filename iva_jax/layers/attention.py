@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from kernels import decode_attention as decode_kernels
 from iva_jax.config import ModelConfig, dtype_of
-from iva_jax.inference import paged
 from iva_jax.layers.linear import Linear, default_kernel_init
 from iva_jax.layers.norms import RMSNorm
 from iva_jax.layers.rotary import apply_rotary
@@ -142,9 +142,9 @@ class Attention(nn.Module):
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], at)
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], at)
             new_cache = (ck, cv)
-            if paged.use_decode_kernel(c.attn_impl, q, bias):  # one token: the Pallas decode kernel
-                out = paged.dense_decode(q, ck, cv, layer=layer, cache_index=cache_index, kv_valid=kv_valid,
-                                         window=window, impl=c.attn_impl)
+            if decode_kernels.use_for_step(c.attn_impl, q, bias):  # one token: the Pallas decode kernel
+                out = decode_kernels.dense_cache_step(q, ck, cv, layer=layer, cache_index=cache_index,
+                                                      kv_valid=kv_valid, window=window, attn_impl=c.attn_impl)
                 return self.o_proj(out.reshape(b, t, -1)), new_cache
             lk = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
             lv = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)

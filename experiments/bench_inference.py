@@ -420,6 +420,7 @@ def decode_bench(configs, reps: int, sweep: bool, copy_gbs: float) -> None:
         if sweep and ON_GPU and (b, hq, hkv, s, d) == configs[0]:
             blocks += [da.DecodeBlocks(block_k=bk, num_splits=sp, num_warps=nw, num_stages=st)
                        for bk in (32, 64, 128) for sp in (None, 2, 8) for nw in (4, 8) for st in (2, 3)]
+            blocks = list(dict.fromkeys(blocks))  # the default once
         for impl in ("xla", kernel_impl()):
             for blk in (blocks if impl != "xla" else [da.DecodeBlocks()]):
                 tag = "" if blk == da.DecodeBlocks() else f" {blk}"

@@ -176,6 +176,9 @@ def test_ponder_forward_shapes_mixture_and_plain_start(dense):
     st = halting_stats(out)
     assert float(st["halt_rate"]) == pytest.approx((ref["steps"] < 3).mean())
     assert float(st["avg_steps"]) == pytest.approx(ref["steps"].mean())
+    used = (np.arange(3)[:, None] >= 1) & (np.arange(3)[:, None] < ref["steps"][None])  # modulated steps rows used
+    assert used.any() and float(st["sink_alpha"]) == pytest.approx((np.asarray(out.alpha) * used).sum() / used.sum())
+    assert float(st["router_tau"]) == 1.0  # a dense LM gets no temperature
 
 
 def test_gradients_reach_every_controller_part(dense):
@@ -319,7 +322,7 @@ def test_rpo_controller_feeds_hrm_rpo_shaping(dense):
     from iva_jax.rl import HRMRPOShaping, Rollout
     from iva_jax.rl.shaping import group_partners, memory_reward
 
-    lm, lm_params, *_ = dense
+    lm, lm_params, _, params, *_ = dense
     n, g, P, T = 6, 3, 4, 5
     rng = np.random.default_rng(11)
     pmask = np.ones((n, P), np.int32)
@@ -327,8 +330,7 @@ def test_rpo_controller_feeds_hrm_rpo_shaping(dense):
     rmask = np.arange(T)[None] < np.array([5, 3, 4, 5, 2, 5])[:, None]
     ro = Rollout(rng.integers(3, 61, (n, P)).astype(np.int32), pmask, rng.integers(3, 61, (n, T)).astype(np.int32),
                  rmask, group_size=g, entropy=rng.uniform(0, 2, (n, T)).astype(np.float32))
-    ctrl = RPOController(lm, lm_params, CFG.replace(halt_bias_init=-1.0), seed=4, lr=1e-2, mem_coef=0.5,
-                         compiler_options=FAST)
+    ctrl = RPOController(lm, lm_params, CFG, perturb(params, 4), lr=1e-2, mem_coef=0.5, compiler_options=FAST)
     hook = ControllerShaping(b_halt=0.5, b_entropy=0.1, b_mem=0.2, group_size=g, controller=ctrl)
     rewards = rng.uniform(size=n).astype(np.float32)
     hidden = jnp.zeros((n, T, lm.config.hidden_size))

@@ -411,13 +411,16 @@ def ponder_penalty(out: PonderOutput, config: ControllerConfig) -> Array:
 
 def halting_stats(out: PonderOutput) -> Dict[str, Array]:
     """The telemetry `hrm` block: halt_rate (share halting before the step limit), avg_steps (mean N),
-    ponder_cost (mean N + R), expected_steps, p_first (mean p_h(1)), sink_alpha / router_tau (means
-    over steps >= 2, the modulated ones)."""
-    later = slice(1, None) if out.alpha.shape[0] > 1 else slice(0, None)
+    ponder_cost (mean N + R), expected_steps, p_first (mean p_h(1)), sink_alpha / router_tau (means of
+    mean |alpha_s| / tau over the modulated steps 2..N each row used; 0 / 1 when no row got there)."""
+    t = jnp.arange(out.alpha.shape[0])[:, None]
+    used = ((t >= 1) & (t < out.steps[None, :])).astype(jnp.float32)  # [N, B]
+    cnt = jnp.sum(used)
     return {"halt_rate": jnp.mean(out.halted_early.astype(jnp.float32)),
             "avg_steps": jnp.mean(out.steps.astype(jnp.float32)), "ponder_cost": jnp.mean(out.ponder_cost),
             "expected_steps": jnp.mean(out.expected_steps), "p_first": jnp.mean(out.halt_probs[:, 0]),
-            "sink_alpha": jnp.mean(out.alpha[later]), "router_tau": jnp.mean(out.tau[later])}
+            "sink_alpha": jnp.where(cnt > 0, jnp.sum(out.alpha * used) / jnp.maximum(cnt, 1.0), 0.0),
+            "router_tau": jnp.where(cnt > 0, jnp.sum(out.tau * used) / jnp.maximum(cnt, 1.0), 1.0)}
 
 
 def ponder_objective(ce: Array, out: PonderOutput, config: ControllerConfig) -> Tuple[Array, Dict[str, Array]]:

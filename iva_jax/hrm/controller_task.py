@@ -69,17 +69,22 @@ def _sink_logits(lm: Transformer, params: Any, ids: jax.Array, alpha: jax.Array)
 
 
 def modulation_task(lm: Transformer, lm_params: Any, n: int, seq_len: int, context_len: int, *,
-                    alpha_star: float = 3.0, hard_fraction: float = 0.5, seed: int = 0) -> Dict[str, np.ndarray]:
+                    alpha_star: float = 3.0, hard_fraction: float = 0.5, seed: int = 0,
+                    hard: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
     """n rows: input_ids [n, S] (marker at 0), read_mask (the first context_len positions), weights (the
     predictions at positions >= context_len - 1), target_probs [n, S, V] (the LM's distribution, with
-    sink bias alpha* on HARD rows), hard [n] bool (exactly round(n * hard_fraction) rows, shuffled)."""
+    sink bias alpha* on HARD rows), hard [n] bool (given, or exactly round(n * hard_fraction) rows, shuffled)."""
     if not 1 <= context_len < seq_len:
         raise ValueError(f"context_len={context_len} must be in [1, seq_len={seq_len})")
     v = lm.config.vocab_size
     if v <= HARD + 1:
         raise ValueError(f"vocab_size={v} leaves no body tokens (markers are {EASY}, {HARD})")
     rng = np.random.default_rng(seed)
-    hard = rng.permutation(np.arange(n) < round(n * hard_fraction))
+    if hard is None:
+        hard = rng.permutation(np.arange(n) < round(n * hard_fraction))
+    hard = np.asarray(hard, bool)
+    if hard.shape != (n,):
+        raise ValueError(f"hard has shape {hard.shape}, expected ({n},)")
     ids = rng.integers(HARD + 1, v, (n, seq_len)).astype(np.int32)
     ids[:, 0] = np.where(hard, HARD, EASY)
     alpha = jnp.asarray(np.where(hard, alpha_star, 0.0), jnp.float32)
@@ -122,7 +127,9 @@ def seed_check(seed: int = 0, controller: ControllerConfig = SEED_CONTROLLER, *,
     ctrl = make_controller(controller, lm.config)
     params = init_controller(ctrl, lm.config.hidden_size, seed)
     task = dict(seq_len=o["seq_len"], context_len=o["context_len"], alpha_star=o["alpha_star"])
-    data = modulation_task(lm, lm_params, o["n_train"] + o["n_eval"], seed=seed + 1, **task)
+    rng = np.random.default_rng(seed)
+    hard = np.concatenate([rng.permutation(np.arange(m) < m // 2) for m in (o["n_train"], o["n_eval"])])  # 50 / 50
+    data = modulation_task(lm, lm_params, o["n_train"] + o["n_eval"], seed=seed + 1, hard=hard, **task)
     train = {k: v[:o["n_train"]] for k, v in data.items()}
     held = {k: v[o["n_train"]:] for k, v in data.items()}
     tx = optax.adam(o["lr"])
@@ -148,7 +155,7 @@ def seed_check(seed: int = 0, controller: ControllerConfig = SEED_CONTROLLER, *,
     def rows(data, idx):
         return {k: jnp.asarray(v[idx]) for k, v in data.items() if k != "hard"}
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 1])  # batch order
     losses = []
     for _ in range(o["steps"]):
         idx = rng.choice(o["n_train"], o["batch"], replace=False)

@@ -107,15 +107,16 @@ class ControllerTrainer:
 
     # ---- state -------------------------------------------------------------------------------------
     def init_state(self, lm_params: Any, seed: Optional[int] = None) -> TrainState:
-        """Controller (+ LoRA adapters) as trainable params, the LM (cast to compute dtype) as frozen."""
+        """Controller (+ LoRA adapters) as trainable params, a copy of the LM (in compute dtype) as frozen."""
         seed = self.cfg.train.seed if seed is None else seed
         k_lora, k_state = jax.random.split(jax.random.PRNGKey(seed))
         params = {"ctrl": init_controller(self.ctrl, self.lm.config.hidden_size, seed)}
         if self.cfg.lora is not None:
             params["lora"] = jax.tree_util.tree_map(jnp.asarray, init_lora(lm_params, self.cfg.lora, k_lora))
+        # copies: the step donates its state, frozen weights included, and must not delete the caller's
         frozen = jax.tree_util.tree_map(
-            lambda x: jnp.asarray(x, self.compute_dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating)
-            else jnp.asarray(x), lm_params)
+            lambda x: jnp.array(x, self.compute_dtype if jnp.issubdtype(jnp.result_type(x), jnp.floating) else None,
+                                copy=True), lm_params)
         state, _ = create_train_state(params, self.tx, k_state, param_dtype="float32", frozen=frozen)
         return state
 

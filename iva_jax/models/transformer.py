@@ -26,7 +26,8 @@ Call contract: `model.apply({"params": p}, input_ids)` -> logits [B, S, V].  Opt
 `attention_mask` [B, S] (1 = token, 0 = padding; left padding works), `positions` [B, S],
 `segment_ids` [B, S] (packed sequences), `cache` (a `KVCache` or a paged `PagedKVCache`; then the result is
 (logits, cache)), `return_hidden` (append the final normed hidden states), `return_layer_hidden` (append
-every layer's output, the residual stream before the final norm, [L, B, S, D]: the scan's ys),
+every layer's output, the residual stream before the final norm, [L, B, S, D]: the scan's ys; HF's
+`output_hidden_states` are (embeddings, layer_hidden[0], ..., layer_hidden[L-2], hidden)),
 `last_logits_only` (logits of the last position only, [B, 1, V]), `inputs_embeds` (instead of input_ids),
 `deterministic` (False = training: MoE router jitter from the "dropout" rng, Sinkhorn selection).
 Outputs in this order: logits, cache, hidden, layer hidden.

@@ -56,19 +56,15 @@ class Result:
 
 
 class Ctx:
-    """What the checks share: arguments, the device, and the lazily loaded SmolLM2 (or tiny) model."""
+    """What the checks share: the arguments and the device."""
 
     def __init__(self, args):
-        self.args = args
-        self.quick = args.quick
-        import jax
-
         from kernels import dispatch
 
+        self.args = args
+        self.quick = args.quick
         self.info = dispatch.device_info()
         self.gpu = self.info.platform == "cuda"
-        self.jax = jax
-        self._model = None
 
     def torch_cuda(self) -> Optional[str]:
         """None when torch with CUDA is importable, else why not."""
@@ -243,6 +239,8 @@ def _quant_model(ctx: Ctx):
 
     text = default_corpus_path().read_text()
     if ctx.quick:
+        from flax.core import meta
+
         from iva_jax.config import ModelConfig
         from iva_jax.models.transformer import Transformer
         from iva_jax.train.data import ByteTokenizer
@@ -255,7 +253,7 @@ def _quant_model(ctx: Ctx):
         rng = np.random.default_rng(0)
         params = jax.tree_util.tree_map_with_path(
             lambda p, s: np.ones(s.shape, np.float32) if "scale" in str(p[-1])
-            else (0.08 * rng.standard_normal(s.shape)).astype(np.float32), nn_unbox(abstract))
+            else (0.08 * rng.standard_normal(s.shape)).astype(np.float32), meta.unbox(abstract))
         toks = ByteTokenizer()(text)
         label, seq = "tiny random decoder (--quick)", 128
     else:
@@ -269,12 +267,6 @@ def _quant_model(ctx: Ctx):
         label, seq = f"{name}, bf16 weights", 256
     ids = np.asarray([toks[:seq], toks[seq:2 * seq]], np.int32)
     return label, model, params, jnp.asarray(ids), jnp.asarray(ids[:1, :16])
-
-
-def nn_unbox(tree):
-    from flax.core import meta
-
-    return meta.unbox(tree)
 
 
 def _ppl(model, params, ids) -> float:

@@ -88,11 +88,9 @@ class ControllerConfig(ConfigBase):
     n_sink: Optional[int] = None  # sink key slots; None = the LM config's n_sink
     router_temperature: bool = True  # emit tau for LMs with MoE layers
     tau_min: float = 0.1  # tau = tau_min + softplus(.) > 0
-    eval_mode: str = "adaptive"  # "adaptive" | "fixed"
     eval_threshold: Optional[float] = None  # adaptive eval halts at sum p_h >= this (None: 1 - halt_eps)
     eval_steps: Optional[int] = None  # fixed eval runs this many steps (None: max_steps)
     rms_norm_eps: float = 1e-5
-    remat: bool = False  # recompute each ponder step's LM pass in the backward (memory for compute)
     init_seed: int = 0  # seed of the fixed initial states z_H(0), z_L(0)
 
     def validate(self) -> None:
@@ -106,7 +104,6 @@ class ControllerConfig(ConfigBase):
         check(self.tau_min < 1.0, "tau_min", self.tau_min, "must be < 1 (the heads start at tau = 1)")
         check_choice(self, "ponder_cost", PONDER_COSTS)
         check_choice(self, "sink", SINK_MODES)
-        check_choice(self, "eval_mode", MODES)
         if self.n_sink is not None:
             check(isinstance(self.n_sink, int) and self.n_sink >= 0, "n_sink", self.n_sink, "must be an int >= 0")
         if self.eval_threshold is not None:
@@ -359,8 +356,6 @@ def ponder_forward(lm: nn.Module, lm_params: Any, ctrl: HRMController, ctrl_para
         t_stat = jnp.ones((b,)) if tau is None else tau
         return (state, nxt_alpha, nxt_tau, cum + p), (hidden, state[0], p, _mean_abs_alpha(alpha, b), t_stat)
 
-    if c.remat:
-        body = jax.checkpoint(body)
     state0 = ctrl.apply({"params": ctrl_params}, b, method="initial_state")
     alpha0 = {"none": None, "scalar": jnp.zeros((b,)), "head": jnp.zeros((b, ctrl.num_heads)),
               "layer_head": jnp.zeros((ctrl.num_layers, b, ctrl.num_heads))}[c.sink]

@@ -30,7 +30,7 @@ Unlike HRM-ACT's one-step gradient, the controller back-propagates through every
 is tiny and N is small).
 
 Ponder cost (document of record).  Graves's ACT cost is rho = N + R; N is piecewise constant, so
-d rho / d p_h(t) = -1 for every t < N: lambda * rho is, up to a constant, -lambda * sum_{t<N} p_h(t),
+d rho / d p_h(t) = -1 for every t < N: lambda * rho = lambda * (N + 1) - lambda * sum_{t<N} p_h(t),
 the "lambda * sum_t p_h(t)" term of the IVA design entered with the sign that *rewards* halting
 (penalizing +sum_t p_h(t) literally would reward never halting).  `ponder_cost="act"` (default)
 penalizes lambda * (N + R); `"expected"` penalizes lambda * sum_t t w_t, the mean depth of the halting
@@ -38,7 +38,10 @@ distribution (also smooth in every p_h(t) with t < N).  Both are reported.
 
 Evaluation modes: "adaptive" (halt when sum p_h >= threshold, default 1 - eps, i.e. the training
 rule; `early_exit` stops the loop once every sequence halted) and "fixed" (run `steps` LM passes
-and answer with the last one, like HRM-ACT's step-limit evaluation).
+and answer with the last one, like HRM-ACT's step-limit evaluation).  Compute: training always runs
+max_steps LM passes (static shapes; weights past N are zero), so halting saves compute only at
+inference, and there batch-wide (the early-exit loop stops when the last row halts); `steps` (N per
+row) is what a per-sequence scheduler would spend.
 
 Honest next-token evaluation: the controls are per sequence, so a controller that reads positions
 whose tokens it is scored on sees the answers.  `read_mask` selects what it reads; the LM objective
@@ -298,8 +301,7 @@ def ponder_forward(lm: nn.Module, lm_params: Any, ctrl: HRMController, ctrl_para
                    attention_mask: Optional[Array] = None, *, read_mask: Optional[Array] = None,
                    positions: Optional[Array] = None, segment_ids: Optional[Array] = None,
                    mode: str = "adaptive", threshold: Optional[float] = None, steps: Optional[int] = None,
-                   early_exit: bool = False, deterministic: bool = True,
-                   return_step_hidden: bool = False) -> PonderOutput:
+                   early_exit: bool = False, return_step_hidden: bool = False) -> PonderOutput:
     """Ponder the LM (`Transformer`) under the controller; see the module docstring for the semantics.
 
     `read_mask` [B, S]: positions whose hidden states the controller reads (default: attention_mask,
@@ -333,7 +335,7 @@ def ponder_forward(lm: nn.Module, lm_params: Any, ctrl: HRMController, ctrl_para
     sinks, use_tau = c.sink != "none", bool(ctrl.use_tau)
 
     def lm_hidden(alpha, tau):
-        kw = dict(positions=positions, segment_ids=segment_ids, return_hidden=True, deterministic=deterministic)
+        kw = dict(positions=positions, segment_ids=segment_ids, return_hidden=True)  # deterministic (frozen LM)
         if sinks:
             kw.update(attn_sink_bias=alpha, n_sink=n_sink)
         if use_tau:

@@ -1,10 +1,9 @@
-"""The ```python blocks of README.md (and of docs/README_sections.md, the sections proposed for it) run.
+"""The ```python blocks of README.md run.
 
 Each block runs in its own CPU python process (XLA's fast-compile flags: the snippets are about
 behaviour, not speed) from a scratch directory that links the repo's `configs/` and `experiments/` (so
 relative paths in the snippets work and their outputs land in the scratch dir).  A block whose first
-line is `# gpu-only: <why>` is skipped with that reason; a block that appears in both files (once the
-sections are merged) runs once.
+line is `# gpu-only: <why>` is skipped with that reason.
 """
 
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "README.md", ROOT / "docs" / "README_sections.md"]
+SOURCES = [ROOT / "README.md"]
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```", re.S | re.M)
 GPU_ONLY = re.compile(r"#\s*gpu-only\s*:?\s*(.*)", re.I)
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -52,7 +51,7 @@ def test_extraction_finds_blocks_and_markers(tmp_path):
     assert [b[0] for b in blocks] == ["x.md:3", "x.md:9"]
     assert [b[1] for b in blocks] == ["print(1)\n", "# gpu-only: needs sm90\nx\n"]
     assert GPU_ONLY.match(blocks[1][1].splitlines()[0]).group(1) == "needs sm90"
-    assert len(BLOCKS) >= 8  # README's API block + the proposed sections
+    assert len(BLOCKS) >= 9  # the API block + one per capability section
 
 
 @pytest.mark.parametrize("src", BLOCKS)

@@ -141,13 +141,18 @@ def test_block_scan_equals_unrolled_values_and_grads():
     assert float(jnp.max(jnp.abs(l3 - l1))) > 1e-4
 
 
-def test_ssm_layers_with_cache_raise():
+def test_ssm_layer_cache_checks():
+    """A hybrid's cache must carry its SSM states (KVCache.init does); mixers without a recurrent state raise.
+    (Cached hybrid generation itself: tests/test_ssm_hybrid.py.)"""
     c = _cfg(mixer_types=("mamba", "attention") * 2, ssm=SSM)
     model = Transformer(c)
-    cache = KVCache.init(c.replace(num_hidden_layers=2, mixer_types=None), 1, 8)  # the 2 attention layers
+    cache = KVCache.init(c.replace(num_hidden_layers=2, mixer_types=None), 1, 8)  # the 2 attention layers only
     ids = jnp.zeros((1, 3), jnp.int32)
-    with pytest.raises(NotImplementedError, match="SSM"):
+    with pytest.raises(ValueError, match="SSM states"):
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, cache=cache))
+    assert KVCache.init(c, 1, 8).k.shape[0] == 2 and set(KVCache.init(c, 1, 8).ssm) == {"layers/layer_0"}
+    with pytest.raises(NotImplementedError, match="hyena"):
+        KVCache.init(c.replace(mixer_types=("hyena", "attention") * 2), 1, 8)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -55,10 +55,14 @@ Expert parallelism: `Transformer(config, mesh=mesh)` with a mesh whose `expert` 
 layer through `iva_jax.moe.expert_parallel` (experts sharded over `expert`, tokens over data/fsdp/expert,
 so batch * seq must divide by their product).  The mesh is a module attribute, not config (it is not YAML).
 
-KV cache: it holds the attention layers only (leading axis = attention-layer ordinal, the carry's counter,
-`config.num_attention_layers`).  SSM layers with a cache raise NotImplementedError for now; their states
-will sit beside the KV, laid out like the params (one stacked state per scanned sub-layer position,
-passed through the scan as xs / ys since each layer reads and writes only its own).
+Decode cache (`KVCache`): KV for the attention layers only (leading axis = attention-layer ordinal, the
+carry's counter, `config.num_attention_layers`) plus, for SSM layers, their recurrent states in `cache.ssm`
+laid out like the params ({param prefix: state stacked over the scanned axis}, `init_ssm_states`), passed
+through the layer scan as xs / ys since each layer reads and writes only its own.  With a cache an SSM layer
+runs its parallel form from the cached state for a multi-token call (prefill, `return_state=True`; left
+padding is masked out) and its recurrent `step` for a one-token call (decode; a row whose token has mask 0
+keeps its state), so its memory per token is O(1).  Mixers without a recurrent state (hyena, topk_attention)
+cannot run with a cache; the paged cache holds attention layers only.
 """
 
 from __future__ import annotations
@@ -80,9 +84,9 @@ from iva_jax.layers.remat import remat_policy
 from iva_jax.layers.rotary import positions_from_mask, rope_cos_sin
 from iva_jax.moe import MoeBlock
 from iva_jax.moe import losses as moe_losses
-from iva_jax.ssm import make_mixer
+from iva_jax.ssm import RECURRENT, make_mixer
 
-MASKED_MIXERS = ("mamba", "mamba2", "retnet")  # SSM mixers taking mask=; the others get padding zeroed
+MASKED_MIXERS = ("mamba", "mamba2", "retnet", "rwkv")  # SSM mixers taking mask=; the others get padding zeroed
 MOE_LAYER_STATS = ("tokens_per_expert", "router_prob_per_expert", "z_loss", "load_per_expert", "overflow_pct",
                    "route_entropy", "load_std_over_mean", "expert_counts")
 
@@ -109,8 +113,9 @@ class DecoderLayer(nn.Module):
 
     carry = (h, cache, attn_layer): the hidden states, the whole KV cache ((k, v) of [A, B, S, Hkv, hd], a
     paged step, or None) that each attention layer updates in place at its attention-layer ordinal
-    `attn_layer`, and that ordinal.  layer_in = (window or None, sink bias [B, H] or None): this layer's
-    slice of the scanned inputs.  Returns (carry, (h or None, MoE stats or None)).
+    `attn_layer`, and that ordinal.  layer_in = (window or None, sink bias [B, H] or None, SSM state or
+    None): this layer's slice of the scanned inputs; a state (SSM layers with a cache) selects the cached
+    path.  Returns (carry, (h or None, MoE stats or None, new SSM state or None)).
     """
 
     config: ModelConfig
@@ -122,7 +127,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, carry, layer_in, ctx: LayerInputs, deterministic: bool = True, keep_hidden: bool = False):
         h, cache, attn_layer = carry
-        layer_window, sink_bias = layer_in
+        layer_window, sink_bias, state = layer_in
         c = self.config
         dt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
         nkw = dict(eps=c.rms_norm_eps, dtype=dt, param_dtype=pdt, impl=c.norm_impl)
@@ -140,7 +145,17 @@ class DecoderLayer(nn.Module):
             mixer = make_mixer(c.ssm.replace(type=self.mixer), c.hidden_size, dtype=dt, param_dtype=pdt,
                                name="mixer")
             m = ctx.token_mask
-            if self.mixer in MASKED_MIXERS:
+            if state is not None and x.shape[1] == 1:  # decode: one recurrent step
+                a, new = mixer.step(x[:, 0], state)
+                a = a[:, None]
+                if m is not None:  # a padded token leaves its row's state as it was
+                    keep = lambda n, o: n if n.ndim == 0 else jnp.where(  # noqa: E731
+                        m[:, 0].reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+                    new = jax.tree_util.tree_map(keep, new, state)
+                state = new
+            elif state is not None:  # prefill (or a later chunk): parallel form from the cached state
+                a, state = mixer(x, mask=m, state=state, return_state=True)
+            elif self.mixer in MASKED_MIXERS:
                 a = mixer(x, mask=m)
             else:
                 a = mixer(x if m is None else x * m[..., None].astype(x.dtype))
@@ -154,7 +169,7 @@ class DecoderLayer(nn.Module):
         else:
             y = MLP(c.hidden_size, c.intermediate_size, c.mlp_bias, dt, pdt, impl=c.mlp_impl, name="mlp")(x)
         h = h + y
-        return (h, cache, attn_layer), (h if keep_hidden else None, stats)
+        return (h, cache, attn_layer), (h if keep_hidden else None, stats, state)
 
 
 def _layer_cls(config: ModelConfig, in_scan: bool):
@@ -167,8 +182,9 @@ def _layer_cls(config: ModelConfig, in_scan: bool):
 class DecoderBlock(nn.Module):
     """P consecutive layers `layer_{j}` of a periodic pattern: the body of the "block" layout's scan.
 
-    layer_in = (windows [P] or None, sink bias [P, B, H] or None); sub-layer j takes a traced window only
-    where `dynamic_windows[j]` (its window differs across blocks), else its static window.
+    layer_in = (windows [P] or None, sink bias [P, B, H] or None, SSM states: a P-tuple (None for attention
+    sub-layers) or None); sub-layer j takes a traced window only where `dynamic_windows[j]` (its window
+    differs across blocks), else its static window.
     """
 
     config: ModelConfig
@@ -179,14 +195,15 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, carry, layer_in, ctx: LayerInputs, deterministic: bool = True, keep_hidden: bool = False):
-        windows, sinks = layer_in
+        windows, sinks, states = layer_in
         cls = _layer_cls(self.config, in_scan=True)
         ys = []
         for j, (mixer, ffn) in enumerate(self.kinds):
             w = windows[j] if windows is not None and self.dynamic_windows[j] else None
             s = None if sinks is None else sinks[j]
+            st = None if states is None else states[j]
             carry, y = cls(self.config, self.static_windows[j], mixer, ffn, self.mesh, name=f"layer_{j}")(
-                carry, (w, s), ctx, deterministic, keep_hidden)
+                carry, (w, s, st), ctx, deterministic, keep_hidden)
             ys.append(y)
         return carry, tuple(ys)
 
@@ -296,15 +313,14 @@ class Transformer(nn.Module):
         if positions is not None and positions.shape != (b, t):
             raise ValueError(f"positions shape {positions.shape} != (batch, seq) {(b, t)}")
         if cache is not None and c.num_attention_layers != c.num_hidden_layers:
-            raise NotImplementedError("generation with a cache through SSM mixer layers (recurrent states) is not "
-                                      "implemented yet; run hybrids without a cache")
+            _check_recurrent(c)
         mask = attention_mask if attention_mask is not None else jnp.ones((b, t), jnp.int32)
         paged = cache is not None and hasattr(cache, "begin")
         if attn_sink_bias is not None and paged:
             raise ValueError("attn_sink_bias is not supported with a paged KV cache (use the dense KVCache)")
 
         cache_index = kv_valid = None
-        layer_caches = None
+        layer_caches = ssm_states = None
         if cache is None:
             if positions is None:
                 positions = positions_from_mask(mask) if attention_mask is not None else \
@@ -313,6 +329,9 @@ class Transformer(nn.Module):
                 seg = mask.astype(jnp.int32)
                 segment_ids = seg if segment_ids is None else segment_ids * seg
         elif paged:  # paged / ring KV cache (iva_jax.inference.paged) keeps its own bookkeeping
+            if c.num_attention_layers != c.num_hidden_layers:
+                raise NotImplementedError("the paged KV cache holds attention layers only; generate with SSM "
+                                          "layers through the dense KVCache (it carries their recurrent states)")
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
             positions, layer_caches = cache.begin(mask, positions, c)
@@ -324,10 +343,17 @@ class Transformer(nn.Module):
             if cache.k.shape[0] != c.num_attention_layers:
                 raise ValueError(f"cache has {cache.k.shape[0]} layers, model has {c.num_attention_layers} "
                                  "attention layers")
+            ssm_states = cache.ssm
+            want = sorted(_ssm_prefixes(c))
+            if sorted(ssm_states or {}) != want:
+                raise ValueError(f"cache SSM states {sorted(ssm_states or {})} != the model's SSM layers {want}: "
+                                 "build the cache with KVCache.init(config, ...)")
             if positions is None:
                 positions = positions_from_mask(mask, cache.next_pos)
             cache_index = cache.index
-            kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask.astype(bool), cache_index, axis=1)
+            kv_valid = cache.valid  # no KV slots when the model has no attention layers
+            if cache.valid.shape[1]:
+                kv_valid = jax.lax.dynamic_update_slice_in_dim(kv_valid, mask.astype(bool), cache_index, axis=1)
             layer_caches = (cache.k, cache.v)
 
         if segment_ids is not None:
@@ -352,8 +378,8 @@ class Transformer(nn.Module):
                           router_temperature=self._router_temperature(router_temperature, b, t),
                           sink_keys=sink_keys)
         carry = (h, layer_caches, jnp.zeros((), jnp.int32))
-        (h, new_caches, _), (layer_hidden, moe_stats) = self._run_layers(
-            carry, sinks, ctx, deterministic, return_layer_hidden)
+        (h, new_caches, _), (layer_hidden, moe_stats, ssm_states) = self._run_layers(
+            carry, sinks, ssm_states, ctx, deterministic, return_layer_hidden)
         if moe_stats is not None:
             self._sow_moe(moe_stats)
 
@@ -366,7 +392,7 @@ class Transformer(nn.Module):
             out += (new_caches.finish(),)
         elif cache is not None:
             new_cache = KVCache(k=new_caches[0], v=new_caches[1], valid=kv_valid, index=cache_index + t,
-                                next_pos=cache.next_pos + jnp.sum(mask, axis=1).astype(jnp.int32))
+                                next_pos=cache.next_pos + jnp.sum(mask, axis=1).astype(jnp.int32), ssm=ssm_states)
             out += (new_cache,)
         if return_hidden:
             out += (hidden,)
@@ -375,15 +401,18 @@ class Transformer(nn.Module):
         return out[0] if len(out) == 1 else out
 
     # ---- the layer stack ---------------------------------------------------------------------------
-    def _run_layers(self, carry, sinks, ctx: LayerInputs, deterministic: bool, keep_hidden: bool):
-        """-> (carry, (layer hidden [L, B, T, D] or None, MoE stats {name: [n_moe_layers, ...]} or None))."""
+    def _run_layers(self, carry, sinks, ssm, ctx: LayerInputs, deterministic: bool, keep_hidden: bool):
+        """ssm: the cache's SSM states {prefix: state} or None ->
+        (carry, (layer hidden [L, B, T, D] or None, MoE stats {name: [n_moe_layers, ...]} or None, new ssm))."""
         c = self.config
         L = c.num_hidden_layers
         kinds = c.layer_kinds()
+        get = lambda key: None if ssm is None else ssm.get(key)  # noqa: E731
         if self._layout == "scan":
             windows = None if self._uniform_window else jnp.asarray([w or 0 for w in c.layer_windows()], jnp.int32)
-            carry, (hid, stats) = self.layers(carry, (windows, sinks), ctx, deterministic, keep_hidden)
-            return carry, (hid, stats)
+            carry, (hid, stats, st) = self.layers(carry, (windows, sinks, get("layers")), ctx, deterministic,
+                                                  keep_hidden)
+            return carry, (hid, stats, None if ssm is None else {k: st for k in ssm})
         if self._layout == "block":
             p = layer_period(c)
             nb = L // p
@@ -392,21 +421,25 @@ class Transformer(nn.Module):
                 windows = jnp.asarray([w or 0 for w in c.layer_windows()], jnp.int32).reshape(nb, p)
             if sinks is not None:
                 sinks = sinks.reshape((nb, p) + sinks.shape[1:])
-            carry, ys = self.layers(carry, (windows, sinks), ctx, deterministic, keep_hidden)
+            states = None if ssm is None else tuple(get(f"layers/layer_{j}") for j in range(p))
+            carry, ys = self.layers(carry, (windows, sinks, states), ctx, deterministic, keep_hidden)
             # ys[j] holds sub-layer j of every block, [nb, ...]: interleave back into layer order
             inter = lambda xs: jax.tree_util.tree_map(  # noqa: E731
                 lambda *a: jnp.stack(a, axis=1).reshape((-1,) + a[0].shape[1:]), *xs)
             hid = inter([y[0] for y in ys]) if keep_hidden else None
             moe = [y[1] for y, k in zip(ys, kinds[:p]) if k[1] == "moe"]
-            return carry, (hid, inter(moe) if moe else None)
+            new = None if ssm is None else {f"layers/layer_{j}": y[2] for j, y in enumerate(ys) if y[2] is not None}
+            return carry, (hid, inter(moe) if moe else None, new)
         ys: List[Any] = []
         for i, layer in enumerate(self.layers):  # unrolled layers hold their window statically
-            carry, y = layer(carry, (None, None if sinks is None else sinks[i]), ctx, deterministic, keep_hidden)
+            layer_in = (None, None if sinks is None else sinks[i], get(f"layers_{i}"))
+            carry, y = layer(carry, layer_in, ctx, deterministic, keep_hidden)
             ys.append(y)
         stack = lambda xs: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
         hid = stack([y[0] for y in ys]) if keep_hidden else None
         moe = [y[1] for y, k in zip(ys, kinds) if k[1] == "moe"]
-        return carry, (hid, stack(moe) if moe else None)
+        new = None if ssm is None else {f"layers_{i}": y[2] for i, y in enumerate(ys) if y[2] is not None}
+        return carry, (hid, stack(moe) if moe else None, new)
 
     def _sow_moe(self, stats: Dict[str, jnp.ndarray]) -> None:
         """Balancing loss (HF-exact from the layer-averaged (f, P), or per layer), mean z-loss, layer-mean metrics."""
@@ -480,6 +513,41 @@ class Transformer(nn.Module):
         return self.lm_head(hidden)
 
 
+def _check_recurrent(config: ModelConfig) -> None:
+    bad = sorted(set(config.layer_mixers()) - {"attention", *RECURRENT})
+    if bad:
+        raise NotImplementedError(f"{bad} layers have no recurrent state, so they cannot run with a cache "
+                                  f"(generation supports attention and the recurrent mixers {list(RECURRENT)})")
+
+
+def _ssm_prefixes(config: ModelConfig) -> Dict[str, List[Tuple[Optional[int], str]]]:
+    """{param prefix: [(stacked index or None, mixer), ...]} of the SSM layers, in layer order."""
+    out: Dict[str, List[Tuple[Optional[int], str]]] = {}
+    for i, mixer in enumerate(config.layer_mixers()):
+        if mixer != "attention":
+            prefix, idx = layer_param_location(config, i)
+            out.setdefault(prefix, []).append((idx, mixer))
+    return out
+
+
+def init_ssm_states(config: ModelConfig, batch: int) -> Optional[Dict[str, Any]]:
+    """Zero recurrent states of the SSM layers for `batch` rows, {param prefix: state} stacked like the params
+    (`layer_param_location`); None for a model without SSM layers.  Size independent of sequence length."""
+    groups = _ssm_prefixes(config)
+    if not groups:
+        return None
+    _check_recurrent(config)
+    dt, pdt = dtype_of(config.dtype), dtype_of(config.param_dtype)
+    out = {}
+    for prefix, items in groups.items():
+        st = make_mixer(config.ssm.replace(type=items[0][1]), config.hidden_size, dtype=dt,
+                        param_dtype=pdt).init_state(batch)
+        if items[0][0] is not None:  # scanned: one state per block, stacked like the params
+            st = jax.tree_util.tree_map(lambda a, n=len(items): jnp.repeat(a[None], n, axis=0), st)
+        out[prefix] = st
+    return out
+
+
 def init_params(config: ModelConfig, seed: int = 0, batch: int = 1, seq: int = 8, mesh: Optional[Mesh] = None):
     """Random params for `config` (unboxed plain arrays) and the model."""
     model = Transformer(config, mesh=mesh)
@@ -496,4 +564,5 @@ def param_logical_axes(config: ModelConfig):
 
 
 __all__: Sequence[str] = ("DecoderBlock", "DecoderLayer", "LayerInputs", "Transformer", "init_params",
-                          "layer_layout", "layer_param_location", "layer_period", "param_logical_axes")
+                          "init_ssm_states", "layer_layout", "layer_param_location", "layer_period",
+                          "param_logical_axes")

@@ -80,23 +80,28 @@ class MambaMixer(nn.Module):
         dt = dbc[..., :r] @ self.dt_proj.kernel.astype(jnp.float32)
         return dt, dbc[..., r:r + n], dbc[..., r + n:]
 
-    def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, return_state: bool = False):
-        """y [B, L, H]; with return_state also the MambaState after the last token (prefill)."""
+    def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, state: Optional[MambaState] = None,
+                 return_state: bool = False):
+        """y [B, L, H]; `state` continues from an earlier chunk (None: zeros); with return_state also the
+        MambaState after the last token (prefill)."""
         if x.ndim != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"MambaMixer expects [batch, seqlen, {self.hidden_size}], got shape {x.shape}")
         xz = self.in_proj(apply_mask(x, mask))
         u_in, z = jnp.split(xz, 2, axis=-1)
-        u = apply_mask(nn.silu(self.conv1d(u_in)), mask)
+        conv0 = None if state is None else state.conv
+        u = apply_mask(nn.silu(self.conv1d(u_in, conv0)), mask)
         dt, B, C = self._ssm_inputs(u)
         A = -jnp.exp(self.A_log.astype(jnp.float32))
         c = self.config
         y, last = selective_scan_bld(u, dt, A, B[:, :, None, :], C[:, :, None, :], self.D.astype(jnp.float32), z,
                                      self.dt_proj.bias.astype(jnp.float32), True, impl=c.scan_impl,
-                                     chunk_size=c.chunk_size, interpret=self.interpret, config=self.scan_config)
+                                     chunk_size=c.chunk_size, interpret=self.interpret, config=self.scan_config,
+                                     initial_state=None if state is None else state.ssm)
         out = self.out_proj(y.astype(self.dtype))
         if not return_state:
             return out
-        return out, MambaState(conv=self.conv1d.tail(u_in), ssm=last)
+        conv = self.conv1d.tail(u_in, conv0).astype(self.dtype)
+        return out, MambaState(conv=conv, ssm=last)
 
     def init_state(self, batch: int) -> MambaState:
         """Zero state (no parameters needed)."""

@@ -190,19 +190,25 @@ class Mamba2Mixer(nn.Module):
         C = xbc[..., di + gn:].reshape(lead + (c.ngroups, c.d_state))
         return x, B, C
 
-    def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, return_state: bool = False):
-        """y [B, L, H]; with return_state also the Mamba2State after the last token (prefill)."""
+    def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, state: Optional[Mamba2State] = None,
+                 return_state: bool = False):
+        """y [B, L, H]; `state` continues from an earlier chunk (None: zeros); with return_state also the
+        Mamba2State after the last token (prefill)."""
         if x.ndim != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"Mamba2Mixer expects [batch, seqlen, {self.hidden_size}], got shape {x.shape}")
         z, xbc_in, dt = self._split(self.in_proj(apply_mask(x, mask)))
-        xbc = apply_mask(nn.silu(self.conv1d(xbc_in)), mask)
+        conv0 = None if state is None else state.conv
+        xbc = apply_mask(nn.silu(self.conv1d(xbc_in, conv0)), mask)
         xs, B, C = self._xbc(xbc)
         A = -jnp.exp(self.A_log.astype(jnp.float32))
         dot = None if jnp.dtype(self.dtype) == jnp.float32 else self.dtype
-        y, last = ssd_chunked(xs, self._dt(dt), A, B, C, self.config.chunk_size, D=self.D, dot_dtype=dot)
+        y, last = ssd_chunked(xs, self._dt(dt), A, B, C, self.config.chunk_size, D=self.D, dot_dtype=dot,
+                              initial_state=None if state is None else state.ssm)
         y = self.norm(y.reshape(x.shape[:2] + (self.d_inner,)), z)
         out = self.out_proj(y)
-        return (out, Mamba2State(conv=self.conv1d.tail(xbc_in), ssm=last)) if return_state else out
+        if not return_state:
+            return out
+        return out, Mamba2State(conv=self.conv1d.tail(xbc_in, conv0).astype(self.dtype), ssm=last)
 
     def init_state(self, batch: int) -> Mamba2State:
         c, hs = self.config, self.hidden_size

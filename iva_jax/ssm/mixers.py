@@ -82,22 +82,41 @@ class RWKVTimeMix(nn.Module):
     def _wu(self):
         return -jnp.exp(self.time_decay.astype(jnp.float32)), self.time_first.astype(jnp.float32)
 
-    def __call__(self, x: jax.Array, *, return_state: bool = False):
+    def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, state: Optional[RWKVState] = None,
+                 return_state: bool = False):
+        """y [B, L, H]; `state` continues from an earlier chunk (None: zeros); with return_state also the
+        RWKVState.  Padded tokens (`mask` 0) leave the state as it is: the next real token shifts in the last
+        real token and the WKV sums skip them (their outputs are garbage)."""
         if x.ndim != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"RWKVTimeMix expects [batch, seqlen, {self.hidden_size}], got shape {x.shape}")
+        b, l, _ = x.shape
         x = x.astype(self.dtype)
-        st = self.init_state(x.shape[0])
-        shifted = jnp.concatenate([st.shift[:, None], x[:, :-1]], axis=1)
+        st = self.init_state(b) if state is None else state
+        if mask is None:
+            shifted = jnp.concatenate([st.shift[:, None].astype(self.dtype), x[:, :-1]], axis=1)
+            last_x = x[:, -1]
+            m = jnp.ones((l, b, 1), bool)
+        else:
+            if mask.shape != (b, l):
+                raise ValueError(f"mask shape {mask.shape} != [batch, seqlen] {(b, l)}")
+            real = mask.astype(bool)
+            # the last real position <= t (-1: none yet; then the state's shift)
+            last = lax.cummax(jnp.where(real, jnp.arange(l)[None], -1), axis=1)
+            prev = jnp.concatenate([jnp.full((b, 1), -1, last.dtype), last[:, :-1]], axis=1)
+            pick = lambda i: jnp.where((i >= 0)[..., None], jnp.take_along_axis(  # noqa: E731
+                x, jnp.maximum(i, 0)[..., None], axis=1), st.shift[:, None].astype(self.dtype))
+            shifted, last_x = pick(prev), pick(last[:, -1:])[:, 0]
+            m = jnp.swapaxes(real, 0, 1)[..., None]
         k, v, r = self._kvr(x, shifted)
         w, u = self._wu()
 
-        def body(s, kv):
-            out, s = wkv_step(s, kv[0], kv[1], w, u)
-            return s, out
+        def body(s, kvm):
+            out, s2 = wkv_step(s, kvm[0], kvm[1], w, u)
+            return jax.tree_util.tree_map(lambda a, c: jnp.where(kvm[2], a, c), s2, s), out
 
-        st, wkv = lax.scan(body, st, (jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)))
+        st, wkv = lax.scan(body, st, (jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1), m))
         y = self.output((r * jnp.swapaxes(wkv, 0, 1)).astype(self.dtype))
-        return (y, st._replace(shift=x[:, -1])) if return_state else y
+        return (y, st._replace(shift=last_x)) if return_state else y
 
     def init_state(self, batch: int) -> RWKVState:
         z = jnp.zeros((batch, self.hidden_size), jnp.float32)

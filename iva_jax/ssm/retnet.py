@@ -182,28 +182,37 @@ class MultiScaleRetention(nn.Module):
         return self.out_proj((gate * o).astype(self.dtype))
 
     def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None, form: Optional[str] = None,
-                 return_state: bool = False):
-        """y [B, L, H] using `form` (default config.retention_form); with return_state also the RetNetState."""
+                 state: Optional[RetNetState] = None, return_state: bool = False):
+        """y [B, L, H] using `form` (default config.retention_form); `state` continues from an earlier chunk
+        (None: zeros); with return_state also the RetNetState."""
         if x.ndim != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"MultiScaleRetention expects [batch, seqlen, {self.hidden_size}], got shape {x.shape}")
         form = form or self.config.retention_form
         x = apply_mask(x, mask)
         l = x.shape[1]
-        q, k, v = self._qkv(x, jnp.arange(l), mask)
+        pos0 = jnp.zeros((), jnp.int32) if state is None else state.pos
+        s0 = None if state is None else state.S
+        q, k, v = self._qkv(x, pos0 + jnp.arange(l), mask)
         if form == "parallel":
             o = retention_parallel(q, k, v, self.log_gamma)
             s = None
-            if return_state:  # S_L = sum_m gamma^(L-1-m) k_m^T v_m
-                w = jnp.exp((l - 1 - jnp.arange(l))[None, :] * self.log_gamma[:, None])[None, :, :, None]
+            n = jnp.arange(l)
+            if s0 is not None:  # o_n += gamma^(n+1) q_n S_0
+                xi = jnp.exp((n + 1)[None, :, None] * self.log_gamma[:, None, None])  # [h, l, 1]
+                o = o + jnp.einsum("bhnd,bhde->bhne", q * xi, s0.astype(jnp.float32))
+            if return_state:  # S_L = gamma^L S_0 + sum_m gamma^(L-1-m) k_m^T v_m
+                w = jnp.exp((l - 1 - n)[None, :] * self.log_gamma[:, None])[None, :, :, None]
                 s = jnp.einsum("bhmd,bhme->bhde", k * w, v)
+                if s0 is not None:
+                    s = s + jnp.exp(l * self.log_gamma)[None, :, None, None] * s0.astype(jnp.float32)
         elif form == "recurrent":
-            o, s = retention_recurrent(q, k, v, self.log_gamma)
+            o, s = retention_recurrent(q, k, v, self.log_gamma, s0)
         elif form == "chunkwise":
-            o, s = retention_chunkwise(q, k, v, self.log_gamma, self.config.chunk_size)
+            o, s = retention_chunkwise(q, k, v, self.log_gamma, self.config.chunk_size, s0)
         else:
             raise ValueError(f"retention form {form!r}; expected parallel | recurrent | chunkwise")
         y = self._out(x, o)
-        return (y, RetNetState(S=s, pos=jnp.asarray(l, jnp.int32))) if return_state else y
+        return (y, RetNetState(S=s, pos=pos0 + l)) if return_state else y
 
     def init_state(self, batch: int) -> RetNetState:
         c, hs = self.config, self.hidden_size

@@ -15,10 +15,16 @@ impl:
   "auto"        pallas on sm80+ GPUs (once validated); chunked on other GPUs; sequential on CPU, where a well-fused
                 `lax.scan` moves the least memory (associative/chunked do ~log(chunk) passes over
                 [b, l, d, n]; see `AUTO_CPU` for the measurement).
+
+`initial_state` [b, d, n] (`selective_scan_bld` only) continues a scan from a previous state, e.g. a prompt
+chunk after an earlier one: the XLA implementations carry it natively; the Pallas kernel starts from zero
+and adds the state's (linear) contribution afterwards, <C_t, exp(A * sum_{s<=t} dt_s) h0>, in a fused
+reduction.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 
@@ -27,7 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import dispatch
-from kernels import selective_scan as _kss
+
+_kss = importlib.import_module("kernels.selective_scan")  # the module (kernels/__init__ exports the function)
 
 _LOG = logging.getLogger(__name__)
 IMPLS = ("auto", "sequential", "associative", "chunked", "pallas")
@@ -85,15 +92,48 @@ def _scan_terms(dt, u, Ag, B):
     return jnp.exp(dt[..., None] * Ag), (dt * u)[..., None] * B[:, :, :, None, :]
 
 
-def _associative(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _sequential(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0):
+    """`lax.scan` over time from the state h0 [b, d, n] (the kernels' reference starts from zero)."""
     dt, uf, Ag, Bf, Cf = _prep(u, delta, A, B, C, delta_bias, delta_softplus)
     b, l, g, dg = dt.shape
-    _, h = lax.associative_scan(_combine, _scan_terms(dt, uf, Ag, Bf), axis=1)
+
+    def step(h, xs):
+        dt_t, u_t, b_t, c_t = xs
+        h = jnp.exp(dt_t[..., None] * Ag) * h + (dt_t * u_t)[..., None] * b_t[:, :, None, :]
+        return h, jnp.einsum("bgdn,bgn->bgd", h, c_t)
+
+    tm = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
+    last, ys = lax.scan(step, h0.astype(jnp.float32).reshape(b, g, dg, -1), tuple(map(tm, (dt, uf, Bf, Cf))))
+    y = jnp.moveaxis(ys, 0, 1).reshape(b, l, g * dg)
+    return _finish(y, u, D, z), last.reshape(b, g * dg, -1)
+
+
+def _add_initial_state(out, last, u, delta, A, C, z, delta_bias, delta_softplus, h0):
+    """A zero-state scan's (out, last) -> the scan from h0: the recurrence is linear in the state."""
+    f32 = jnp.float32
+    dt = delta.astype(f32) + (0.0 if delta_bias is None else delta_bias.astype(f32))
+    dt = _kss.softplus(dt) if delta_softplus else dt
+    b, l, d = dt.shape
+    g, n = C.shape[2], A.shape[1]
+    decay = jnp.exp(jnp.cumsum(dt, axis=1)[..., None] * A.astype(f32))  # [b, l, d, n], fused into the sum
+    c = jnp.repeat(C.astype(f32), d // g, axis=2)  # [b, l, d, n]
+    y0 = jnp.sum(c * decay * h0.astype(f32)[:, None], axis=-1)
+    if z is not None:
+        y0 = y0 * jax.nn.silu(z.astype(f32))
+    return (out.astype(f32) + y0).astype(out.dtype), last + decay[:, -1] * h0.astype(f32)
+
+
+def _associative(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0=None):
+    dt, uf, Ag, Bf, Cf = _prep(u, delta, A, B, C, delta_bias, delta_softplus)
+    b, l, g, dg = dt.shape
+    P, h = lax.associative_scan(_combine, _scan_terms(dt, uf, Ag, Bf), axis=1)
+    if h0 is not None:
+        h = h + P * h0.astype(jnp.float32).reshape(b, 1, g, dg, -1)
     y = jnp.einsum("blgdn,blgn->blgd", h, Cf).reshape(b, l, g * dg)
     return _finish(y, u, D, z), h[:, -1].reshape(b, g * dg, -1)
 
 
-def _chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size: int):
+def _chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size: int, h0=None):
     dt, uf, Ag, Bf, Cf = _prep(u, delta, A, B, C, delta_bias, delta_softplus)
     b, l, g, dg = dt.shape
     n = Ag.shape[-1]
@@ -114,29 +154,40 @@ def _chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size: in
         h = P * h0[:, None] + hl
         return h[:, -1], jnp.einsum("btgdn,btgn->btgd", h, c_c)
 
-    h0 = jnp.zeros((b, g, dg, n), jnp.float32)
+    h0 = jnp.zeros((b, g, dg, n), jnp.float32) if h0 is None else h0.astype(jnp.float32).reshape(b, g, dg, n)
     last, ys = lax.scan(body, h0, tuple(map(chunks, (dt, uf, Bf, Cf))))
     y = jnp.moveaxis(ys, 0, 1).reshape(b, nc * T, g * dg)[:, :l]
     return _finish(y, u, D, z), last.reshape(b, g * dg, n)
 
 
 def selective_scan_bld(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = False, *,
-                       impl: str = "auto", chunk_size: int = 64, interpret: bool = False, config=None):
+                       impl: str = "auto", chunk_size: int = 64, interpret: bool = False, config=None,
+                       initial_state=None):
     """Channels-last selective scan; returns (out [b, l, d] in u's dtype, last_state [b, d, n] f32).
 
-    u, delta, z: [b, l, d]; A: [d, n]; B, C: [b, l, groups, n]; D, delta_bias: [d].
+    u, delta, z: [b, l, d]; A: [d, n]; B, C: [b, l, groups, n]; D, delta_bias: [d]; initial_state [b, d, n]
+    (None: zeros) is the state before u[:, 0].
     """
     impl = resolve_impl(impl)
+    h0 = initial_state
+    if h0 is not None and h0.shape != (u.shape[0], u.shape[2], A.shape[-1]):
+        raise ValueError(f"initial_state shape {h0.shape} != [batch, dim, dstate] "
+                         f"{(u.shape[0], u.shape[2], A.shape[-1])}")
     if impl == "sequential":
+        if h0 is not None:
+            return _sequential(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0)
         return _kss.reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if impl == "associative":
-        return _associative(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return _associative(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0)
     if impl == "chunked":
         if not (isinstance(chunk_size, int) and chunk_size > 0):
             raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
-        return _chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
-    return _kss.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl="triton",
-                               interpret=interpret, config=config)
+        return _chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, h0)
+    out, last = _kss.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl="triton",
+                                    interpret=interpret, config=config)
+    if h0 is not None:
+        out, last = _add_initial_state(out, last, u, delta, A, C, z, delta_bias, delta_softplus, h0)
+    return out, last
 
 
 def _bc_to_bld(x, name: str, b: int, l: int, n: int):

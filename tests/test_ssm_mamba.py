@@ -61,12 +61,14 @@ def test_step_equals_parallel_and_prefill(model_and_params):
         y_seq, st_seq = _run_steps(m, params, x, m.init_state(BATCH))
         y_pre, st_pre = m.apply(params, x[:, :6], return_state=True)  # prefill 6 tokens, then step the rest
         y_rest, st_rest = _run_steps(m, params, x[:, 6:], st_pre)
-        return y_par, st_par, y_seq, st_seq, jnp.concatenate([y_pre, y_rest], 1), st_rest
+        y_cont, st_cont = m.apply(params, x[:, 6:], state=st_pre, return_state=True)  # a second chunk
+        return (y_par, st_par, y_seq, st_seq, jnp.concatenate([y_pre, y_rest], 1), st_rest,
+                jnp.concatenate([y_pre, y_cont], 1), st_cont)
 
-    y_par, st_par, y_seq, st_seq, y_mix, st_mix = both(params, x)
+    y_par, st_par, y_seq, st_seq, y_mix, st_mix, y_cont, st_cont = both(params, x)
     assert y_par.shape == (BATCH, L, H)
-    assert rel_err(y_seq, y_par) < 1e-5 and rel_err(y_mix, y_par) < 1e-5
-    for a, b in ((st_seq, st_par), (st_mix, st_par)):
+    assert rel_err(y_seq, y_par) < 1e-5 and rel_err(y_mix, y_par) < 1e-5 and rel_err(y_cont, y_par) < 1e-5
+    for a, b in ((st_seq, st_par), (st_mix, st_par), (st_cont, st_par)):
         assert rel_err(a.ssm, b.ssm) < 1e-5
         np.testing.assert_allclose(a.conv, b.conv, rtol=1e-6, atol=1e-6)
     assert st_par.conv.shape == (BATCH, 3, 32) and st_par.ssm.shape == (BATCH, 32, 3)

@@ -116,12 +116,16 @@ def test_step_equals_parallel_and_prefill(mixer):
         y_seq, st_seq = steps(p, x, m.init_state(BATCH))
         y_pre, st_pre = m.apply(p, x[:, :5], return_state=True)
         y_rest, st_rest = steps(p, x[:, 5:], st_pre)
-        return y, st, y_seq, st_seq, jnp.concatenate([y_pre, y_rest], 1), st_rest
+        y_cont, st_cont = m.apply(p, x[:, 5:], state=st_pre, return_state=True)  # a second chunk from the state
+        return (y, st, y_seq, st_seq, jnp.concatenate([y_pre, y_rest], 1), st_rest,
+                jnp.concatenate([y_pre, y_cont], 1), st_cont)
 
-    y, st, y_seq, st_seq, y_mix, st_mix = run(params, x)
-    assert rel_err(y_seq, y) < 1e-5 and rel_err(y_mix, y) < 1e-5
-    assert rel_err(st_seq.ssm, st.ssm) < 1e-5 and rel_err(st_mix.ssm, st.ssm) < 1e-5
+    y, st, y_seq, st_seq, y_mix, st_mix, y_cont, st_cont = run(params, x)
+    assert rel_err(y_seq, y) < 1e-5 and rel_err(y_mix, y) < 1e-5 and rel_err(y_cont, y) < 1e-5
+    for s in (st_seq, st_mix, st_cont):
+        assert rel_err(s.ssm, st.ssm) < 1e-5
     np.testing.assert_allclose(st_mix.conv, st.conv, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(st_cont.conv, st.conv, rtol=1e-6, atol=1e-6)
 
 
 def test_matches_transformers_mamba2_mixer(mixer):

@@ -60,13 +60,22 @@ def test_rwkv_matches_direct_sum_and_step():
         y_seq, st_seq = steps(params, x, m.init_state(BATCH))
         y_pre, st_pre = m.apply(params, x[:, :4], return_state=True)
         y_rest, st_rest = steps(params, x[:, 4:], st_pre)
-        return y, st, y_seq, st_seq, jnp.concatenate([y_pre, y_rest], 1), st_rest
+        y_cont, st_cont = m.apply(params, x[:, 4:], state=st_pre, return_state=True)  # a second chunk
+        # padding (mask 0) leaves the state alone: 2 garbage tokens in front and 1 inside change nothing
+        xp = jnp.concatenate([x[:, :1] * 9, x[:, :1] - 3, x[:, :5], x[:, :1] * 7, x[:, 5:]], 1)
+        keep = np.r_[0, 0, [1] * 5, 0, [1] * (L - 5)].astype(bool)
+        y_pad, st_pad = m.apply(params, xp, mask=jnp.broadcast_to(jnp.asarray(keep, jnp.int32), xp.shape[:2]),
+                                return_state=True)
+        return (y, st, y_seq, st_seq, jnp.concatenate([y_pre, y_rest], 1), st_rest,
+                jnp.concatenate([y_pre, y_cont], 1), st_cont, y_pad[:, keep], st_pad)
 
-    y, st, y_seq, st_seq, y_mix, st_mix = run(params, x)
+    y, st, y_seq, st_seq, y_mix, st_mix, y_cont, st_cont, y_pad, st_pad = run(params, x)
     assert rel_err(y, ref) < 2e-5
-    assert rel_err(y_seq, y) < 1e-5 and rel_err(y_mix, y) < 1e-5
-    for a in (st_seq, st_mix):
+    for other in (y_seq, y_mix, y_cont, y_pad):
+        assert rel_err(other, y) < 1e-5
+    for a in (st_seq, st_mix, st_cont, st_pad):
         np.testing.assert_allclose(a.num / a.den, st.num / st.den, rtol=1e-5)
+        np.testing.assert_allclose(a.shift, st.shift, rtol=1e-6)
 
 
 def test_fft_causal_conv_equals_direct():

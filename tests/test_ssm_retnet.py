@@ -111,6 +111,10 @@ def test_block_forms_step_and_prefill():
         y_pre, st_pre = m.apply(p, x[:, :6], return_state=True)
         y_rest, st = steps(p, x[:, 6:], st_pre)
         outs["prefill+step"] = (jnp.concatenate([y_pre, y_rest], 1), st)
+        for f in ("parallel", "recurrent", "chunkwise"):  # a second chunk continues from the first's state
+            y1, s1 = m.apply(p, x[:, :5], form=f, return_state=True)
+            y2, s2 = m.apply(p, x[:, 5:], form=f, state=s1, return_state=True)
+            outs[f"{f} from state"] = (jnp.concatenate([y1, y2], 1), s2)
         return outs
 
     outs = run(params, x)

@@ -35,12 +35,18 @@ def test_invalid_values_raise_naming_the_field(bad):
         SSMConfig(**bad)
 
 
-def test_hybrid_yaml_ssm_section_loads():
+def test_hybrid_yaml_is_a_model_config():
+    from iva_jax.config import ModelConfig
+    from iva_jax.models.transformer import layer_layout
+
     data = yaml.safe_load((ROOT / "configs" / "model_hybrid.yaml").read_text())
     c = SSMConfig.from_dict(data["ssm"])
     assert c.type == "mamba" and c.d_state == 16 and c.dt_rank is None
     with pytest.raises(ValueError, match="unknown SSMConfig keys"):
         SSMConfig.from_dict({**data["ssm"], "d_stat": 3})
+    m = ModelConfig.from_yaml(ROOT / "configs" / "model_hybrid.yaml")
+    assert m.ssm == c and m.layer_kinds()[:3] == (("mamba", "moe"), ("mamba", "moe"), ("attention", "dense"))
+    assert layer_layout(m) == "block" and m.num_attention_layers == 2 and m.moe.capacity_factor is None
 
 
 def test_make_mixer_builds_every_type():

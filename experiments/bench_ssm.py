@@ -11,9 +11,16 @@
              forward+backward (f32 and bf16 matmul operands): TFLOP/s of its matmuls (mamba2.ssd_flops; x3 for
              forward+backward).
 5. sweep   : (--sweep) kernel block configs, forward and forward+backward, bf16.
+6. generate: greedy generation tokens/s of the hybrid (configs/model_hybrid.yaml scaled to ~230M params:
+             [mamba, mamba, attention] x 4, hidden 1024, MoE on the Mamba layers) vs a same-size transformer
+             (the same config with every mixer attention, dense FFN widened to match the parameter count within
+             10%), bf16 weights and compute, batch 1 and 16, an 8k prompt prefilled in chunks through the cache,
+             then 256 new tokens in one jitted loop.  Reports prefill and decode tokens/s, ms per decode step,
+             and the decode state's bytes (KV of the attention layers + SSM states: `KVCache.nbytes`).
 
 Median of timed runs after warm-up, random inputs.  Prints a table and writes JSON (--out).
     PYTHONPATH=. python3 experiments/bench_ssm.py --out bench_ssm.json [--sweep] [--skip-slow]
+    PYTHONPATH=. python3 experiments/bench_ssm.py --only generate --out bench_ssm_generate.json
     PYTHONPATH=. python3 experiments/bench_ssm.py --tiny      # CPU smoke run (interpret-mode kernel)
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -28,16 +36,25 @@ import time
 import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+_SET_ALLOW = "IVA_KERNELS_ALLOW_UNVALIDATED" not in os.environ
 os.environ.setdefault("IVA_KERNELS_ALLOW_UNVALIDATED", "1")  # this script is what validates the kernel
 
 import numpy as np  # noqa: E402
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import importlib  # noqa: E402
+
+from iva_jax.config import ModelConfig  # noqa: E402
+from iva_jax.inference import KVCache  # noqa: E402
+from iva_jax.models.transformer import Transformer, layer_layout  # noqa: E402
 from iva_jax.ssm import scan as S  # noqa: E402
 from iva_jax.ssm.mamba2 import ssd_chunked, ssd_flops, ssd_sequential  # noqa: E402
-from kernels import selective_scan as K  # noqa: E402
+
+K = importlib.import_module("kernels.selective_scan")  # the module (kernels/__init__ exports the function)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROWS: list[dict] = []
 ARGS = None
@@ -232,6 +249,131 @@ def bench_sweep(copy_gbs, interpret):
                                                               config=kw))
 
 
+# ---------------------------------------------------------------------------------------------
+# 6. generation: hybrid vs same-size transformer
+# ---------------------------------------------------------------------------------------------
+GEN_FULL = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=12, num_attention_heads=16,
+                num_key_value_heads=4, intermediate_size=2816, max_position_embeddings=16384, moe_intermediate=1024,
+                d_state=16, prompt=8192, new=256, chunk=512, batches=(1, 16))
+GEN_TINY = dict(vocab_size=258, hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, max_position_embeddings=256, moe_intermediate=64, d_state=4, prompt=64,
+                new=8, chunk=32, batches=(1, 2))
+
+
+def gen_configs(g: dict):
+    """(hybrid, transformer): configs/model_hybrid.yaml at size `g`, and the all-attention model with the dense
+    FFN widened until the parameter counts agree (<= 10% apart, else ValueError)."""
+    base = ModelConfig.from_yaml(os.path.join(ROOT, ARGS.gen_config))
+    period = base.layer_mixers()[:3] if base.mixer_types else ("mamba", "mamba", "attention")
+    L = g["num_hidden_layers"]
+    mixers = tuple(period[i % len(period)] for i in range(L))
+    moe = None
+    if base.moe is not None:
+        moe = base.moe.replace(moe_intermediate_size=g["moe_intermediate"], moe_layers=tuple(
+            i for i, m in enumerate(mixers) if m != "attention"), capacity_factor=None)
+    sizes = {k: g[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "num_key_value_heads", "intermediate_size", "max_position_embeddings")}
+    hybrid = base.replace(**sizes, mixer_types=mixers, moe=moe, ssm=base.ssm.replace(d_state=g["d_state"]),
+                          dtype="bfloat16", param_dtype="bfloat16", head_dim=None)
+    tf = hybrid.replace(mixer_types=None)
+    step = 64 if g["hidden_size"] >= 512 else 8
+    p0, p1 = tf.num_params(), tf.replace(intermediate_size=tf.intermediate_size + step).num_params()
+    f = tf.intermediate_size + step * round((hybrid.num_params() - p0) / (p1 - p0))
+    tf = tf.replace(intermediate_size=max(step, f))
+    ratio = tf.num_params() / hybrid.num_params()
+    if abs(ratio - 1) > 0.1:
+        raise ValueError(f"could not size the transformer to the hybrid: params {tf.num_params()} vs "
+                         f"{hybrid.num_params()}")
+    return hybrid, tf
+
+
+def gen_fns(model, cfg, batch: int, prompt: int, new: int, chunk: int):
+    """(prefill, decode) jitted: prefill scans the prompt through the cache `chunk` tokens at a time (the masked
+    XLA attention of a whole 8k prompt at batch 16 would not fit); decode runs `new` greedy steps in a loop."""
+    if prompt % chunk:
+        raise ValueError(f"prompt {prompt} must be a multiple of the prefill chunk {chunk}")
+
+    @jax.jit
+    def prefill(params, ids):
+        cache = KVCache.init(cfg, batch, prompt + new)
+
+        def body(cache, x):
+            logits, cache = model.apply({"params": params}, x, jnp.ones_like(x), cache=cache, last_logits_only=True)
+            return cache, logits[:, -1]
+
+        cache, last = jax.lax.scan(body, cache, jnp.swapaxes(ids.reshape(batch, prompt // chunk, chunk), 0, 1))
+        return jnp.argmax(last[-1], -1).astype(jnp.int32), cache
+
+    @jax.jit
+    def decode(params, tok, cache):
+        def body(i, carry):
+            tok, cache, out = carry
+            logits, cache = model.apply({"params": params}, tok[:, None], jnp.ones((batch, 1), jnp.int32),
+                                        cache=cache)
+            nxt = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+            return nxt, cache, out.at[:, i].set(nxt)
+
+        out = jnp.zeros((batch, new), jnp.int32)
+        return jax.lax.fori_loop(0, new, body, (tok, cache, out))[2]
+
+    return prefill, decode
+
+
+def bench_generate():
+    """The production path: kernels the dispatcher would pick without IVA_KERNELS_ALLOW_UNVALIDATED (unless the
+    caller set it), and the Mamba scan `auto` would pick (the chunked XLA scan until the kernel is validated)."""
+    if _SET_ALLOW:
+        os.environ.pop("IVA_KERNELS_ALLOW_UNVALIDATED", None)
+    try:
+        _bench_generate()
+    finally:
+        if _SET_ALLOW:
+            os.environ["IVA_KERNELS_ALLOW_UNVALIDATED"] = "1"
+
+
+def _bench_generate():
+    g = GEN_TINY if ARGS.tiny else GEN_FULL
+    hybrid, tf = gen_configs(g)
+    scan_impl = S.resolve_impl(hybrid.ssm.scan_impl)
+    hybrid = hybrid.replace(ssm=hybrid.ssm.replace(scan_impl=scan_impl))
+    prompt, new, chunk = g["prompt"], g["new"], g["chunk"]
+    res = {}
+    for name, cfg in (("hybrid", hybrid), ("transformer", tf)):
+        model = Transformer(cfg)
+        params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+        desc = (f"{name} L{cfg.num_hidden_layers} ({cfg.num_attention_layers} attention) d{cfg.hidden_size} "
+                f"ffn{cfg.intermediate_size} {cfg.num_params() / 1e6:.1f}M")
+        row("gen", desc, None, params_M=round(cfg.num_params() / 1e6, 2), layout=layer_layout(cfg),
+            mixers=",".join(cfg.layer_mixers()), scan_impl=scan_impl, attn_impl=cfg.attn_impl)
+        for b in g["batches"]:
+            ids = jnp.asarray(np.random.default_rng(b).integers(0, cfg.vocab_size, (b, prompt)), jnp.int32)
+            prefill, decode = gen_fns(model, cfg, b, prompt, new, chunk)
+            state = jax.eval_shape(lambda: KVCache.init(cfg, b, prompt + new))
+            kv = 2 * math.prod(state.k.shape) * state.k.dtype.itemsize
+            ssm = state.nbytes() - kv - math.prod(state.valid.shape)
+
+            def one(b=b, prefill=prefill, decode=decode, ids=ids, state=state, kv=kv, ssm=ssm):
+                reps = max(1, min(ARGS.reps, 3))
+                tok, cache = prefill(params, ids)
+                ms_pre = time_jax(prefill, (params, ids), reps=reps, warm=0)
+                ms_dec = time_jax(decode, (params, tok, cache), reps=reps, warm=1)
+                res[(name, b)] = ms_dec
+                return row("gen", f"{name} batch {b} prompt {prompt} +{new} bf16", ms_dec,
+                           decode_tok_s=round(b * new / ms_dec * 1e3, 1), ms_per_step=round(ms_dec / new, 3),
+                           prefill_tok_s=round(b * prompt / ms_pre * 1e3, 1), prefill_ms=round(ms_pre, 1),
+                           state_MiB=round(state.nbytes() / 2**20, 2), kv_MiB=round(kv / 2**20, 2),
+                           ssm_state_MiB=round(ssm / 2**20, 3), model=name, batch=b)
+
+            guard(f"generate {name} batch {b}", one)
+    for b in g["batches"]:
+        if ("hybrid", b) in res and ("transformer", b) in res:
+            row("ratio", f"batch {b}: decode tokens/s hybrid / transformer", None,
+                speedup=round(res[("transformer", b)] / res[("hybrid", b)], 2))
+
+
+SECTIONS = ("check", "copy", "scan", "ssd", "sweep", "generate")
+
+
 def main():
     global ARGS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -241,7 +383,16 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel block configs")
     ap.add_argument("--skip-slow", action="store_true", help="skip lax.scan and chunked rows")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--only", default=None, help=f"comma-separated sections to run, of {','.join(SECTIONS)} "
+                    "(default: all but sweep, which needs --sweep)")
+    ap.add_argument("--gen-config", default="configs/model_hybrid.yaml",
+                    help="the hybrid's layer pattern / SSM / MoE settings (sizes come from the script)")
     ARGS = ap.parse_args()
+    only = set(ARGS.only.split(",")) if ARGS.only else None
+    if only and not only <= set(SECTIONS):
+        sys.exit(f"--only {ARGS.only}: sections are {SECTIONS}")
+    want = lambda s: (s in only) if only else (s != "sweep" or ARGS.sweep) and not (  # noqa: E731
+        s == "check" and ARGS.skip_check)
     if ARGS.tiny:
         ARGS.reps = min(ARGS.reps, 3)
     dev = jax.devices()[0]
@@ -251,20 +402,28 @@ def main():
     if interpret and not ARGS.tiny:
         sys.exit("no GPU: run with --tiny for a CPU smoke run")
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, tiny=ARGS.tiny)
-    if not ARGS.skip_check:
+    if want("check"):
         meta["check_passed"] = guard("check", lambda: check_kernel(interpret))
-    copy_gbs = guard("copy", bench_copy) or float("nan")
-    guard("scan", lambda: bench_scan(copy_gbs, interpret))
-    guard("ssd", bench_ssd)
-    if ARGS.sweep:
+    copy_gbs = float("nan")
+    if want("copy") or want("scan") or want("sweep"):
+        copy_gbs = guard("copy", bench_copy) or float("nan")
+    if want("scan"):
+        guard("scan", lambda: bench_scan(copy_gbs, interpret))
+    if want("ssd"):
+        guard("ssd", bench_ssd)
+    if want("sweep"):
         guard("sweep", lambda: bench_sweep(copy_gbs, interpret))
+    if want("generate"):
+        guard("generate", bench_generate)
     os.makedirs(os.path.dirname(os.path.abspath(ARGS.out)), exist_ok=True)
     with open(ARGS.out, "w") as fh:
         json.dump(dict(meta=meta, rows=ROWS), fh, indent=1, default=str)
     print("\n| group | what | ms | figure |\n|---|---|---|---|")
     for r in ROWS:
-        fig = next((f"{k}={r[k]}" for k in ("GBps", "TFLOPs", "speedup", "status") if k in r), r.get("error", ""))
-        extra = f" ({r['pct_copy']}% of copy)" if "pct_copy" in r else ""
+        fig = next((f"{k}={r[k]}" for k in ("GBps", "TFLOPs", "speedup", "status", "decode_tok_s", "params_M")
+                    if k in r), r.get("error", ""))
+        extra = f" ({r['pct_copy']}% of copy)" if "pct_copy" in r else \
+            f" (decode state {r['state_MiB']} MiB)" if "state_MiB" in r else ""
         print(f"| {r['group']} | {r['name']} | {r.get('ms') or ''} | {fig}{extra} |")
     print(f"\nwrote {ARGS.out}")
 

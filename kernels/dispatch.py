@@ -187,13 +187,13 @@ def describe() -> dict[str, dict[str, str]]:
     """For each op, the implementation `auto` picks on this device for a typical shape, and why."""
     import importlib  # lazy: those modules import us; kernels/__init__ shadows them with functions
 
-    rms_norm, flash_attention, swiglu = (importlib.import_module(f"kernels.{m}")
-                                         for m in ("rms_norm", "flash_attention", "swiglu"))
+    rms_norm, flash_attention, swiglu, selective_scan = (
+        importlib.import_module(f"kernels.{m}") for m in ("rms_norm", "flash_attention", "swiglu", "selective_scan"))
     info = device_info()
     out = {"device": {"platform": info.platform, "kind": info.kind,
                       "compute_capability": str(info.compute_capability)}}
     for name, fn in [("rms_norm", rms_norm.explain_auto), ("flash_attention", flash_attention.explain_auto),
-                     ("swiglu", swiglu.explain_auto)]:
+                     ("swiglu", swiglu.explain_auto), ("selective_scan", selective_scan.explain_auto)]:
         for label, (choice, why) in fn().items():
             out[f"{name}[{label}]"] = {"impl": choice, "why": why}
     return out

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels import selective_scan as K
 from test_ssm_reference import rel_err
 from test_ssm_scan import case, run
+
+K = importlib.import_module("kernels.selective_scan")  # the module (kernels/__init__ exports the function)
 
 # Tiny blocks so that one test crosses several dim blocks (atomic sums of dB/dC), padded dims
 # (dim 5 -> 6, group of 3 -> 4), padded dstate (3 -> 4), several checkpoint chunks (37 = 4 * 8 + 5)
@@ -85,3 +88,16 @@ def test_kernel_lowers_to_triton_for_cuda():
     text = exp.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == 2  # forward (saving checkpoints) and backward kernels
     assert "selective_scan_fwd" in text and "selective_scan_bwd" in text
+
+
+def test_package_exports_and_describe():
+    """`from kernels import selective_scan, grouped_matmul` are the ops (functions); the modules stay reachable;
+    `dispatch.describe()` lists selective_scan's auto choice (XLA on CPU, with the Triton reason)."""
+    import kernels
+    from kernels import dispatch, grouped_matmul, rms_norm, selective_scan
+
+    assert callable(selective_scan) and selective_scan is K.selective_scan and kernels.selective_scan is selective_scan
+    assert grouped_matmul is importlib.import_module("kernels.grouped_matmul").grouped_matmul
+    assert rms_norm is importlib.import_module("kernels.rms_norm").rms_norm
+    row = dispatch.describe()["selective_scan[any shape]"]
+    assert row["impl"] == "xla" and "triton:" in row["why"]

@@ -13,11 +13,19 @@ Weight format (one group = `group_size` consecutive rows of W [K, N], one scale 
 Implementations (all accumulate in f32; output in x.dtype unless `out_dtype`):
   * "xla":    up to 16 rows, per-group dots on the codes with the scales applied to the partial sums;
               above, dequantize to x's dtype and one jnp.dot (`reference`: dequantise in f32/f64).
-  * "triton": Pallas-Triton kernel, grid (column block, row block, k-split): per group it loads the
-              codes once (int4: one byte for two weights), converts them exactly to the activation
-              dtype, does the group's dot on the tensor cores and applies the scale (and zero * row sum
-              of x) in f32; k-splits (for few column blocks) are summed by a small XLA epilogue.
-              Meant for decode (rows <= 64); `auto` uses XLA above that.  VJP w.r.t. x through XLA.
+  * "triton": Pallas-Triton kernels, grid (column block, [row block,] k-split), both memory-bound
+              streams of the packed codes (int4: one byte for two weights) with f32 accumulation:
+              - rows <= `QuantBlocks.dot_rows` (decode, M = 1..4): a GEMV.  Per group the codes tile
+                [rows, block_n] is widened to int32 and turned into exact f32 values by the exponent
+                trick bitcast(code | 0x4B000000) - 2^23 (integer ops + one add: no int->float
+                conversion instructions, which throttled the int4 path), multiplied by the broadcast
+                activations and summed over the group's rows (no tl.dot), then scaled (and zero *
+                sum(x) added) once per group and column.
+              - more rows: the same decode of the codes, exact in x's dtype, one tl.dot per group on
+                [16, group] x [group, block_n] tiles, scale applied to the f32 partial.
+              Each program unrolls `block_k // group_size` groups per loop step (all loads first, for
+              many bytes in flight); k-splits (enough programs to fill the SMs) write f32 partials that
+              one small XLA sum combines (deterministic, no atomics).  VJP w.r.t. x through XLA.
 Until the kernel has passed `experiments/bench_inference.py --check` on a GPU, `auto` keeps XLA.
 """
 
@@ -43,23 +51,32 @@ _F32 = jnp.float32
 _FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _MAX_KERNEL_ROWS = 16  # H100, 2026-11-22: faster than XLA at M<=16, slower at M=64
 _GROUPED_ROWS = 16  # XLA path: per-group dots up to this many rows
-_GPU_VALIDATED = True  # H100 check passed 2026-11-22 (experiments/results/inference_kernels_h100_2026-11-22.json)
+_GPU_VALIDATED = False  # kernel rewritten (GEMV path, exponent-trick decode): flip after bench_inference --check
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantBlocks:
-    """Kernel tiling: columns per program, k-splits (None = heuristic), warps, pipeline stages."""
+    """Kernel tiling (all swept by experiments/bench_inference.py --sweep): columns per program,
+    K rows per loop step (a multiple of the group size; rounded down to one), k-splits (None =
+    enough programs for ~4 per SM), warps, pipeline stages, and the row count up to which the
+    multiply-reduce GEMV is used instead of 16-row tl.dot tiles."""
 
-    block_n: int = 64
+    block_n: int = 128
+    block_k: int = 256
     num_splits: Optional[int] = None
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
+    dot_rows: int = 4
 
     def __post_init__(self):
-        if self.block_n < 16 or self.block_n & (self.block_n - 1):
-            raise ValueError(f"QuantBlocks.block_n must be a power of 2 >= 16, got {self.block_n}")
+        for name in ("block_n", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"QuantBlocks.{name} must be a power of 2 >= 16, got {v!r}")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"QuantBlocks.num_splits must be >= 1, got {self.num_splits}")
+        if self.num_warps < 1 or self.num_stages < 1 or self.dot_rows < 0:
+            raise ValueError(f"QuantBlocks: num_warps/num_stages must be >= 1 and dot_rows >= 0, got {self}")
 
 
 # ----------------------------------------------------------------------------- format helpers
@@ -190,7 +207,89 @@ def explain_auto() -> dict[str, tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- Triton kernel
 
-def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, k, n, bm, bn, g, bits, groups_per_split, splits):
+_MAGIC = 0x4B000000  # f32 bit pattern of 2^23: bitcast(_MAGIC | c) == 2^23 + c exactly for 0 <= c < 2^23
+_MAGIC_F = 8388608.0
+
+
+def _load(ref, mask, other):
+    """plt.load with `other` only where a mask is given (unmasked loads vectorise best)."""
+    return plt.load(ref) if mask is None else plt.load(ref, mask=mask, other=other)
+
+
+def _exact_f32(c, offset: float):
+    """int32 codes c (with 0 <= c + offset-shift < 2^23) -> f32 values c - offset, exactly, without
+    int->float conversion instructions (the exponent trick; see module docstring)."""
+    return lax.bitcast_convert_type(c | _MAGIC, _F32) - (_MAGIC_F + offset)
+
+
+def _decode_tiles(w_ref, gi, cols, cmask, *, g, bits, sym):
+    """The codes of group `gi`, columns `cols`, as exact f32 tiles: int4 -> (first half-group rows,
+    second half-group rows), each [g/2, bn]; int8 -> ([g, bn],)."""
+    rows = g // 2 if bits == 4 else g
+    rr = gi * rows + jnp.arange(rows)
+    raw = _load(w_ref.at[rr[:, None], cols[None, :]], cmask, 0)
+    if bits == 4:
+        p = raw.astype(jnp.int32)  # zero extension of the packed byte
+        off = 8.0 if sym else 0.0
+        return _exact_f32(p & 15, off), _exact_f32(p >> 4, off)
+    if sym:  # int8 in [-128, 127]: shift to [0, 255] inside the integer add
+        return (lax.bitcast_convert_type(raw.astype(jnp.int32) + (_MAGIC + 128), _F32) - (_MAGIC_F + 128.0),)
+    return (_exact_f32(raw.astype(jnp.int32), 0.0),)
+
+
+def _group_scales(s_ref, z_ref, gi, cols, c_ok, ok):
+    """f32 scale (and zero) rows of group `gi`; zeros when `ok` is false (a clamped step past the split)."""
+    def one(ref):
+        v = _load(ref.at[gi, cols], c_ok, 0.0).astype(_F32)
+        return jnp.where(ok, v, 0.0)
+    return one(s_ref), None if z_ref is None else one(z_ref)
+
+
+def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, per, ngroups, splits):
+    """rows <= dot_rows: acc[r] += scale * sum_k x[r, k] * code[k, :] (+ zero * sum_k x[r, k]) per group."""
+    j = pl.program_id(0)
+    sp = pl.program_id(1)
+    cols = j * bn + jnp.arange(bn)
+    c_ok = cols < n
+    full = n % bn == 0
+    cmask = None if full else c_ok[None, :]
+    g0 = sp * per
+    g1 = jnp.minimum(g0 + per, ngroups)
+    nparts = 2 if bits == 4 else 1
+    plen = g // nparts
+    sym = z_ref is None
+
+    def step(t, accs):
+        loads = []
+        for u in range(gps):  # issue every load of the step first
+            gi = g0 + t * gps + u
+            ok = gi < g1  # past this split's last group: reload that group (cached), zero its scale
+            gi = jnp.minimum(gi, g1 - 1)
+            sc, zr = _group_scales(s_ref, z_ref, gi, cols, None if full else c_ok, ok)
+            xs = [[plt.load(x_ref.at[r, gi * g + p * plen + jnp.arange(plen)]).astype(_F32) for p in range(nparts)]
+                  for r in range(m)]
+            loads.append((_decode_tiles(w_ref, gi, cols, cmask, g=g, bits=bits, sym=sym), sc, zr, xs))
+        accs = list(accs)
+        for tiles, sc, zr, xs in loads:
+            for r in range(m):
+                prod = sum(xs[r][p][:, None] * tiles[p] for p in range(nparts))
+                accs[r] = accs[r] + jnp.sum(prod, axis=0) * sc
+                if zr is not None:
+                    accs[r] = accs[r] + sum(jnp.sum(xp) for xp in xs[r]) * zr
+        return tuple(accs)
+
+    nsteps = pl.cdiv(jnp.maximum(g1 - g0, 0), gps)
+    accs = lax.fori_loop(0, nsteps, step, tuple(jnp.zeros((bn,), _F32) for _ in range(m)))
+    omask = None if full else c_ok
+    for r in range(m):
+        if splits == 1:
+            plt.store(o_ref.at[r, cols], accs[r].astype(o_ref.dtype), mask=omask)
+        else:
+            plt.store(o_ref.at[sp, r, cols], accs[r], mask=omask)
+
+
+def _dot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bm, bn, g, bits, gps, per, ngroups, splits):
+    """rows > dot_rows: per group one [bm, g] x [g, bn] tl.dot on the exact codes, scale on the f32 partial."""
     j = pl.program_id(0)
     i = pl.program_id(1)
     sp = pl.program_id(2)
@@ -198,42 +297,35 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, k, n, bm, bn, g, bits, grou
     cols = j * bn + jnp.arange(bn)
     r_ok = rows < m
     c_ok = cols < n
-    half = g // 2
-    ngroups = k // g
-    g0 = sp * groups_per_split
-    g1 = jnp.minimum(g0 + groups_per_split, ngroups)
+    full = n % bn == 0
+    cmask = None if full else c_ok[None, :]
+    g0 = sp * per
+    g1 = jnp.minimum(g0 + per, ngroups)
+    nparts = 2 if bits == 4 else 1
+    plen = g // nparts
     cdt = x_ref.dtype
+    sym = z_ref is None
 
-    def xload(start, size):
-        kk = start + jnp.arange(size)
-        return plt.load(x_ref.at[rows[:, None], kk[None, :]], mask=r_ok[:, None], other=0.0)
-
-    def body(gi, acc):
-        scale = plt.load(s_ref.at[gi, cols], mask=c_ok, other=0.0).astype(_F32)
-        if bits == 4:
-            pr = gi * half + jnp.arange(half)
-            packed = plt.load(w_ref.at[pr[:, None], cols[None, :]], mask=c_ok[None, :], other=0)
-            lo = (packed & 15).astype(jnp.int32)
-            hi = (packed >> 4).astype(jnp.int32)
-            if z_ref is None:
-                lo, hi = lo - 8, hi - 8
-            x_lo, x_hi = xload(gi * g, half), xload(gi * g + half, half)
-            part = _dot(x_lo, lo.astype(cdt)) + _dot(x_hi, hi.astype(cdt))
-            xparts = (x_lo, x_hi)
-        else:
-            kr = gi * g + jnp.arange(g)
-            codes = plt.load(w_ref.at[kr[:, None], cols[None, :]], mask=c_ok[None, :], other=0)
-            xg = xload(gi * g, g)
-            part = _dot(xg, codes.astype(jnp.int32).astype(cdt))
-            xparts = (xg,)
-        acc = acc + part * scale[None, :]
-        if z_ref is not None:
-            zero = plt.load(z_ref.at[gi, cols], mask=c_ok, other=0.0).astype(_F32)
-            xsum = sum(jnp.sum(xp.astype(_F32), axis=1) for xp in xparts)
-            acc = acc + xsum[:, None] * zero[None, :]
+    def step(t, acc):
+        loads = []
+        for u in range(gps):
+            gi = g0 + t * gps + u
+            ok = gi < g1
+            gi = jnp.minimum(gi, g1 - 1)
+            sc, zr = _group_scales(s_ref, z_ref, gi, cols, None if full else c_ok, ok)
+            xs = [plt.load(x_ref.at[rows[:, None], (gi * g + p * plen + jnp.arange(plen))[None, :]],
+                           mask=r_ok[:, None], other=0.0) for p in range(nparts)]
+            loads.append((_decode_tiles(w_ref, gi, cols, cmask, g=g, bits=bits, sym=sym), sc, zr, xs))
+        for tiles, sc, zr, xs in loads:
+            part = sum(_dot(xs[p], tiles[p].astype(cdt)) for p in range(nparts))
+            acc = acc + part * sc[None, :]
+            if zr is not None:
+                xsum = sum(jnp.sum(xp.astype(_F32), axis=1) for xp in xs)
+                acc = acc + xsum[:, None] * zr[None, :]
         return acc
 
-    acc = lax.fori_loop(g0, g1, body, jnp.zeros((bm, bn), _F32))
+    nsteps = pl.cdiv(jnp.maximum(g1 - g0, 0), gps)
+    acc = lax.fori_loop(0, nsteps, step, jnp.zeros((bm, bn), _F32))
     omask = r_ok[:, None] & c_ok[None, :]
     if splits == 1:
         plt.store(o_ref.at[rows[:, None], cols[None, :]], acc.astype(o_ref.dtype), mask=omask)
@@ -252,24 +344,42 @@ def _compiler_params(num_warps: int, num_stages: int):
 
 
 def _heuristic_splits(programs: int, ngroups: int) -> int:
+    """k-splits for ~4 programs per SM (one when the column blocks alone give 2 per SM), >= 2 groups each."""
     cores = dispatch.device_info().core_count or 132
-    if programs >= cores or ngroups < 8:
+    if programs >= 2 * cores or ngroups < 4:
         return 1
-    return int(max(1, min(pl.cdiv(2 * cores, programs), ngroups // 4)))
+    return int(max(1, min(pl.cdiv(4 * cores, programs), ngroups // 2)))
+
+
+def plan(m: int, k: int, n: int, group_size: int, blocks: "QuantBlocks" = None, *, interpret: bool = False) -> dict:
+    """The kernel's static launch plan for x [m, k] @ W [k, n]: path, tiles, groups per step, k-splits."""
+    blocks = blocks or QuantBlocks()
+    gemv = m <= blocks.dot_rows
+    bn = blocks.block_n if not interpret else min(blocks.block_n, 32)
+    bm = 16
+    ngroups = k // group_size
+    gps = max(1, min(blocks.block_k // group_size, ngroups))
+    programs = pl.cdiv(n, bn) * (1 if gemv else pl.cdiv(m, bm))
+    splits = min(blocks.num_splits or _heuristic_splits(programs, ngroups), ngroups)
+    per = pl.cdiv(ngroups, splits)
+    if blocks.num_splits is None:  # whole steps per split
+        per = pl.cdiv(per, gps) * gps
+    else:  # the requested splits; steps that divide them
+        gps = max(d for d in range(1, min(gps, per) + 1) if per % d == 0)
+    splits = pl.cdiv(ngroups, per)  # no empty splits (only the last split may end on a partial step)
+    return dict(path="gemv" if gemv else "dot", bm=bm, bn=bn, gps=gps, per=per, splits=splits,
+                grid=(pl.cdiv(n, bn), splits) if gemv else (pl.cdiv(n, bn), pl.cdiv(m, bm), splits))
 
 
 def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interpret):
     m, k = x.shape
     n = scale.shape[1]
-    bm = 16
-    bn = blocks.block_n if not interpret else min(blocks.block_n, 32)
-    ngroups = k // group_size
-    programs = pl.cdiv(n, bn) * pl.cdiv(m, bm)
-    splits = blocks.num_splits or _heuristic_splits(programs, ngroups)
-    splits = min(splits, ngroups)
-    per = pl.cdiv(ngroups, splits)
-    kern = functools.partial(_kernel, m=m, k=k, n=n, bm=bm, bn=bn, g=group_size, bits=bits, groups_per_split=per,
-                             splits=splits)
+    p = plan(m, k, n, group_size, blocks, interpret=interpret)
+    splits = p["splits"]
+    common = dict(m=m, n=n, bn=p["bn"], g=group_size, bits=bits, gps=p["gps"], per=p["per"], ngroups=k // group_size,
+                  splits=splits)
+    kern = (functools.partial(_gemv_kernel, **common) if p["path"] == "gemv"
+            else functools.partial(_dot_kernel, bm=p["bm"], **common))
     args = [x, qweight, scale] + ([zero] if zero is not None else [])
     if zero is None:
         def kernel(x_ref, w_ref, s_ref, o_ref):
@@ -279,10 +389,10 @@ def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interp
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
     shape = (m, n) if splits == 1 else (splits, m, n)
     out = pl.pallas_call(
-        kernel, grid=(pl.cdiv(n, bn), pl.cdiv(m, bm), splits), in_specs=[anyspec] * len(args), out_specs=anyspec,
+        kernel, grid=p["grid"], in_specs=[anyspec] * len(args), out_specs=anyspec,
         out_shape=jax.ShapeDtypeStruct(shape, out_dtype if splits == 1 else _F32),
         compiler_params=_compiler_params(blocks.num_warps, blocks.num_stages), interpret=interpret,
-        name=f"quant_matmul_int{bits}",
+        name=f"quant_matmul_int{bits}_{p['path']}",
     )(*args)
     return out if splits == 1 else jnp.sum(out, axis=0).astype(out_dtype)
 

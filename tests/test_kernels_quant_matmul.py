@@ -1,7 +1,9 @@
 """Weight-only quantized matmul: Pallas kernel (interpret mode) and XLA vs a float64 numpy dequant-matmul.
 
 int8 / int4, symmetric / asymmetric, 3 rows, K = 192 (three groups of 64), N = 72 (not a multiple of
-the column block), split-K 1 and 3; bf16 activations; the VJP w.r.t. x; CUDA lowering; bad input.
+the column block), split-K 1 and 3; both kernel paths (multiply-reduce GEMV and 16-row tl.dot) at
+M = 1, 3, 16, groups 32 / 64 / 128, odd N, partial loop steps; bf16 activations; the VJP w.r.t. x;
+CUDA lowering of both paths; bad input.
 """
 
 import importlib
@@ -37,14 +39,14 @@ def numpy_dequant(codes, scale, zero, bits, g):
     return w
 
 
-def weights(seed, bits, sym):
+def weights(seed, bits, sym, k=K, n=N, g=G):
     rng = np.random.default_rng(seed)
-    if bits == 8:
-        q = rng.integers(-127, 128, (K, N)).astype(np.int8) if sym else rng.integers(0, 256, (K, N)).astype(np.uint8)
+    if bits == 8:  # the full code range, -128 included (the kernel's integer decode must get it right)
+        q = rng.integers(-128, 128, (k, n)).astype(np.int8) if sym else rng.integers(0, 256, (k, n)).astype(np.uint8)
     else:
-        q = rng.integers(0, 256, (K // 2, N)).astype(np.uint8)
-    s = (rng.random((K // G, N)) * 0.05 + 0.01).astype(np.float16)
-    z = None if sym else (rng.standard_normal((K // G, N)) * 0.1).astype(np.float16)
+        q = rng.integers(0, 256, (k // 2, n)).astype(np.uint8)
+    s = (rng.random((k // g, n)) * 0.05 + 0.01).astype(np.float16)
+    z = None if sym else (rng.standard_normal((k // g, n)) * 0.1).astype(np.float16)
     return q, s, z
 
 
@@ -59,6 +61,42 @@ def test_kernel_matches_float64(bits, sym, splits):
     assert out.shape == (M, N) and out.dtype == jnp.float32
     for got in (out, qm.quant_matmul(*args, impl="xla", **kw), qm.reference(*args, **kw)):
         np.testing.assert_allclose(np.asarray(got), exp, rtol=2e-6, atol=2e-6 * np.abs(exp).max())
+
+
+# (bits, sym, group, M, K, N, blocks): GEMV path at M = 1 / 3, tl.dot path at M = 16 (and forced at M = 3);
+# odd N; k-splits with a partial last step (5 groups, 2 per step); groups 32 / 64 / 128
+PATH_CASES = [
+    (4, True, 128, 1, 384, 45, qm.QuantBlocks()),
+    (4, False, 32, 3, 160, 72, qm.QuantBlocks(block_k=64)),
+    (8, True, 64, 1, 192, 33, qm.QuantBlocks(num_splits=2)),
+    (8, False, 32, 16, 160, 40, qm.QuantBlocks(block_k=64, num_splits=3)),
+    (4, True, 32, 16, 96, 72, qm.QuantBlocks(num_splits=2)),
+    (4, False, 64, 3, 256, 20, qm.QuantBlocks(dot_rows=0)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PATH_CASES)))
+def test_kernel_paths_match_float64(case):
+    bits, sym, g, m, k, n, blocks = PATH_CASES[case]
+    q, s, z = weights(100 + case, bits, sym, k, n, g)
+    x = np.random.default_rng(case).standard_normal((m, k))
+    exp = x @ numpy_dequant(q, s, z, bits, g)
+    out = qm.quant_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(q), jnp.asarray(s),
+                          None if z is None else jnp.asarray(z), bits=bits, group_size=g, impl="triton",
+                          interpret=True, blocks=blocks)
+    assert qm.plan(m, k, n, g, blocks)["path"] == ("gemv" if m <= blocks.dot_rows else "dot")
+    np.testing.assert_allclose(np.asarray(out), exp, rtol=2e-6, atol=2e-6 * np.abs(exp).max())
+
+
+def test_plan_fills_the_gpu_without_partial_steps():
+    p = qm.plan(1, 4096, 14336, 128)  # the decode shape of the benchmark
+    assert p["path"] == "gemv" and p["per"] % p["gps"] == 0 and p["splits"] * p["per"] >= 32
+    assert p["grid"][0] * p["grid"][1] >= 2 * 132
+    assert qm.plan(16, 4096, 14336, 128)["path"] == "dot"
+    p = qm.plan(1, 4096, 14336, 128, qm.QuantBlocks(num_splits=5, block_k=256))  # 7 groups per split
+    assert p["splits"] == 5 and p["per"] == 7 and p["gps"] == 1
+    with pytest.raises(ValueError, match="block_k"):
+        qm.QuantBlocks(block_k=96)
 
 
 def test_xla_prefill_rows_use_the_dequantised_gemm():
@@ -100,7 +138,7 @@ def test_pack_roundtrip_and_dequantize_matches_numpy():
 def test_triton_lowering_for_cuda():
     sd = jax.ShapeDtypeStruct
     texts = []
-    for bits, zero, splits in ((4, True, 1), (4, False, 4), (8, False, 2)):
+    for bits, zero, splits, m in ((4, True, 1, 1), (4, False, 4, 1), (8, False, 2, 3), (4, True, 2, 16), (8, False, 1, 9)):
         k, n = 576, 1536
         wq = sd((k // 2 if bits == 4 else k, n), jnp.uint8 if (bits == 4 or zero) else jnp.int8)
         sc = sd((k // 64, n), jnp.float16)
@@ -108,7 +146,7 @@ def test_triton_lowering_for_cuda():
 
         def f(x, w, s, zz=None, bits=bits, splits=splits):
             return qm._triton(x, w, s, zz, bits, 64, jnp.bfloat16, qm.QuantBlocks(num_splits=splits), False)
-        args = (sd((1, k), jnp.bfloat16), wq, sc) + ((z,) if zero else ())
+        args = (sd((m, k), jnp.bfloat16), wq, sc) + ((z,) if zero else ())
         texts.append(jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text())
     assert all(t.count("__gpu$xla.gpu.triton") == 1 for t in texts)
 

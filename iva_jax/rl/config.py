@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 from iva_jax.config import ConfigBase, check, check_choice, check_positive
+from iva_jax.hrm.controller import ControllerConfig
 from iva_jax.rl.advantages import GRPO_REWARD_SCALES
 from iva_jax.rl.kl import KL_ESTIMATORS
 from iva_jax.rl.masking import LOSS_AGG_MODES
@@ -23,6 +24,7 @@ from iva_jax.train.lora import LoRAConfig
 
 ALGORITHMS = ("ppo", "grpo", "dpo", "hrm_rpo")
 KL_MODES = ("loss", "reward", "none")
+CONTROLLER_READS = ("all", "prompt", "response")  # iva_jax.hrm.controller_rpo.READS (not imported: it imports rl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,13 @@ class RLConfig(ConfigBase):
     b_entropy: float = 0.0
     b_mem: float = 0.0
     mem_temperature: float = 0.1
+    # HRM-RPO's controller (iva_jax.hrm.controller_rpo.RPOController), which supplies r_halt and r_mem:
+    # its shape / halting rule / ponder weight, and its own Adam step per RL step (lr, what it reads,
+    # controller_mem_coef * NT-Xent(z_H(i), z_H(j)) added to its loss).  None = ControllerConfig().
+    controller: Optional[ControllerConfig] = None
+    controller_lr: float = 1e-3
+    controller_read: str = "all"  # "all" | "prompt" | "response": the positions it pools
+    controller_mem_coef: float = 0.0
     seed: int = 0
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     # trainer
@@ -137,6 +146,11 @@ class RLConfig(ConfigBase):
         check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
         for f in ("b_halt", "b_entropy", "b_mem"):
             check(getattr(self, f) >= 0, f, getattr(self, f), "must be >= 0")
+        check(self.controller is None or isinstance(self.controller, ControllerConfig), "controller",
+              self.controller, "must be a ControllerConfig or None")
+        check_positive(self, "controller_lr")
+        check_choice(self, "controller_read", CONTROLLER_READS)
+        check(self.controller_mem_coef >= 0, "controller_mem_coef", self.controller_mem_coef, "must be >= 0")
         check_positive(self, "prompts_per_step", "mini_batches")
         check(self.prompts_per_step * self.group_size % self.mini_batches == 0, "mini_batches", self.mini_batches,
               f"must divide the rollout batch prompts_per_step * group_size = {self.rollout_batch}")

@@ -28,6 +28,7 @@ Median of --reps timed runs after warm-up; random inputs; markdown table on stdo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -118,7 +119,8 @@ def guard(label: str, f):
 
 
 def rotations(nbytes: int, total: float = 400e6) -> int:
-    return max(1, int(np.ceil(total / max(nbytes, 1))))
+    """Distinct input sets whose bytes exceed `total` (defeats the 50 MB L2; 2 off the GPU)."""
+    return max(1, int(np.ceil(total / max(nbytes, 1)))) if ON_GPU else 2
 
 
 def kernel_impl() -> str:
@@ -338,38 +340,122 @@ def memory(cfg: dict, ctx: int, steps: int, reps: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ quant matmul
 
-def quant_bench(shapes, ms_rows, reps: int, sweep: bool) -> None:
+def loop_ms(op, x, wsets, reps: int, calls: int = 96) -> float:
+    """Kernel time of op(x, *w): ms per call of ~`calls` calls inside ONE jit (a fori_loop whose every
+    step calls op once per weight set of `wsets`, distinct buffers >= 400 MB in all so the L2 never
+    serves them).  Each step's x depends on the previous step's outputs (x + eps * sum(outputs), eps a
+    runtime 0), so XLA can neither hoist nor drop a call; one host sync per `calls` calls, so launch
+    and dispatch overhead (~0.06 ms per jit call on the H100) is out of the figure."""
+    nw = len(wsets)
+    iters = max(2, -(-calls // nw))
+
+    @jax.jit
+    def many(x, wsets, eps):
+        def body(_, x):
+            tot = sum(op(x, *w).astype(jnp.float32) for w in wsets)  # one fused add+reduce per step
+            return x + (eps * jnp.sum(tot)).astype(x.dtype)
+        return jax.lax.fori_loop(0, iters, body, x)
+
+    eps = jnp.zeros((), jnp.float32)
+    return median_ms(lambda: many(x, wsets, eps), reps, warm=2) / (iters * nw)
+
+
+def torch_graph_ms(calls) -> float:
+    """ms per call of the torch callables `calls` (one per weight set), captured together in a CUDA graph."""
+    import torch
+    import triton.testing
+
+    def fn():
+        for c in calls:
+            c()
+    torch.cuda.synchronize()
+    bench = getattr(triton.testing, "do_bench_cudagraph", None)
+    if bench is None:
+        return torch_ms(fn) / len(calls)
+    return float(bench(fn, rep=100, return_mode="median")) / len(calls)
+
+
+def _sweep_space(m: int) -> dict:
+    """QuantBlocks values tried by the sweep, one field at a time (coordinate descent from the default)."""
+    if not ON_GPU:  # CPU smoke test of the sweep machinery (interpret mode is slow)
+        return dict(block_n=(32, 64))
+    space = dict(block_n=(32, 64, 128, 256), num_splits=(None, 1, 2, 4, 8, 16), block_k=(128, 256, 512, 1024),
+                 num_warps=(1, 2, 4, 8), num_stages=(1, 2, 3, 4))
+    if m > 1:
+        space["dot_rows"] = (0, 4, m)  # tl.dot tiles vs the multiply-reduce GEMV at these rows
+    return space
+
+
+def quant_bench(shapes, ms_rows, reps: int, sweep: bool, sweep_shape=None) -> None:
+    """int4 / int8 quant matmul vs the bf16 matmul (XLA, torch) at decode shapes, kernel time (`loop_ms`);
+    with `sweep`, a coordinate-descent search over QuantBlocks at M = 1 and 16 on `sweep_shape`."""
+    best_cfg = RES.setdefault("quant_best_blocks", {})
     for k, n in shapes:
         group = 128 if k % 128 == 0 else 64
         w = (jax.random.normal(jax.random.PRNGKey(k + n), (k, n)) * 0.02).astype(jnp.float32)
         nrot = rotations(k * n * 2)
         wb = [(w * (1 + 0.01 * i)).astype(jnp.bfloat16) for i in range(nrot)]
-        packed = {bits: [quant.quantize_groupwise(wi.astype(jnp.float32), bits=bits, group_size=group,
-                                                  symmetric=bits == 8) for wi in wb] for bits in (4, 8)}
+        packed = {}
+        for bits in (4, 8):
+            nb = rotations(k * n * bits // 8)  # int4 weights are 4x smaller: more sets to defeat the L2
+            packed[bits] = [quant.quantize_groupwise((w * (1 + 0.01 * i)), bits=bits, group_size=group,
+                                                     symmetric=bits == 8) for i in range(nb)]
         for m in ms_rows:
             x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
             case = f"M{m} {k}->{n} g{group}"
-            bf = jax.jit(lambda x, w: x @ w)
-            t_bf = guard(f"quant {case} bf16", lambda: kernel_ms(bf, [(x, wi) for wi in wb], reps))
+            t_bf = guard(f"quant {case} bf16", lambda: loop_ms(lambda x, w: x @ w, x, [(wi,) for wi in wb], reps))
             if t_bf is not None:
-                row("quant", f"{case} bf16 matmul (XLA)", ms=t_bf, gbs=k * n * 2 / t_bf / 1e6)
+                row("quant", f"{case} bf16 matmul (XLA)", ms=t_bf, gbs=k * n * 2 / t_bf / 1e6, M=m, impl="xla-bf16")
+            if ON_GPU:
+                def tmm():
+                    import torch
+                    tx = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    tw = [torch.randn(k, n, device="cuda", dtype=torch.bfloat16) for _ in range(nrot)]
+                    return torch_graph_ms([lambda wi=wi: tx @ wi for wi in tw])
+                t = guard(f"quant {case} torch bf16", tmm)
+                if t is not None:
+                    row("quant", f"{case} torch bf16 matmul (CUDA graph)", ms=t, gbs=k * n * 2 / t / 1e6, M=m,
+                        impl="torch-bf16", speedup_vs_bf16=(t_bf / t) if t_bf else float("nan"))
             for bits in (4, 8):
                 c0, s0, z0 = packed[bits][0]
                 nbytes = sum(int(a.size * a.dtype.itemsize) for a in (c0, s0, z0) if a is not None)
-                impls = [("xla", qm.QuantBlocks())] + [(kernel_impl(), qm.QuantBlocks())]
-                if sweep and m == 1 and ON_GPU and (k, n) == shapes[-1]:
-                    impls += [(kernel_impl(), qm.QuantBlocks(block_n=bn, num_splits=sp, num_warps=nw))
-                              for bn in (32, 64, 128) for sp in (1, 2, 4) for nw in (2, 4)]
-                for impl, blk in impls:
-                    f = jax.jit(lambda x, c, s_, z, impl=impl, blk=blk, bits=bits: qm.quant_matmul(
+
+                def measure(impl, blk, bits=bits):
+                    op = lambda x, c, s_, z: qm.quant_matmul(  # noqa: E731
                         x, c, s_, z, bits=bits, group_size=group, impl=impl, interpret=INTERPRET and impl != "xla",
-                        blocks=blk))
-                    label = f"{case} int{bits} {impl}" + (f" {blk}" if blk != qm.QuantBlocks() else "")
-                    t = guard(f"quant {label}", lambda f=f: kernel_ms(f, [(x, *p) for p in packed[bits]], reps))
+                        blocks=blk)
+                    return loop_ms(op, x, packed[bits], reps)
+
+                def record(impl, blk, t, tag=""):
+                    label = f"{case} int{bits} {impl}{tag}" + (f" {blk}" if blk != qm.QuantBlocks() else "")
+                    row("quant", label, ms=t, gbs=nbytes / t / 1e6, speedup_vs_bf16=(t_bf / t) if t_bf else float("nan"),
+                        bits=bits, M=m, impl=impl, blocks=str(blk),
+                        plan=str(qm.plan(m, k, n, group, blk)) if impl != "xla" else "")
+                for impl in ("xla", kernel_impl()):
+                    t = guard(f"quant {case} int{bits} {impl}", lambda impl=impl: measure(impl, qm.QuantBlocks()))
                     if t is not None:
-                        row("quant", label, ms=t, gbs=nbytes / t / 1e6,
-                            speedup_vs_bf16=(t_bf / t) if t_bf else float("nan"), bits=bits, M=m, impl=impl,
-                            blocks=str(blk))
+                        record(impl, qm.QuantBlocks(), t)
+                if not (sweep and (k, n) == (sweep_shape or shapes[-1]) and m in (1, 16) and (ON_GPU or m == 1)):  # noqa: E501
+                    continue
+                cur, tried = qm.QuantBlocks(), {}
+                for field, values in _sweep_space(m).items():
+                    for v in values:
+                        try:
+                            blk = dataclasses.replace(cur, **{field: v})
+                        except ValueError:
+                            continue
+                        if blk not in tried:
+                            tried[blk] = guard(f"quant sweep {case} int{bits} {blk}",
+                                               lambda blk=blk: measure(kernel_impl(), blk))
+                    ok = {b_: t_ for b_, t_ in tried.items() if t_ is not None}
+                    cur = min(ok, key=ok.get) if ok else cur
+                if tried.get(cur) is not None:
+                    record(kernel_impl(), cur, tried[cur], tag=" best of sweep")
+                    best_cfg[f"int{bits} {case}"] = dict(blocks=dataclasses.asdict(cur), ms=tried[cur],
+                                                         gbs=nbytes / tried[cur] / 1e6,
+                                                         speedup_vs_bf16=(t_bf / tried[cur]) if t_bf else None,
+                                                         configs_tried=len(tried))
+                    print(f"quant sweep best int{bits} {case}: {cur} {tried[cur]:.4f} ms", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ decode kernel
@@ -488,7 +574,8 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="block sweeps: quant matmul (M=1, 16) and decode kernel")
+    ap.add_argument("--no-sweep", action="store_true", help="(default) no block sweeps")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_inference.json"))
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -517,12 +604,13 @@ def main() -> int:
     if "memory" in only:
         memory(cfg, 256 if tiny else 32768, 4 if tiny else 32, reps)
     if "quant" in only:
-        shapes = [(128, 96)] if tiny else [(576, 1536), (4096, 4096), (4096, 14336)]
-        quant_bench(shapes, (1, 3) if tiny else (1, 16, 64), reps, sweep=not args.no_sweep)
+        shapes = [(128, 96)] if tiny else [(576, 1536), (4096, 4096), (14336, 4096), (4096, 14336)]
+        quant_bench(shapes, (1, 3) if tiny else (1, 16), reps, sweep=args.sweep and not args.no_sweep,
+                    sweep_shape=(128, 96) if tiny else (4096, 14336))
     if "decode" in only:
         copy = copy_bandwidth(reps, 2 ** 24 if tiny else 2 ** 30)
         configs = [(2, 4, 2, 96, 64)] if tiny else [(16, 32, 8, 8192, 128), (1, 32, 8, 32768, 128)]
-        decode_bench(configs, reps, sweep=not args.no_sweep, copy_gbs=copy)
+        decode_bench(configs, reps, sweep=args.sweep and not args.no_sweep, copy_gbs=copy)
     summary()
     with open(args.out, "w") as f:
         json.dump(RES, f, indent=1, default=str)

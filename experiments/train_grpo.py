@@ -27,8 +27,9 @@ after model load).  Writes <out>/seed<k>/<method>/..., <out>/results.json, resul
 Overrides are RLConfig keys, dotted for nested configs (train.lr=2e-5 task.max_digits=3 lora.rank=16).
 Held-out evaluation: greedy accuracy and mean reward on task.n_eval problems never seen in training,
 plus accuracy of one sample per problem at the training temperature (fixed sampling key).  All
-seeds (and, with --compare, both methods) start from the same model, so "before" is measured once.  Writes <out>/[seed<k>/]telemetry.jsonl,
-curve.png, final.json; a study adds <out>/results.json, results.md and curves.png.
+seeds (and, with --compare, both methods) start from the same model, so "before" is measured once.
+Writes <out>/[seed<k>/]telemetry.jsonl, curve.png, final.json; a study adds <out>/results.json,
+results.md and curves.png.
 """
 
 from __future__ import annotations
@@ -149,13 +150,16 @@ def build_hrm_rpo_hook(cfg, model, params, seed: int = 0):
     return ControllerShaping.from_config(cfg, ctrl)
 
 
-def reset_controller(hook, seed: int) -> None:
-    """Fresh controller parameters and Adam state for a new run (the compiled programs are kept)."""
+def reset_controller(hook, seed: int, cache: Dict[int, Any]) -> None:
+    """Fresh controller parameters (seeded; `cache` keeps each seed's initial params) and Adam state for a
+    new run; the controller's compiled programs are kept."""
     from iva_jax.hrm.controller import init_controller
 
     ctrl = getattr(hook, "controller", None)
     if ctrl is not None:
-        ctrl.params = init_controller(ctrl.ctrl, ctrl.lm.config.hidden_size, seed)
+        if seed not in cache:
+            cache[seed] = init_controller(ctrl.ctrl, ctrl.lm.config.hidden_size, seed)
+        ctrl.params = cache[seed]
         ctrl.opt_state = ctrl.tx.init(ctrl.params)
 
 
@@ -192,10 +196,11 @@ class Experiment:
                                        lambda texts, probs: correctness_reward(texts, [p.answer for p in probs]))
         policy = Policy(self.model, lora=cfg.lora, head=cfg.algorithm == "ppo")
         self.hook = build_hrm_rpo_hook(cfg, self.model, self.params, cfg.seed) if cfg.algorithm == "hrm_rpo" else None
+        ctrl = getattr(self.hook, "controller", None)
+        self.controller_init = {} if ctrl is None else {cfg.seed: ctrl.params}  # seed -> initial params
         self.trainer = PolicyGradientTrainer(policy, cfg, reward, reward_hook=self.hook, eos_token_id=eos,
                                              pad_token_id=pad)
         self.load_s = time.perf_counter() - t0
-        ctrl = getattr(self.hook, "controller", None)
         print(f"[setup] {cfg.algorithm}: {len(self.task.train)} train / {len(self.task.held_out)} held-out problems, "
               f"prompt length {length}, rollout batch {cfg.rollout_batch}, load {self.load_s:.1f}s"
               + (f"; HRM controller {ctrl.config.hidden_size} wide, <= {ctrl.max_steps} ponder steps"
@@ -248,7 +253,7 @@ class Experiment:
         tag = f"seed {seed}" + (f" {method}" if method else "")
         if method is not None:
             self.use(method)
-        reset_controller(self.trainer.reward_hook, seed)
+        reset_controller(self.trainer.reward_hook, seed, self.controller_init)
         out.mkdir(parents=True, exist_ok=True)
         tpath = out / "telemetry.jsonl"
         tpath.unlink(missing_ok=True)
@@ -476,8 +481,8 @@ def summarize_compare(runs: Dict[str, List[Dict[str, Any]]], before: Dict[str, f
             f"device {summary['device']}; both: {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step, "
             f"lr {cfg.train.lr}, kl_coef {cfg.kl_coef} ({cfg.kl_estimator}), temperature {cfg.temperature}, "
             f"{cfg.mini_batches} minibatches x {cfg.ppo_epochs} epochs, loss {cfg.loss_agg_mode}, "
-            f"{'LoRA r=%d' % cfg.lora.rank if cfg.lora else 'full fine-tuning'}.  HRM-RPO: R' = R + {cfg.b_halt} r_halt "
-            f"+ {cfg.b_entropy} r_entropy + {cfg.b_mem} r_mem"
+            f"{'LoRA r=%d' % cfg.lora.rank if cfg.lora else 'full fine-tuning'}.  "
+            f"HRM-RPO: R' = R + {cfg.b_halt} r_halt + {cfg.b_entropy} r_entropy + {cfg.b_mem} r_mem"
             + (f"; controller width {ctrl.config.hidden_size}, <= {ctrl.max_steps} ponder steps over the frozen base "
                f"LM, ponder weight {ctrl.config.ponder_weight}, lr {cfg.controller_lr}, reads {cfg.controller_read}, "
                f"L_mem coef {cfg.controller_mem_coef}" if ctrl is not None else "") + "\n",

@@ -460,6 +460,18 @@ def quant_bench(shapes, ms_rows, reps: int, sweep: bool, sweep_shape=None) -> No
 
 # ------------------------------------------------------------------------------------------------ decode kernel
 
+def compiled_impl(f, args) -> str:
+    """'triton' when the compiled program of jitted `f` holds a Triton (Pallas) kernel, else 'xla' (what
+    actually ran, whatever the dispatcher reported)."""
+    if INTERPRET:
+        return "interpret"
+    try:
+        text = f.lower(*args).as_text()
+    except Exception as e:  # noqa: BLE001
+        return f"unknown ({type(e).__name__})"
+    return "triton" if ("__gpu$xla.gpu.triton" in text or "pallas_call" in text) else "xla"
+
+
 def copy_bandwidth(reps: int, nbytes: int) -> float:
     x = jnp.ones((nbytes // 2,), jnp.bfloat16)
     f = jax.jit(lambda x: x * jnp.bfloat16(1.0001))
@@ -502,25 +514,31 @@ def decode_bench(configs, reps: int, sweep: bool, copy_gbs: float) -> None:
             gbs = kv_bytes / ms / 1e6
             row("decode", f"{case} {label}", ms=ms, gbs=gbs, pct_copy=100 * gbs / copy_gbs, **extra)
 
+        jax.block_until_ready(pools)  # built before any timing starts
         blocks = [da.DecodeBlocks()]
-        if sweep and ON_GPU and (b, hq, hkv, s, d) == configs[0]:
+        if sweep and ON_GPU:  # splits up to 128 for the short batch (32k cache, 8 kv heads: 8 programs per split)
+            splits = (None, 1, 2, 4, 8) if b > 1 else (None, 8, 16, 32, 64, 128)
             blocks += [da.DecodeBlocks(block_k=bk, num_splits=sp, num_warps=nw, num_stages=st)
-                       for bk in (32, 64, 128) for sp in (None, 2, 8) for nw in (4, 8) for st in (2, 3)]
+                       for bk in (32, 64, 128) for sp in splits for nw in (4, 8) for st in (2, 3)]
             blocks = list(dict.fromkeys(blocks))  # the default once
-        for impl in ("xla", kernel_impl()):
-            for blk in (blocks if impl != "xla" else [da.DecodeBlocks()]):
-                tag = "" if blk == da.DecodeBlocks() else f" {blk}"
-                f = jax.jit(lambda q, k, v, impl=impl, blk=blk: da.decode_attention(
-                    q, k, v, lengths, impl=impl, interpret=INTERPRET and impl != "xla", blocks=blk))
-                t = guard(f"decode {case} dense {impl}{tag}", lambda f=f: kernel_ms(f, list(zip(qs, ks, vs)), reps))
-                if t is not None:
-                    rec(f"dense {impl}{tag}", t, impl=impl, layout="dense", blocks=str(blk))
-                f = jax.jit(lambda q, kp, vp, impl=impl, blk=blk: da.paged_decode_attention(
-                    q, kp, vp, table, lengths, impl=impl, interpret=INTERPRET and impl != "xla", blocks=blk))
-                t = guard(f"decode {case} paged {impl}{tag}",
-                          lambda f=f: kernel_ms(f, [(q, kp, vp) for q, (kp, vp) in zip(qs, pools)], reps))
-                if t is not None:
-                    rec(f"paged({page}) {impl}{tag}", t, impl=impl, layout="paged", blocks=str(blk))
+        runs = [("auto", da.DecodeBlocks()), ("xla", da.DecodeBlocks())] + [(kernel_impl(), blk) for blk in blocks]
+        for impl, blk in runs:
+            if impl == "auto" and not ON_GPU:
+                continue  # CPU: auto is XLA (interpret mode is never automatic)
+            tag = "" if blk == da.DecodeBlocks() else f" {blk}"
+            dense_args, paged_args = list(zip(qs, ks, vs)), [(q, kp, vp) for q, (kp, vp) in zip(qs, pools)]
+            f = jax.jit(lambda q, k, v, impl=impl, blk=blk: da.decode_attention(
+                q, k, v, lengths, impl=impl, interpret=INTERPRET and impl != "xla", blocks=blk))
+            t = guard(f"decode {case} dense {impl}{tag}", lambda f=f: kernel_ms(f, dense_args, reps))
+            if t is not None:
+                rec(f"dense {impl}{tag}", t, impl=impl, layout="dense", blocks=str(blk),
+                    compiled=compiled_impl(f, dense_args[0]))
+            f = jax.jit(lambda q, kp, vp, impl=impl, blk=blk: da.paged_decode_attention(
+                q, kp, vp, table, lengths, impl=impl, interpret=INTERPRET and impl != "xla", blocks=blk))
+            t = guard(f"decode {case} paged {impl}{tag}", lambda f=f: kernel_ms(f, paged_args, reps))
+            if t is not None:
+                rec(f"paged({page}) {impl}{tag}", t, impl=impl, layout="paged", blocks=str(blk),
+                    compiled=compiled_impl(f, paged_args[0]))
         pools = None
         if ON_GPU:
             def sdpa():

@@ -183,3 +183,42 @@ def test_dispatch_and_bad_inputs():
         da.paged_decode_attention(q[:, :5], kp, kp, table, lengths)
     with pytest.raises(ValueError, match="block_k"):
         da.DecodeBlocks(block_k=24)
+
+
+def test_auto_selects_the_kernel_on_a_gpu(monkeypatch):
+    """On a (faked) H100, impl="auto" traces the Pallas kernel for paged decode (bf16 / fp8 pages, page
+    16 / 64, stacked layers, split-K) and through the paged cache's decoder step with attn_impl "auto";
+    "xla" and the model's attn_impl "xla" keep the reference."""
+    from kernels import dispatch
+    from iva_jax.config import ModelConfig
+    from iva_jax.inference.paged import PagedKVCache
+
+    info = dispatch.DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 132)
+    monkeypatch.setattr(dispatch, "device_info", lambda: info)
+    sd = jax.ShapeDtypeStruct
+
+    def n_kernels(f, *args):
+        return str(jax.make_jaxpr(f)(*args)).count("pallas_call")
+    b, hq, hkv, d, L = 2, 8, 2, 64, 3
+    for ps, kd in ((16, jnp.bfloat16), (64, jnp.float8_e4m3fn)):
+        pages = sd((L, 8, ps, hkv, d), kd)
+        sc = dict(k_scale=jnp.ones((L, 8, ps, hkv)), v_scale=jnp.ones((L, 8, ps, hkv))) if kd != jnp.bfloat16 else {}
+        for impl, want in (("auto", 1), ("xla", 0)):
+            f = jax.jit(lambda q, kp, vp, impl=impl, sc=sc: da.paged_decode_attention(
+                q, kp, vp, jnp.zeros((b, 4), jnp.int32), jnp.full((b,), 3 * ps, jnp.int32), layer=1, impl=impl,
+                blocks=da.DecodeBlocks(num_splits=3), **sc))
+            assert n_kernels(f, sd((b, hq, d), jnp.bfloat16), pages, pages) == want, (ps, kd, impl)
+
+    cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, dtype="bfloat16")
+    for attn_impl, want in (("auto", 2), ("xla", 0)):
+        cache = PagedKVCache.init(cfg, b, 4, page_size=16)
+        _, step = cache.begin(jnp.ones((b, 1), jnp.int32), None, cfg)
+        q = jnp.zeros((b, 1, 4, 16), jnp.bfloat16)
+        kv = jnp.zeros((b, 1, 2, 16), jnp.bfloat16)
+
+        def two_layers(q, k, v, step=step, attn_impl=attn_impl):
+            for layer in range(2):
+                out, step = step.attend(q, k, v, layer=layer, impl=attn_impl)
+            return out
+        assert n_kernels(two_layers, q, kv, kv) == want, attn_impl

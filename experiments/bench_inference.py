@@ -519,7 +519,7 @@ def decode_bench(configs, reps: int, sweep: bool, copy_gbs: float) -> None:
         if sweep and ON_GPU:  # splits up to 128 for the short batch (32k cache, 8 kv heads: 8 programs per split)
             splits = (None, 1, 2, 4, 8) if b > 1 else (None, 8, 16, 32, 64, 128)
             blocks += [da.DecodeBlocks(block_k=bk, num_splits=sp, num_warps=nw, num_stages=st)
-                       for bk in (32, 64, 128) for sp in splits for nw in (4, 8) for st in (2, 3)]
+                       for bk in (32, 64, 128) for sp in splits for nw in (4, 8) for st in (2,)]
             blocks = list(dict.fromkeys(blocks))  # the default once
         runs = [("auto", da.DecodeBlocks()), ("xla", da.DecodeBlocks())] + [(kernel_impl(), blk) for blk in blocks]
         for impl, blk in runs:

@@ -477,7 +477,7 @@ def summarize_compare(runs: Dict[str, List[Dict[str, Any]]], before: Dict[str, f
                "per_run": runs}
     t, ctrl = cfg.task, getattr(exp.hook, "controller", None)
     rows = [f"# GRPO vs HRM-RPO on {cfg.model}: {t.min_digits}-{t.max_digits} digit addition, {t.n_eval} held-out "
-            f"problems, {run_budget_s:.0f}s of training steps per run\n",
+            f"problems, a budget of {run_budget_s:.0f}s of training steps per run\n",
             f"device {summary['device']}; both: {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step, "
             f"lr {cfg.train.lr}, kl_coef {cfg.kl_coef} ({cfg.kl_estimator}), temperature {cfg.temperature}, "
             f"{cfg.mini_batches} minibatches x {cfg.ppo_epochs} epochs, loss {cfg.loss_agg_mode}, "

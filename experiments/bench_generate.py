@@ -4,12 +4,14 @@ SmolLM2-135M shape (Llama, 30 layers, hidden 576, GQA 9/3, vocab 49152), bf16, r
 does not depend on the values; the embedded GGUF is not needed), prompt 128 random tokens, 256 new
 tokens, greedy, EOS disabled so every run generates all 256.
 
-    python experiments/bench_generate.py --out bench_generate.json
+    python experiments/bench_generate.py --batches 1 32 --reps 3 --variants auto auto_nofuse xla xla_nofuse
 
 Reports prefill tokens/s, end-to-end new tokens/s (prefill included, as transformers is timed) and
 decode-only tokens/s, each the median of --reps timed runs after warm-up, plus transformers'
-dynamic-cache and static-cache (compiled) generate.  Also checks greedy agreement of the first
-tokens between the two (bf16, so late divergence is expected).
+dynamic-cache and static-cache (compiled) generate.  Variants: `auto` / `xla` (kernel dispatch), `_unroll`
+(layers unrolled), `_nofuse` (decode on the plain params, not `Transformer.decode_view`).  Also checks greedy
+agreement of the first tokens with transformers and between a variant and its `_nofuse` twin (bf16, so late
+divergence is expected).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def bench_iva(path, batches, prompt, new, reps, overrides, tag):
+def bench_iva(path, batches, prompt, new, reps, overrides, tag, fuse=True):
     model, params = load_pretrained(path, dtype=jnp.bfloat16, **overrides)
     out = {}
 
@@ -60,7 +62,8 @@ def bench_iva(path, batches, prompt, new, reps, overrides, tag):
         ids = jnp.asarray(np.random.default_rng(b).integers(0, SMOL["vocab_size"], (b, prompt)), jnp.int32)
         jax.block_until_ready(prefill(params, ids))
         t_pre = median_time(lambda: jax.block_until_ready(prefill(params, ids)), reps * 4)
-        run = lambda: jax.block_until_ready(generate(model, params, ids, new, eos_token_id=[]))  # noqa: E731
+        run = lambda: jax.block_until_ready(generate(model, params, ids, new, eos_token_id=[],  # noqa: E731
+                                                     fuse_projections=fuse))
         toks = np.asarray(run())
         t_gen = median_time(run, reps)
         out[f"{tag}_bs{b}"] = dict(prefill_tok_s=b * prompt / t_pre, new_tok_s=b * new / t_gen,
@@ -113,9 +116,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--hf-dynamic", action="store_true", help="also time the (slow) dynamic-cache generate")
-    ap.add_argument("--variants", nargs="+", default=["auto"],
-                    help="iva-jax settings to time: auto, xla (attn/norm/mlp impl), unroll (layers unrolled), "
-                         "xla_unroll")
+    ap.add_argument("--variants", nargs="+", default=["auto", "auto_nofuse"],
+                    help="iva-jax settings to time: a base impl, auto (kernels dispatcher) or xla (attn/norm/mlp "
+                         "impl), plus optional suffixes _unroll (layers unrolled) and _nofuse (decode on the plain "
+                         "params instead of the fused decode view), e.g. xla xla_nofuse auto auto_nofuse xla_unroll")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_generate.json"))
     args = ap.parse_args()
 
@@ -131,24 +135,31 @@ def main() -> int:
            "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
            "shape": dict(SMOL, prompt=args.prompt, new=args.new, dtype="bfloat16")}
     for v in args.variants:
-        ov = dict(attn_impl="xla", norm_impl="xla", mlp_impl="xla") if v.startswith("xla") else {}
-        if v.endswith("unroll"):
+        base, *mods = v.split("_")
+        if base not in ("auto", "xla") or set(mods) - {"unroll", "nofuse"}:
+            ap.error(f"variant {v!r}: expected auto|xla with optional _unroll / _nofuse")
+        ov = dict(attn_impl="xla", norm_impl="xla", mlp_impl="xla") if base == "xla" else {}
+        if "unroll" in mods:
             ov["scan_unroll"] = SMOL["num_hidden_layers"]
-        r, _ = bench_iva(d, args.batches, args.prompt, args.new, args.reps, ov, v)
+        r, _ = bench_iva(d, args.batches, args.prompt, args.new, args.reps, ov, v, fuse="nofuse" not in mods)
         res.update(r)
     if not args.no_hf:
         res.update(bench_hf(d, args.batches, args.prompt, args.new, args.reps, args.hf_dynamic))
     print("\n| batch | iva-jax variant | prefill tok/s | generate new tok/s | decode-only tok/s | HF static new tok/s | ratio |")
     print("|---|---|---|---|---|---|---|")
+    first = lambda a, h: next((i for i, (x, y) in enumerate(zip(a, h)) if x != y), len(a))  # noqa: E731
     for b in args.batches:
         hf_s = res.get(f"hf_static_bs{b}", {}).get("new_tok_s", float("nan"))
         for v in args.variants:
             r = res[f"{v}_bs{b}"]
             agree = ""
             if f"hf_static_bs{b}" in res:
-                a, h = r["first_tokens"], res[f"hf_static_bs{b}"]["first_tokens"]
-                n = next((i for i, (x, y) in enumerate(zip(a, h)) if x != y), len(a))
-                agree = f" (greedy tokens agree for the first {n}/32)"
+                n = first(r["first_tokens"], res[f"hf_static_bs{b}"]["first_tokens"])
+                agree = f" (greedy tokens agree with HF for the first {n}/32"
+                other = v.replace("_nofuse", "") if "nofuse" in v else None
+                if other in args.variants:
+                    agree += f", with {other} for {first(r['first_tokens'], res[f'{other}_bs{b}']['first_tokens'])}/32"
+                agree += ")"
             print(f"| {b} | {v} | {r['prefill_tok_s']:,.0f} | {r['new_tok_s']:,.1f} | {r['decode_tok_s']:,.1f} | "
                   f"{hf_s:,.1f} | {r['new_tok_s'] / hf_s:.2f}x{agree} |")
     with open(args.out, "w") as f:

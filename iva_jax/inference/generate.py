@@ -90,14 +90,26 @@ def _decode(model, params, tok, rng, cache, seen, sampling: SamplingConfig):
     return nxt, cache, seen
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos", "pad_id", "cache_len"))
-def _generate_jit(model, params, input_ids, mask, rng, *, max_new_tokens: int, sampling: SamplingConfig,
-                  eos: Tuple[int, ...], pad_id: int, cache_len: int):
+def decode_view(model, params, rows: int, enabled: bool = True):
+    """(model, params) for the decode steps: `model.decode_view` (fused q/k/v and gate/up projections, weights
+    in the compute dtype; the same numbers up to matmul rounding) where the model has one and `enabled`."""
+    if enabled and hasattr(model, "decode_view"):
+        return model.decode_view(params, rows=rows)
+    return model, params
+
+
+def generate_with_cache(model, params, input_ids, mask, rng, cache, *, max_new_tokens: int,
+                        sampling: SamplingConfig, eos: Tuple[int, ...], pad_id: int, view: bool = True):
+    """Prefill into `cache` (dense `KVCache` or paged), then the on-device decode loop (one `lax.while_loop`;
+    EOS stops a row, all rows done stops the loop) on the decode view: new ids [B, max_new_tokens].
+
+    Traced inside the callers' jit (`generate`, `generate_paged`), which own the cache construction.
+    """
     b = input_ids.shape[0]
     use_seen = sampling.repetition_penalty not in (None, 1.0)
-    cache = KVCache.init(model.config, b, cache_len)
     rng, sub = jax.random.split(rng)
     tok, cache, seen = _prefill(model, params, input_ids, mask, sub, cache, sampling, use_seen)
+    model, params = decode_view(model, params, b, view)  # once per call, outside the loop
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
     done = jnp.isin(tok, eos_arr)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -108,7 +120,9 @@ def _generate_jit(model, params, input_ids, mask, rng, *, max_new_tokens: int, s
 
     def body(state):
         i, tok, cache, seen, done, out, rng = state
-        rng, sub = jax.random.split(rng)
+        sub = rng
+        if not sampling.greedy:  # greedy draws nothing: no key split per step
+            rng, sub = jax.random.split(rng)
         nxt, cache, seen = _decode(model, params, tok, sub, cache, seen, sampling)
         nxt = jnp.where(done, pad_id, nxt)
         out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
@@ -119,16 +133,27 @@ def _generate_jit(model, params, input_ids, mask, rng, *, max_new_tokens: int, s
     return jax.lax.while_loop(cond, body, state)[5]
 
 
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos", "pad_id", "cache_len",
+                                             "view"))
+def _generate_jit(model, params, input_ids, mask, rng, *, max_new_tokens: int, sampling: SamplingConfig,
+                  eos: Tuple[int, ...], pad_id: int, cache_len: int, view: bool):
+    cache = KVCache.init(model.config, input_ids.shape[0], cache_len)
+    return generate_with_cache(model, params, input_ids, mask, rng, cache, max_new_tokens=max_new_tokens,
+                               sampling=sampling, eos=eos, pad_id=pad_id, view=view)
+
+
 def generate(model, params, input_ids, max_new_tokens: int, *, attention_mask=None, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
              repetition_penalty: Optional[float] = None, eos_token_id: EosArg = None,
              pad_token_id: Optional[int] = None, seed: Union[int, jax.Array] = 0,
-             cache_len: Optional[int] = None) -> jnp.ndarray:
+             cache_len: Optional[int] = None, fuse_projections: bool = True) -> jnp.ndarray:
     """New token ids [batch, max_new_tokens]; after a row's EOS (included) the row holds `pad_token_id`.
 
     `input_ids` [batch, seq] may be left-padded (`attention_mask` 0 on padding).  Temperature 0 is
     greedy.  `seed` is an int or a PRNG key (for fresh samples per step inside RL loops).  Everything
-    runs in one jitted call (compiled once per shape and sampling settings).
+    runs in one jitted call (compiled once per shape and sampling settings).  `fuse_projections`: decode
+    on `Transformer.decode_view` (fewer kernels per step; holds a fused copy of q/k/v and gate/up weights
+    during the call; matmul rounding may differ from the unfused product in the last bit).
     """
     input_ids, mask = _check_inputs(model, input_ids, attention_mask, max_new_tokens)
     sampling = SamplingConfig(temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
@@ -139,7 +164,8 @@ def generate(model, params, input_ids, max_new_tokens: int, *, attention_mask=No
     if cache_len < need:
         raise ValueError(f"cache_len {cache_len} < prompt length + max_new_tokens = {need}")
     return _generate_jit(model, params, input_ids, mask, _key(seed), max_new_tokens=int(max_new_tokens),
-                         sampling=sampling, eos=eos, pad_id=_pad_id(model, pad_token_id, eos), cache_len=cache_len)
+                         sampling=sampling, eos=eos, pad_id=_pad_id(model, pad_token_id, eos), cache_len=cache_len,
+                         view=bool(fuse_projections))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "use_seen", "cache_len"))
@@ -157,8 +183,8 @@ def generate_stream(model, params, input_ids, max_new_tokens: int, *, attention_
                     temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                     min_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
                     eos_token_id: EosArg = None, pad_token_id: Optional[int] = None,
-                    seed: Union[int, jax.Array] = 0,
-                    cache_len: Optional[int] = None) -> Iterator[np.ndarray]:
+                    seed: Union[int, jax.Array] = 0, cache_len: Optional[int] = None,
+                    fuse_projections: bool = True) -> Iterator[np.ndarray]:
     """Yield each step's tokens [batch] (numpy) as they are produced; stops when all rows hit EOS.
 
     Same semantics (and, for a given seed, the same tokens) as `generate`.
@@ -179,6 +205,8 @@ def generate_stream(model, params, input_ids, max_new_tokens: int, *, attention_
     done = np.zeros(input_ids.shape[0], bool)
     eos_np = np.asarray(eos if eos else (-1,))
     for i in range(max_new_tokens):
+        if i == 1:  # after the first token is out
+            model, params = decode_view(model, params, input_ids.shape[0], fuse_projections)
         if i > 0:
             rng, sub = jax.random.split(rng)
             tok, cache, seen = _decode_jit(model, params, tok, sub, cache, seen, sampling=sampling)

@@ -343,35 +343,15 @@ def pages_needed(tokens: int, page_size: int, n_sink: int = 0, window: Optional[
 # ------------------------------------------------------------------------------------------------
 # generate with a paged cache
 # ------------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos", "pad_id", "cache_spec"))
-def _generate_paged_jit(model, params, input_ids, mask, rng, *, max_new_tokens, sampling, eos, pad_id, cache_spec):
-    from iva_jax.inference.generate import _decode, _prefill
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos", "pad_id", "cache_spec",
+                                             "view"))
+def _generate_paged_jit(model, params, input_ids, mask, rng, *, max_new_tokens, sampling, eos, pad_id, cache_spec,
+                        view):
+    from iva_jax.inference.generate import generate_with_cache
 
-    b = input_ids.shape[0]
-    spec = dict(cache_spec)
-    cache = PagedKVCache.init(model.config, b, **spec)
-    use_seen = sampling.repetition_penalty not in (None, 1.0)
-    rng, sub = jax.random.split(rng)
-    tok, cache, seen = _prefill(model, params, input_ids, mask, sub, cache, sampling, use_seen)
-    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    done = jnp.isin(tok, eos_arr)
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
-
-    def cond(state):
-        i, _, _, _, done, _, _ = state
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        i, tok, cache, seen, done, out, rng = state
-        rng, sub = jax.random.split(rng)
-        nxt, cache, seen = _decode(model, params, tok, sub, cache, seen, sampling)
-        nxt = jnp.where(done, pad_id, nxt)
-        out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
-        done = done | jnp.isin(nxt, eos_arr)
-        return i + 1, nxt, cache, seen, done, out, rng
-
-    state = (jnp.asarray(1, jnp.int32), tok, cache, seen, done, out, rng)
-    return jax.lax.while_loop(cond, body, state)[5]
+    cache = PagedKVCache.init(model.config, input_ids.shape[0], **dict(cache_spec))
+    return generate_with_cache(model, params, input_ids, mask, rng, cache, max_new_tokens=max_new_tokens,
+                               sampling=sampling, eos=eos, pad_id=pad_id, view=view)
 
 
 def generate_paged(model, params, input_ids, max_new_tokens: int, *, attention_mask=None, page_size: int = 16,
@@ -380,12 +360,12 @@ def generate_paged(model, params, input_ids, max_new_tokens: int, *, attention_m
                    blocks: Optional[decode_kernels.DecodeBlocks] = None, temperature: float = 0.0,
                    top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
                    repetition_penalty: Optional[float] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
-                   seed: Union[int, jax.Array] = 0) -> jnp.ndarray:
+                   seed: Union[int, jax.Array] = 0, fuse_projections: bool = True) -> jnp.ndarray:
     """`generate` with a paged KV cache (one jit, decode loop on device): new ids [batch, max_new_tokens].
 
     Each row gets pages for its own prompt + max_new_tokens (padding stores nothing); `n_sink` +
     `window` switch to the bounded sink/window ring (see module docstring); `kv_dtype="fp8"` stores
-    float8_e4m3fn KV with per-vector scales.
+    float8_e4m3fn KV with per-vector scales.  `fuse_projections`: as in `generate`.
     """
     from iva_jax.inference.generate import _check_inputs, _eos_tuple, _key, _pad_id
     from iva_jax.inference.sampling import SamplingConfig
@@ -402,4 +382,5 @@ def generate_paged(model, params, input_ids, max_new_tokens: int, *, attention_m
     spec = (("max_pages", max_pages), ("page_size", page_size), ("kv_dtype", kv_dtype), ("n_sink", n_sink),
             ("window", window), ("kernel_impl", kernel_impl), ("interpret", interpret), ("blocks", blocks))
     return _generate_paged_jit(model, params, input_ids, mask, _key(seed), max_new_tokens=int(max_new_tokens),
-                               sampling=sampling, eos=eos, pad_id=_pad_id(model, pad_token_id, eos), cache_spec=spec)
+                               sampling=sampling, eos=eos, pad_id=_pad_id(model, pad_token_id, eos), cache_spec=spec,
+                               view=bool(fuse_projections))

@@ -89,18 +89,31 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, impl: str = "auto"
 
 
 class Attention(nn.Module):
-    """Self-attention with HF parameter names: q_proj, k_proj, v_proj, o_proj (+ q_norm, k_norm)."""
+    """Self-attention with HF parameter names: q_proj, k_proj, v_proj, o_proj (+ q_norm, k_norm).
+
+    `fused_qkv=True` (the decode view, `Transformer.decode_view`) declares one `qkv_proj` instead of
+    q/k/v_proj: kernel [D, (Hq + 2 Hkv) hd] = q, k, v kernels concatenated on the output axis (biases
+    too), one matmul whose output is split: the three projections' values up to the matmul's summation order.
+    """
 
     config: ModelConfig
+    fused_qkv: bool = False
 
     def setup(self) -> None:
         c = self.config
         hd = c.resolved_head_dim
         dt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
         kw = dict(dtype=dt, param_dtype=pdt, kernel_init=default_kernel_init())
-        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * hd, ("embed", "q_heads"), c.attention_bias, **kw)
-        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * hd, ("embed", "kv_heads"), c.attention_bias, **kw)
-        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * hd, ("embed", "kv_heads"), c.attention_bias, **kw)
+        if self.fused_qkv:
+            n = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd
+            self.qkv_proj = Linear(c.hidden_size, n, ("embed", "q_heads"), c.attention_bias, **kw)
+        else:
+            self.q_proj = Linear(c.hidden_size, c.num_attention_heads * hd, ("embed", "q_heads"), c.attention_bias,
+                                 **kw)
+            self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * hd, ("embed", "kv_heads"), c.attention_bias,
+                                 **kw)
+            self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * hd, ("embed", "kv_heads"), c.attention_bias,
+                                 **kw)
         self.o_proj = Linear(c.num_attention_heads * hd, c.hidden_size, ("q_heads", "embed"), c.attention_out_bias,
                              **kw)
         if c.qk_norm:
@@ -122,9 +135,12 @@ class Attention(nn.Module):
         c = self.config
         b, t, _ = x.shape
         hd = c.resolved_head_dim
-        q = self.q_proj(x).reshape(b, t, c.num_attention_heads, hd)
-        k = self.k_proj(x).reshape(b, t, c.num_key_value_heads, hd)
-        v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, hd)
+        hq, hkv = c.num_attention_heads, c.num_key_value_heads
+        if self.fused_qkv:
+            q, k, v = jnp.split(self.qkv_proj(x), (hq * hd, (hq + hkv) * hd), axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.reshape(b, t, hq, hd), k.reshape(b, t, hkv, hd), v.reshape(b, t, hkv, hd)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -139,15 +155,16 @@ class Attention(nn.Module):
             ck, cv = cache
             zero = jnp.zeros((), jnp.int32)
             at = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], at)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], at)
+            # indices are never negative: skip jax's per-index wrap-around selects (per layer, per step)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], at, allow_negative_indices=False)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], at, allow_negative_indices=False)
             new_cache = (ck, cv)
             if decode_kernels.use_for_step(c.attn_impl, q, bias):  # one token: the Pallas decode kernel
                 out = decode_kernels.dense_cache_step(q, ck, cv, layer=layer, cache_index=cache_index,
                                                       kv_valid=kv_valid, window=window, attn_impl=c.attn_impl)
                 return self.o_proj(out.reshape(b, t, -1)), new_cache
-            lk = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
-            lv = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+            lk = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False, allow_negative_indices=False)
+            lv = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False, allow_negative_indices=False)
             out = attend(q, lk.astype(q.dtype), lv.astype(q.dtype), impl="xla", window=window,
                          q_offset=cache_index, kv_valid=kv_valid, bias=bias)
         return self.o_proj(out.reshape(b, t, -1)), new_cache

@@ -67,18 +67,19 @@ cannot run with a cache; the paged cache holds attention layers only.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from iva_jax.config import ModelConfig, dtype_of
 from iva_jax.inference.kv_cache import KVCache
 from iva_jax.layers.attention import Attention
 from iva_jax.layers.linear import Linear, default_kernel_init
-from iva_jax.layers.mlp import MLP
+from iva_jax.layers.mlp import MLP, swiglu_impl
 from iva_jax.layers.norms import RMSNorm
 from iva_jax.layers.remat import remat_policy
 from iva_jax.layers.rotary import positions_from_mask, rope_cos_sin
@@ -123,6 +124,8 @@ class DecoderLayer(nn.Module):
     mixer: str = "attention"
     ffn: str = "dense"
     mesh: Optional[Mesh] = None
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
 
     @nn.compact
     def __call__(self, carry, layer_in, ctx: LayerInputs, deterministic: bool = True, keep_hidden: bool = False):
@@ -137,7 +140,7 @@ class DecoderLayer(nn.Module):
             bias = None
             if sink_bias is not None:  # [B, H] x [B, S] -> [B, H, 1, S]
                 bias = sink_bias[:, :, None, None] * ctx.sink_keys[:, None, None, :]
-            a, cache = Attention(c, name="self_attn")(
+            a, cache = Attention(c, self.fused_qkv, name="self_attn")(
                 x, ctx.cos, ctx.sin, window=window, segment_ids=ctx.segment_ids, cache=cache, layer=attn_layer,
                 cache_index=ctx.cache_index, kv_valid=ctx.kv_valid, bias=bias)
             attn_layer = attn_layer + 1
@@ -167,7 +170,8 @@ class DecoderLayer(nn.Module):
                 token_ids=ctx.token_ids, mask=ctx.token_mask)
             stats = {k: aux[k] for k in MOE_LAYER_STATS}
         else:
-            y = MLP(c.hidden_size, c.intermediate_size, c.mlp_bias, dt, pdt, impl=c.mlp_impl, name="mlp")(x)
+            y = MLP(c.hidden_size, c.intermediate_size, c.mlp_bias, dt, pdt, impl=c.mlp_impl,
+                    fused_gate_up=self.fused_gate_up, name="mlp")(x)
         h = h + y
         return (h, cache, attn_layer), (h if keep_hidden else None, stats, state)
 
@@ -192,6 +196,8 @@ class DecoderBlock(nn.Module):
     static_windows: Tuple[Optional[int], ...]
     dynamic_windows: Tuple[bool, ...]
     mesh: Optional[Mesh] = None
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
 
     @nn.compact
     def __call__(self, carry, layer_in, ctx: LayerInputs, deterministic: bool = True, keep_hidden: bool = False):
@@ -202,8 +208,8 @@ class DecoderBlock(nn.Module):
             w = windows[j] if windows is not None and self.dynamic_windows[j] else None
             s = None if sinks is None else sinks[j]
             st = None if states is None else states[j]
-            carry, y = cls(self.config, self.static_windows[j], mixer, ffn, self.mesh, name=f"layer_{j}")(
-                carry, (w, s, st), ctx, deterministic, keep_hidden)
+            carry, y = cls(self.config, self.static_windows[j], mixer, ffn, self.mesh, self.fused_qkv,
+                           self.fused_gate_up, name=f"layer_{j}")(carry, (w, s, st), ctx, deterministic, keep_hidden)
             ys.append(y)
         return carry, tuple(ys)
 
@@ -258,10 +264,15 @@ def layer_param_location(config: ModelConfig, i: int) -> Tuple[str, Optional[int
 # the model
 # ------------------------------------------------------------------------------------------------
 class Transformer(nn.Module):
-    """The decoder assembled from a `ModelConfig` (`mesh`: expert parallelism for the MoE layers)."""
+    """The decoder assembled from a `ModelConfig` (`mesh`: expert parallelism for the MoE layers).
+
+    `fused_qkv` / `fused_gate_up`: the decode view's parameter layout (`decode_view`), not config.
+    """
 
     config: ModelConfig
     mesh: Optional[Mesh] = None
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
 
     def setup(self) -> None:
         c = self.config
@@ -273,13 +284,14 @@ class Transformer(nn.Module):
         kinds, windows = c.layer_kinds(), c.layer_windows()
         self._layout = layout = layer_layout(c)
         self._uniform_window = len(set(windows)) == 1
+        fused = (self.fused_qkv, self.fused_gate_up)
         scan_kw = dict(variable_axes={"params": 0, "moe_stats": 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                        metadata_params={nn.PARTITION_NAME: "layers"})
         if layout == "scan":
             static_window = windows[0] if self._uniform_window else None
             self.layers = nn.scan(_layer_cls(c, in_scan=True), length=L, unroll=min(c.scan_unroll, L), **scan_kw)(
-                c, static_window, *kinds[0], self.mesh)
+                c, static_window, *kinds[0], self.mesh, *fused)
         elif layout == "block":
             p = layer_period(c)
             nb = L // p
@@ -288,10 +300,10 @@ class Transformer(nn.Module):
             static = tuple(None if d else col[0] for d, col in zip(dynamic, cols))
             self._dynamic_windows = any(dynamic)
             self.layers = nn.scan(DecoderBlock, length=nb, unroll=min(max(1, c.scan_unroll // p), nb), **scan_kw)(
-                c, kinds[:p], static, dynamic, self.mesh)
+                c, kinds[:p], static, dynamic, self.mesh, *fused)
         else:
             cls = _layer_cls(c, in_scan=False)
-            self.layers = [cls(c, windows[i], *kinds[i], self.mesh, name=f"layers_{i}") for i in range(L)]
+            self.layers = [cls(c, windows[i], *kinds[i], self.mesh, *fused, name=f"layers_{i}") for i in range(L)]
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dt, param_dtype=pdt, impl=c.norm_impl)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.hidden_size, c.vocab_size, ("embed", "vocab"), dtype=dt, param_dtype=pdt,
@@ -372,7 +384,8 @@ class Transformer(nn.Module):
             else:
                 sink_keys = kv_valid & (jnp.cumsum(kv_valid.astype(jnp.int32), axis=1) <= n)
             sink_keys = sink_keys.astype(jnp.float32)
-        cos, sin = rope_cos_sin(c, positions)
+        cos, sin = rope_cos_sin(c, positions)  # once per call, in the dtype q / k have (not once per layer)
+        cos, sin = cos.astype(dtype_of(c.dtype)), sin.astype(dtype_of(c.dtype))
         ctx = LayerInputs(cos=cos, sin=sin, segment_ids=segment_ids, cache_index=cache_index, kv_valid=kv_valid,
                           token_mask=token_mask, token_ids=input_ids,
                           router_temperature=self._router_temperature(router_temperature, b, t),
@@ -511,6 +524,94 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             return self.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
+
+    # ---- decode view -------------------------------------------------------------------------------
+    def decode_view(self, params: Any, *, rows: Optional[int] = None) -> Tuple["Transformer", Any]:
+        """(model, params) computing the same numbers with fewer kernels per decode step: q/k/v kernels
+        concatenated into `qkv_proj`, gate/up into `gate_up_proj` (the returned model's flags say which),
+        projection and embedding weights cast to the compute dtype once.  Build it once, outside the decode loop.
+
+        All attention (dense-FFN) layers fuse or none do: quantized or adapter leaves and MoE FFNs stay as
+        they are.  `rows` (tokens per step): gate/up fuse only where `kernels.swiglu` would run XLA for it.
+        """
+        c = self.config
+        dt = dtype_of(c.dtype)
+        attn, dense = [], []
+        for i, (mixer, ffn) in enumerate(c.layer_kinds()):
+            prefix = layer_param_location(c, i)[0]
+            if mixer == "attention" and f"{prefix}/self_attn" not in attn:
+                attn.append(f"{prefix}/self_attn")
+            if ffn == "dense" and f"{prefix}/mlp" not in dense:
+                dense.append(f"{prefix}/mlp")
+        swiglu_xla = rows is None or c.mlp_bias or swiglu_impl(c.mlp_impl, rows, c.hidden_size,
+                                                                  c.intermediate_size, dt) == "xla"
+        out, flags = params, {"fused_qkv": self.fused_qkv, "fused_gate_up": self.fused_gate_up}
+        for flag, paths, fused, names, allowed in (
+                ("fused_qkv", attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"), True),
+                ("fused_gate_up", dense, "gate_up_proj", ("gate_proj", "up_proj"), swiglu_xla)):
+            if flags[flag] or not paths or not allowed:
+                continue
+            modules = [_fuse_module(_tree_get(params, p), fused, names, dt) for p in paths]
+            if all(m is not None for m in modules):
+                for path, m in zip(paths, modules):
+                    out = _tree_set(out, path, m)
+                flags[flag] = True
+        for path in attn + dense:
+            if isinstance(_tree_get(out, path), Mapping):
+                out = _tree_set(out, path, _cast_linears(_tree_get(out, path), ("o_proj", "down_proj"), dt))
+        for path, leaf in (("lm_head", "kernel"), ("embed_tokens", "embedding")):
+            if isinstance(_tree_get(out, path), Mapping):  # Linear / nn.Embed cast these to the compute dtype
+                out = _tree_set(out, path, _cast_leaves(_tree_get(out, path), (leaf,), dt))
+        return self.clone(**flags), out
+
+
+def _tree_get(tree: Any, path: str) -> Any:
+    for key in path.split("/"):
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _tree_set(tree: Any, path: str, value: Any) -> Dict[str, Any]:
+    """A copy of `tree` (plain dicts along `path`) with `value` at `path`."""
+    key, _, rest = path.partition("/")
+    out = dict(tree)
+    out[key] = _tree_set(tree[key], rest, value) if rest else value
+    return out
+
+
+def _is_float_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _linear_arrays(module: Any) -> Optional[Dict[str, Any]]:
+    """A Linear's {"kernel"(, "bias")} when both are plain float arrays (not quantized, no adapters), else None."""
+    if not isinstance(module, Mapping) or "kernel" not in module or set(module) - {"kernel", "bias"}:
+        return None
+    return dict(module) if all(_is_float_array(v) for v in module.values()) else None
+
+
+def _cast_leaves(d: Mapping[str, Any], names: Sequence[str], dt: Any) -> Dict[str, Any]:
+    return {k: v.astype(dt) if k in names and _is_float_array(v) else v for k, v in d.items()}
+
+
+def _cast_linears(d: Mapping[str, Any], names: Sequence[str], dt: Any) -> Dict[str, Any]:
+    """`d` with the plain Linear sub-dicts `names` cast to `dt` (what `linear_apply` does at every call)."""
+    return {k: _cast_leaves(dict(v), ("kernel", "bias"), dt) if k in names and _linear_arrays(v) else v
+            for k, v in d.items()}
+
+
+def _fuse_module(module: Any, fused: str, names: Sequence[str], dt: Any) -> Optional[Dict[str, Any]]:
+    """`module` with Linears `names` replaced by one Linear `fused` (kernels, biases concatenated on the output
+    axis, cast to `dt`; leading stacked-layer axes kept), or None when they are not all plain."""
+    if not isinstance(module, Mapping):
+        return None
+    parts = [_linear_arrays(module.get(n)) for n in names]
+    if any(p is None for p in parts) or len({"bias" in p for p in parts}) != 1:
+        return None
+    cat = {k: jnp.concatenate([p[k].astype(dt) for p in parts], axis=-1) for k in parts[0]}
+    return {**{k: v for k, v in module.items() if k not in names}, fused: cat}
 
 
 def _check_recurrent(config: ModelConfig) -> None:

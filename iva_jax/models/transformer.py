@@ -63,6 +63,12 @@ runs its parallel form from the cached state for a multi-token call (prefill, `r
 padding is masked out) and its recurrent `step` for a one-token call (decode; a row whose token has mask 0
 keeps its state), so its memory per token is O(1).  Mixers without a recurrent state (hyena, topk_attention)
 cannot run with a cache; the paged cache holds attention layers only.
+
+Decode view (`Transformer.decode_view(params)`, what `generate` decodes on): the same decoder with
+`self_attn/qkv_proj` (q, k, v kernels and biases concatenated on the output axis, [.., D, (Hq + 2 Hkv) hd])
+and `mlp/gate_up_proj` ([.., D, 2F], gate first) instead of the HF-named projections, and projection /
+embedding weights cast to the compute dtype once: fewer kernels per decode step.  A derived layout for
+inference only; checkpoints, the bridge and training keep the HF names.
 """
 
 from __future__ import annotations

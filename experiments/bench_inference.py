@@ -177,7 +177,7 @@ def check_kernels(tiny: bool) -> None:
     k, n = (576, 1536) if not tiny else (128, 72)
     w = jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.float32)
     for bits, sym in ((4, False), (4, True), (8, True), (8, False)):
-        for m in ((1, 16, 64) if not tiny else (3,)):
+        for m in ((1, 7, 16) if not tiny else (3,)):  # the kernel serves decode rows (<= 16)
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
             codes, scale, zero = quant.quantize_groupwise(w, bits=bits, group_size=64, symmetric=sym)
 
@@ -594,8 +594,15 @@ def main() -> int:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="block sweeps: quant matmul (M=1, 16) and decode kernel")
     ap.add_argument("--no-sweep", action="store_true", help="(default) no block sweeps")
+    ap.add_argument("--quant-shapes", default=None,
+                    help="KxN,... for the quant section (default 576x1536,4096x4096,14336x4096,4096x14336)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_inference.json"))
     args = ap.parse_args()
+
+    def save() -> None:  # after every section: a run stopped by its time limit keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(RES, f, indent=1, default=str)
+
     only = set(args.only.split(","))
     tiny = args.tiny
     reps = args.reps or (2 if tiny else 7)
@@ -605,6 +612,7 @@ def main() -> int:
     print(f"device: {RES['device']} ({RES['platform']}), jax {jax.__version__}, interpret={INTERPRET}", flush=True)
     if "check" in only:
         check_kernels(tiny)
+        save()
     if "e2e" in only:
         import torch
         import transformers
@@ -619,12 +627,17 @@ def main() -> int:
         e2e(cfg, d, batches, prompt, new, reps, tiny)
         if not args.no_hf:
             e2e_hf(cfg, d, batches, prompt, new, reps)
+        save()
     if "memory" in only:
         memory(cfg, 256 if tiny else 32768, 4 if tiny else 32, reps)
+        save()
     if "quant" in only:
         shapes = [(128, 96)] if tiny else [(576, 1536), (4096, 4096), (14336, 4096), (4096, 14336)]
+        if args.quant_shapes:
+            shapes = [tuple(int(v) for v in kn.lower().split("x")) for kn in args.quant_shapes.split(",")]
         quant_bench(shapes, (1, 3) if tiny else (1, 16), reps, sweep=args.sweep and not args.no_sweep,
-                    sweep_shape=(128, 96) if tiny else (4096, 14336))
+                    sweep_shape=shapes[-1] if (tiny or args.quant_shapes) else (4096, 14336))
+        save()
     if "decode" in only:
         copy = copy_bandwidth(reps, 2 ** 24 if tiny else 2 ** 30)
         configs = [(2, 4, 2, 96, 64)] if tiny else [(16, 32, 8, 8192, 128), (1, 32, 8, 32768, 128)]

@@ -71,3 +71,42 @@ def test_train_step_updates_everything_it_should(run):
     ev = T.evaluate(jax.jit(T.make_eval_step(model)), s1, test_batches.eval_batches())
     assert ev["count"] == 6 and ev["avg_steps"] == 3 and 0 <= ev["accuracy"] <= 1
     assert {"adaptive_exact_accuracy", "adaptive_avg_steps", "halt_rate"} <= set(ev)
+
+
+def _float_scatter_adds(jaxpr) -> list:
+    """Floating-point scatter-adds anywhere in a (closed) jaxpr, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scatter-add" and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating):
+            found.append(str(eqn.outvars[0].aval))
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _float_scatter_adds(inner)
+    return found
+
+
+def test_train_step_has_no_float_scatter_add():
+    # GPU float scatter-adds with many repeated indices (token embedding grads over a tiny vocab,
+    # the single Sudoku puzzle id) are contended CAS loops: they made the H100 step ~20x slow.
+    cfg = CFG.replace(forward_dtype="bfloat16", vocab_size=5)
+    model = HRMACT(cfg)
+    state = T.init_train_state(model, TC.replace(model=cfg), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": jnp.asarray(rng.integers(0, 5, (B, 16)), jnp.int32),
+             "labels": jnp.asarray(rng.integers(0, 5, (B, 16)), jnp.int32),
+             "puzzle_identifiers": jnp.zeros((B,), jnp.int32)}
+    jaxpr = jax.make_jaxpr(T.make_train_step(model, TC.replace(model=cfg)))(state, batch)
+    assert _float_scatter_adds(jaxpr.jaxpr) == []
+    # the token-embedding gradient through the bf16 forward still accumulates in float32
+    from iva_jax.hrm.model import embed_lookup
+
+    ids = rng.integers(0, 5, (37, 29))
+    ct = np.asarray(jnp.asarray(rng.normal(size=(37, 29, 16)), jnp.bfloat16).astype(jnp.float32))  # bf16-exact
+    table = jnp.asarray(rng.normal(size=(5, 16)), jnp.float32)
+    g = jax.grad(lambda t: jnp.sum(embed_lookup(t, jnp.asarray(ids)).astype(jnp.bfloat16).astype(jnp.float32)
+                                   * jnp.asarray(ct)))(table)
+    want = np.zeros((5, 16))
+    np.add.at(want, ids, ct.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)

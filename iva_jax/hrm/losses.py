@@ -49,8 +49,9 @@ def _gather_label(logprobs: Array, labels: Array, ignore_index: int) -> Tuple[Ar
     if logprobs.shape[:-1] != labels.shape:
         raise ValueError(f"logits {logprobs.shape} and labels {labels.shape} disagree")
     valid = labels != ignore_index
-    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    picked = jnp.take_along_axis(logprobs, safe[..., None], axis=-1)[..., 0]
+    # A select-and-sum, not take_along_axis: its gradient is a select, not a (GPU-atomic) scatter-add.
+    hit = jnp.arange(logprobs.shape[-1], dtype=jnp.int32) == labels[..., None].astype(jnp.int32)
+    picked = jnp.sum(jnp.where(hit, logprobs, 0), axis=-1)
     return -jnp.where(valid, picked, 0), valid
 
 

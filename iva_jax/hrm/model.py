@@ -88,6 +88,17 @@ def attention(q: Array, k: Array, v: Array, impl: str = "xla") -> Array:
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def embed_lookup(table: Array, ids: Array) -> Array:
+    """table[ids] in float32.  For the small vocabularies of puzzles (<= 1024) it is a one-hot matmul,
+    so the gradient is a matmul accumulating in float32 rather than a scatter-add: a bf16 scatter-add
+    of every token of the batch into a handful of rows is a contended compare-and-swap loop on GPUs
+    (it dominated the H100 train step) and sums thousands of terms in bf16."""
+    if table.shape[0] > 1024:
+        return jnp.take(table, ids.astype(jnp.int32), axis=0).astype(jnp.float32)
+    one_hot = jax.nn.one_hot(ids, table.shape[0], dtype=jnp.float32)
+    return jnp.dot(one_hot, table.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
 def _dense(features: int, axes: Tuple[Optional[str], Optional[str]], dtype, name: str, **kw) -> nn.Dense:
     kernel_init = kw.pop("kernel_init", lecun_trunc_normal)
     return nn.Dense(features, use_bias=kw.pop("use_bias", False), dtype=dtype, param_dtype=jnp.float32,
@@ -203,7 +214,7 @@ class HRMInner(nn.Module):
         """sqrt(D) * (token embeddings with the puzzle embedding prepended [+ learned positions])."""
         c = self.config
         dt = dtype_of(c.forward_dtype)
-        emb = self.embed_tokens(inputs.astype(jnp.int32))
+        emb = embed_lookup(self.embed_tokens.embedding, inputs).astype(dt)
         if c.puzzle_emb_ndim > 0:
             B = inputs.shape[0]
             pe = puzzle_rows.astype(dt)

@@ -42,7 +42,10 @@ def signsgd_update(table: Array, ids: Array, row_grads: Array, lr: Array | float
     n = table.shape[0]
     # Unique ids padded with an out-of-range id: those slots read clamped rows and are dropped on write.
     uids, inv = jnp.unique(ids, size=B, fill_value=n, return_inverse=True)
-    grad = jax.ops.segment_sum(row_grads.astype(jnp.float32), inv.reshape(-1), num_segments=B)
+    # Sum the rows of repeated ids with a one-hot matmul (O(B^2 ndim)), not segment_sum: with few
+    # distinct ids (Sudoku has one) a scatter-add is a heavily contended atomic loop on GPUs.
+    member = jax.nn.one_hot(inv.reshape(-1), B, dtype=jnp.float32)  # [B rows, B unique slots]
+    grad = jnp.dot(member.T, row_grads.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     rows = table[jnp.minimum(uids, n - 1)]
     rows = rows * (1.0 - lr * weight_decay) - lr * jnp.sign(grad)
     return table.at[uids].set(rows.astype(table.dtype), mode="drop")

@@ -6,7 +6,8 @@
 
 Each model trains in its own process (experiments/train_hrm.py, seeds vmapped together) for
 `budget_per_model_s` seconds of training (compile excluded, reported separately), then is evaluated
-on the whole held-out test set.  The dataset is built once, before any clock starts.  --tiny swaps
+on the whole held-out test set.  Per-model runs (telemetry, config, final.json) go to --runs_dir;
+--out gets only results.json (every final.json plus train-loss curves) and results.md.  The dataset is built once, before any clock starts.  --tiny swaps
 in a 4x4-Sudoku, CPU-sized configuration (a smoke test of the whole pipeline).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +28,7 @@ MODELS = ("hrm", "hrm_1cycle", "transformer")
 TINY = ["task_size=4", "num_train=200", "num_test=48", "num_aug=8", "model.batch_size=64", "model.hidden_size=64",
         "model.num_heads=2", "model.H_layers=2", "model.L_layers=2", "model.mlp_multiple_of=16",
         "model.puzzle_emb_ndim=64", "model.halt_max_steps=4", "model.forward_dtype=float32", "lr=0.001",
-        "lr_warmup_steps=50", "eval_interval=100000", "log_interval=50", "checkpoint_interval=0",
+        "lr_warmup_steps=50", "min_givens=0", "eval_interval=100000", "log_interval=50", "checkpoint_interval=0",
         "data_path=runs/data/sudoku4_tiny"]
 
 
@@ -51,18 +53,32 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def collect(out: Path, models) -> dict:
-    results = []
+def curve(telemetry: Path) -> list:
+    """[[step, mean train loss, mean train exact accuracy] ...] over seeds, from a telemetry file."""
+    by_step = {}
+    if telemetry.exists():
+        for line in telemetry.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("event") == "train":
+                by_step.setdefault(r["step"], []).append((r["loss"], r["exact_accuracy"]))
+    return [[k, round(sum(v[0] for v in vs) / len(vs), 4), round(sum(v[1] for v in vs) / len(vs), 4)]
+            for k, vs in sorted(by_step.items())]
+
+
+def collect(runs: Path, out: Path, models) -> dict:
+    results, curves = [], {}
+    out.mkdir(parents=True, exist_ok=True)
     for name in models:
-        f = out / name / "final.json"
+        f = runs / name / "final.json"
         if f.exists():
             results.append(json.loads(f.read_text()))
+            curves[name] = curve(runs / name / "telemetry.jsonl")
     if not results:
-        raise SystemExit(f"no finished runs under {out}")
+        raise SystemExit(f"no finished runs under {runs}")
     cfg = next((r["config"] for r in results if r["model"] == "hrm"), results[0]["config"])
     per_seed = {r["model"]: [p["exact_accuracy"] for p in r["per_seed"]] for r in results}
-    summary = {"results": results,
-               "config": cfg, "exact_accuracy_per_seed": per_seed}
+    summary = {"results": results, "config": cfg, "exact_accuracy_per_seed": per_seed,
+               "train_curves [step, loss, exact acc]": curves}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     mc = cfg["model"]
     head = (f"# HRM study: {cfg['task']} {cfg['task_size']}x{cfg['task_size']}, {cfg['num_train']} train grids "
@@ -84,6 +100,7 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--out", default="runs/hrm_study")
+    p.add_argument("--runs_dir", default="runs/hrm_study_runs", help="per-model run directories (telemetry...)")
     p.add_argument("--ckpt_root", default="runs/hrm_ckpt", help="checkpoints (kept out of --out: they are large)")
     p.add_argument("--tiny", action="store_true", help="4x4 Sudoku, CPU-sized model")
     p.add_argument("--collect", action="store_true", help="only aggregate finished runs")
@@ -95,7 +112,7 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"unknown models {bad}; choose from {MODELS}")
     if args.collect:
-        return collect(out, MODELS)
+        return collect(Path(args.runs_dir), out, MODELS)
     overrides = (TINY if args.tiny else []) + list(args.overrides)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -111,11 +128,13 @@ def main(argv=None):
 
     for name in models:
         cmd = [sys.executable, str(ROOT / "experiments" / "train_hrm.py"), "--config", args.config, "--model", name,
-               "--seeds", args.seeds, "--out", str(out / name), *overrides,
+               "--seeds", args.seeds, "--out", str(Path(args.runs_dir) / name), *overrides,
                f"time_budget_s={args.budget_per_model_s}", f"checkpoint_dir={Path(args.ckpt_root) / name}"]
         print("+", " ".join(cmd), flush=True)
+        for stale in (Path(args.runs_dir) / name, Path(args.ckpt_root) / name):  # a fresh run, not a resume
+            shutil.rmtree(stale, ignore_errors=True)
         subprocess.run(cmd, check=True)
-    return collect(out, MODELS)
+    return collect(Path(args.runs_dir), out, MODELS)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
     donate = (0,) if jax.default_backend() != "cpu" else ()
     train_step = jax.jit(jax.vmap(T.make_train_step(model, tc)), donate_argnums=donate)
     eval_step = jax.jit(jax.vmap(T.make_eval_step(model), in_axes=(0, None)))
+    accumulate = jax.jit(lambda a, s: jax.tree.map(jnp.add, a, s), donate_argnums=donate)  # one dispatch
     tele = open(out / "telemetry.jsonl", "a")
 
     def log(rec):
@@ -116,7 +117,7 @@ def main(argv=None) -> dict:
             print(f"time budget {tc.time_budget_s}s reached at step {step}")
             break
         state, sums = train_step(state, stacked(step))
-        acc = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
+        acc = sums if acc is None else accumulate(acc, sums)
         n_acc += 1
         step += 1
         if t_after_compile is None:

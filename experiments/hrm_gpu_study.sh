@@ -5,7 +5,7 @@
 # Writes only <out>/results.json and <out>/results.md (out = $OUT/hrm_study when $OUT is set, else
 # runs/hrm_study); per-model telemetry stays in runs/hrm_study_runs.
 #
-#   bash experiments/hrm_gpu_study.sh 140                      # all three models in one call (~8-9 min)
+#   bash experiments/hrm_gpu_study.sh 130                      # all three models in one call (~8-9 min)
 #   bash experiments/hrm_gpu_study.sh 420 0,1,2 hrm            # or one model per call, longer budgets ...
 #   bash experiments/hrm_gpu_study.sh 420 0,1,2 hrm_1cycle
 #   bash experiments/hrm_gpu_study.sh 420 0,1,2 transformer    # ... each call re-aggregates what is done
@@ -13,7 +13,7 @@
 # Extra arguments go to experiments/hrm_study.py (key=value config overrides, --tiny).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BUDGET="${1:-140}"
+BUDGET="${1:-130}"
 SEEDS="${2:-0,1,2}"
 MODELS="${3:-hrm,hrm_1cycle,transformer}"
 shift $(( $# < 3 ? $# : 3 ))

@@ -30,7 +30,11 @@ cmd="${1:-help}"; shift || true
 case "$cmd" in
   setup) setup ;;
   generate|chat) setup; exec "$VENV/bin/python" -u experiments/generate.py "$@" ;;
-  test) setup; exec "$VENV/bin/python" -m pytest tests "$@" ;;
+  test) setup
+        # one pytest worker per core (at most 4; IVA_TEST_WORKERS overrides), whole files per worker so
+        # each module's compiled programs are reused by its own tests
+        workers="${IVA_TEST_WORKERS:-$("$VENV/bin/python" -c 'import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))')}"
+        exec "$VENV/bin/python" -m pytest tests -n "$workers" --dist loadfile "$@" ;;
   python) setup; exec "$VENV/bin/python" "$@" ;;
   *) sed -n '2,9p' "$0"; exit 2 ;;
 esac

@@ -48,12 +48,12 @@ def test_tiny_moe_lm_balances_at_capacity_1_25():
     """configs/model_moe.yaml in miniature: 8 experts, top-2, every layer MoE, capacity factor 1.25, the
     balancing loss per layer (a stronger coefficient than the yaml's: byte tokens route very unevenly)."""
     yaml_cfg = ModelConfig.from_yaml("configs/model_moe.yaml")
-    moe = yaml_cfg.moe.replace(moe_intermediate_size=48, aux_loss_coef=0.1)
+    moe = yaml_cfg.moe.replace(moe_intermediate_size=48, aux_loss_coef=0.2)
     c = yaml_cfg.replace(vocab_size=258, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, moe=moe)
     assert c.moe.capacity_factor == 1.25 and c.moe.resolved_dispatch == "capacity"
     assert c.moe_aux_loss_layers == "per_layer"
-    hist = _train(c, 120, seq_len=64, batch_size=8, lr=3e-3)
+    hist = _train(c, 200, seq_len=64, batch_size=8, lr=3e-3)
     mean = lambda k, sl: float(np.mean([h[k] for h in hist[sl]]))  # noqa: E731
     last = slice(-10, None)
     assert mean("ce", last) < 0.8 * mean("ce", slice(0, 3)), [round(h["ce"], 2) for h in hist[::10]]

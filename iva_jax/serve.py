@@ -27,18 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Tuple
 
 from iva_jax.inference.continuous import ContinuousBatcher
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255 (for tiny test models; vocab_size must be >= 256)."""
-
-    eos_token_id = None
-
-    def encode(self, text: str) -> List[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: List[int]) -> str:
-        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+from iva_jax.train.data import ByteTokenizer  # noqa: F401  (re-exported: the tokenizer of tiny test models)
 
 
 class _Engine(threading.Thread):

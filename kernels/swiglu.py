@@ -19,6 +19,7 @@ products give dx = dg w_gate^T + du w_up^T, dw_gate = x^T dg, dw_up = x^T du.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,12 @@ def _choose(impl, m, k, n, dtype, interpret, backward=False, log=True):
     pref = ("triton",) if interpret else _preference(backward)
     return dispatch.select_impl(op, impl, interpret=interpret, log=log, preference=pref,
                                 unsupported=_unsupported(m, k, n, dtype, backward))
+
+
+def choose_impl(impl: str, m: int, k: int, n: int, dtype: Any, *, interpret: bool = False,
+                backward: bool = False) -> str:
+    """The implementation `swiglu(impl=impl)` runs for x [m, k] @ W [k, n] of `dtype` (no log line)."""
+    return _choose(impl, m, k, n, dtype, interpret, backward=backward, log=False)
 
 
 def explain_auto() -> dict[str, tuple[str, str]]:

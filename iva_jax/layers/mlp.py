@@ -23,8 +23,8 @@ def swiglu_impl(impl: str, rows: int, hidden: int, intermediate: int, dtype: Any
     """The implementation `kernels.swiglu` runs for [rows, hidden] x [hidden, intermediate] under `impl`."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         return "xla"
-    choose = importlib.import_module("kernels.swiglu")._choose  # TODO(kernels): a public choose_impl
-    return choose(impl, max(1, rows), hidden, intermediate, dtype, False, log=False)
+    choose = importlib.import_module("kernels.swiglu").choose_impl  # the module (kernels.swiglu is the op)
+    return choose(impl, max(1, rows), hidden, intermediate, dtype)
 
 
 class MLP(nn.Module):

@@ -17,11 +17,13 @@ def tiny():
 
 
 def alone(model, params, prompts, n):
-    """Each prompt generated on its own by the dense-cache `generate` (same-length prompts share a call)."""
+    """Each prompt generated on its own by the dense-cache `generate` on the plain (unfused) params
+    (same-length prompts share a call); the batcher decodes on the fused decode view."""
     out = {}
     for length in sorted({len(p) for p in prompts}):
         idx = [i for i, p in enumerate(prompts) if len(p) == length]
-        toks = np.asarray(generate(model, params, np.stack([prompts[i] for i in idx]), n, eos_token_id=EOS))
+        toks = np.asarray(generate(model, params, np.stack([prompts[i] for i in idx]), n, eos_token_id=EOS,
+                                   fuse_projections=False))
         out.update({i: list(t) for i, t in zip(idx, toks)})
     return [out[i] for i in range(len(prompts))]
 
@@ -40,6 +42,7 @@ def test_each_request_gets_its_tokens_alone(tiny):
     # 3 slots, pages of 4, 12 pages: fewer than 3 long sequences need -> preemption
     b = ContinuousBatcher(model, params, max_batch=3, max_seq_len=32, page_size=4, num_pages=12, prefill_bucket=16,
                           eos_token_id=EOS)
+    assert b.decode_model.fused_qkv and b.decode_model.fused_gate_up  # decode steps run on the fused view
     first = [b.submit(p, m) for p, m in zip(prompts[:4], max_new[:4])]
     events = []
     for _ in range(3):  # requests join while others are running

@@ -82,7 +82,9 @@ class ContinuousBatcher:
                  num_pages: Optional[int] = None, kv_dtype: Any = "auto", n_sink: int = 0,
                  window: Optional[int] = None, sampling: Optional[SamplingConfig] = None,
                  eos_token_id: Any = None, prefill_bucket: int = 32, seed: int = 0,
-                 kernel_impl: Optional[str] = None, interpret: bool = False):
+                 kernel_impl: Optional[str] = None, interpret: bool = False, fuse_projections: bool = True):
+        """`fuse_projections`: decode steps run on `model.decode_view(params)` (fused q/k/v and gate/up
+        matmuls, as `generate` does), which keeps a second copy of those weights for the batcher's life."""
         from iva_jax.inference.generate import _eos_tuple
 
         self.sampling = sampling or SamplingConfig()
@@ -92,6 +94,9 @@ class ContinuousBatcher:
             raise ValueError(f"max_batch, max_seq_len, prefill_bucket must be >= 1, got {max_batch}, "
                              f"{max_seq_len}, {prefill_bucket}")
         self.model, self.params = model, params
+        self.decode_model, self.decode_params = (model.decode_view(params, rows=max_batch)
+                                                 if fuse_projections and hasattr(model, "decode_view")
+                                                 else (model, params))
         self.max_batch, self.max_seq_len, self.page_size = max_batch, max_seq_len, page_size
         self.n_sink, self.window, self.prefill_bucket = n_sink, window, prefill_bucket
         self.max_pages = pages_needed(max_seq_len if window is None else n_sink + window, page_size)
@@ -251,7 +256,7 @@ class ContinuousBatcher:
         self._push_state()
         active = np.array([s is not None for s in self.slots], np.int32)
         temps = np.array([0.0 if s is None else s.temperature for s in self.slots], np.float32)
-        nxt, self.cache = _decode_rows(self.model, self.params, self.cache, jnp.asarray(self._tok),
+        nxt, self.cache = _decode_rows(self.decode_model, self.decode_params, self.cache, jnp.asarray(self._tok),
                                        jnp.asarray(active), self._key(), jnp.asarray(temps), sampling=self.sampling)
         nxt = np.asarray(nxt)
         self.stats["decode_steps"] += 1

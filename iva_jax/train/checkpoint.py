@@ -1,7 +1,7 @@
 """Orbax checkpoints of a TrainState: async, atomic, latest-N + best-K, exact resume, any-mesh restore.
 
-Layout of `directory/<step>/`: `state` (step, params, opt_state, rng: an orbax pytree as a plain nested
-dict), `data` (JSON: the data iterator's position, for exact resume), `meta` (JSON: train / model
+Layout of `directory/<step>/`: `state` (step, params, opt_state, rng, and `model_state` when the state
+has one, e.g. an MoE router's expert bias: an orbax pytree as a plain nested dict), `data` (JSON: the data iterator's position, for exact resume), `meta` (JSON: train / model
 config YAML, metrics, wall time).  `directory/train_config.yaml` and `model_config.yaml` are written
 beside the steps for people.  Frozen weights (`TrainState.frozen`, e.g. a LoRA base) are never saved:
 they come back from the restore target.
@@ -61,9 +61,16 @@ def _short(e: Exception, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def _fields(state: TrainState) -> Dict[str, Any]:
+    """The saved fields of a TrainState (or of its shardings); model_state only when present."""
+    out = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+    if getattr(state, "model_state", None) is not None:
+        out["model_state"] = state.model_state
+    return out
+
+
 def _payload(state: TrainState) -> Dict[str, Any]:
-    return serialization.to_state_dict({"step": state.step, "params": state.params,
-                                        "opt_state": state.opt_state, "rng": state.rng})
+    return serialization.to_state_dict(_fields(state))
 
 
 def _flat(tree: Any) -> Dict[str, Any]:
@@ -281,17 +288,22 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}; have {self.all_steps()}")
         target_sd = _payload(target)
         if shardings is not None:
-            shard_sd = serialization.to_state_dict({"step": shardings.step, "params": shardings.params,
-                                                    "opt_state": shardings.opt_state, "rng": shardings.rng})
+            shard_sd = serialization.to_state_dict(_fields(shardings))
+            if ("model_state" in shard_sd) != ("model_state" in target_sd):
+                raise ValueError("restore: target and shardings disagree on model_state (one of them is None)")
         else:
             shard_sd = jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), target_sd)
         abstract = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), target_sd, shard_sd)
         diff = compare_trees(self.stored_shapes(step), abstract)
         if diff:
+            hint = ""
+            if any(line.startswith("  model_state") for line in diff):
+                hint = ("\n(model_state: the checkpoint and the target disagree on the model's non-parameter state, "
+                        "e.g. an MoE router's expert bias; a checkpoint saved without it cannot restore it)")
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.directory} does not match the target state "
-                f"({len(diff)} differing leaves):\n" + "\n".join(diff))
+                f"({len(diff)} differing leaves):\n" + "\n".join(diff) + hint)
         try:
             out = self._mgr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
@@ -299,10 +311,9 @@ class Checkpointer:
             raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} is corrupted or unreadable: "
                                          f"{_short(e)}") from e
         sd = out["state"]
-        restored = serialization.from_state_dict(
-            {"step": target.step, "params": target.params, "opt_state": target.opt_state, "rng": target.rng}, sd)
+        restored = serialization.from_state_dict(_fields(target), sd)
         state = TrainState(step=restored["step"], params=restored["params"], opt_state=restored["opt_state"],
-                           rng=restored["rng"], frozen=target.frozen)
+                           rng=restored["rng"], frozen=target.frozen, model_state=restored.get("model_state"))
         return Restored(state, out.get("data") or None, out.get("meta") or {}, int(step))
 
 

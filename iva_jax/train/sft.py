@@ -80,6 +80,15 @@ def sft_model_config(model_config: ModelConfig, cfg: SFTConfig) -> ModelConfig:
     return model_config.replace(**changes)
 
 
+def train_deterministic(model_config: ModelConfig) -> Optional[bool]:
+    """False (training mode) when the decoder's MoE router behaves differently in training (jitter noise,
+    Sinkhorn selection, the bias-balanced router's bias update); None (the model's default) otherwise."""
+    moe = getattr(model_config, "moe", None)
+    if moe is not None and (moe.jitter_noise > 0 or moe.router in ("bias_balanced", "sinkhorn")):
+        return False
+    return None
+
+
 def tokenizer_vocab(tokenizer: Any) -> int:
     """Number of ids a tokenizer can emit (`len(tok)` for HF tokenizers, else `vocab_size`)."""
     try:
@@ -229,7 +238,8 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
     from iva_jax.train.checkpoint import Checkpointer, save_params, shape_differences
     from iva_jax.train.data import batches_from_config
     from iva_jax.train.loop import fit
-    from iva_jax.train.step import create_train_state, init_train_state, make_train_step, make_tx_and_schedule
+    from iva_jax.train.step import (create_train_state, init_train_state, make_train_step, make_tx_and_schedule,
+                                    model_state_of)
     from iva_jax.train.telemetry import Telemetry
 
     mc = sft_model_config(model_config, cfg)
@@ -239,7 +249,11 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
     mesh = cfg.mesh.build(allow_subset=True)
     model = Transformer(mc)
     k_init, k_lora, k_state = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
-    logical = jax.eval_shape(model.init, k_init, jnp.zeros((1, 2), jnp.int32))["params"]
+    abstract_vars = jax.eval_shape(model.init, k_init, jnp.zeros((1, 2), jnp.int32))
+    logical = abstract_vars["params"]
+    model_state = None  # non-parameter collections (an MoE bias router's expert bias), when the model has any
+    if model_state_of(abstract_vars) is not None:
+        model_state = jax.jit(lambda k: model_state_of(model.init(k, jnp.zeros((1, 2), jnp.int32))))(k_init)
     if params is not None:
         diff = shape_differences(params, unbox(logical))
         if diff:
@@ -258,10 +272,10 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
         apply_fn = model.apply
         if params is None:
             state, sh = init_train_state(lambda k: model.init(k, jnp.zeros((1, 2), jnp.int32))["params"], tx, k_state,
-                                         mesh=mesh, param_dtype=cfg.param_dtype)
+                                         mesh=mesh, param_dtype=cfg.param_dtype, model_state=model_state)
         else:
             state, sh = create_train_state(params, tx, k_state, mesh=mesh, logical=logical,
-                                           param_dtype=cfg.param_dtype)
+                                           param_dtype=cfg.param_dtype, model_state=model_state)
 
         def gen_params(st):
             return st.params
@@ -286,7 +300,8 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
         adapters = init_lora(logical, cfg.lora, k_lora)
         apply_fn = lora_apply(model.apply, cfg.lora, dequant)
         state, sh = create_train_state(adapters, tx, k_state, mesh=mesh, logical=adapters,
-                                       param_dtype=cfg.param_dtype, frozen=base, frozen_shardings=frozen_sh)
+                                       param_dtype=cfg.param_dtype, frozen=base, frozen_shardings=frozen_sh,
+                                       model_state=model_state)
         if ckdir is not None and jax.process_index() == 0:
             if base_source is None:
                 log.warning("LoRA run without a base source: orbax_to_torch will need --base")
@@ -315,7 +330,8 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
         changed = resume_changes(restored.meta, cfg)
         if changed:
             log.warning("resuming with changed settings %s: the run will differ from an uninterrupted one", changed)
-    train_step = make_train_step(apply_fn, tx, cfg, schedule=sched, mesh=mesh, state_shardings=sh)
+    train_step = make_train_step(apply_fn, tx, cfg, schedule=sched, mesh=mesh, state_shardings=sh,
+                                 deterministic=train_deterministic(mc))
     eval_fn = None
     if cfg.eval_every >= 0:
         eval_fn = make_sft_eval(model, apply_fn, cfg, tokenizer, mesh=mesh, state_shardings=sh, gen_params=gen_params)
@@ -333,5 +349,5 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
                      trainable_params=n_train)
 
 
-__all__ = ["SFTConfig", "SFTResult", "run_sft", "sft_model_config", "make_sft_eval", "read_lora_file",
+__all__ = ["SFTConfig", "SFTResult", "run_sft", "train_deterministic", "sft_model_config", "make_sft_eval", "read_lora_file",
            "generation_prompts", "trim_generations", "tokenizer_vocab", "quantize_base", "dequantize_leaf"]

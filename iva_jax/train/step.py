@@ -11,7 +11,13 @@ Model protocol (anything flax-like):
     `nn.scan` a per-layer stack) is summed, times `aux_loss_coef`, and added to the objective: MoE
     balance / router z losses go there, already weighted by the model's own coefficients.
   * Leaves sown into "metrics" are averaged and reported as `metrics["model/<path>"]`.
-  * Forward kwargs: batch entries named in `forward_keys` (default segment_ids, positions) when present.
+  * Forward kwargs: batch entries named in `forward_keys` (default segment_ids, positions) when present,
+    plus `deterministic=<bool>` when `make_train_step(deterministic=...)` is set (False = training mode:
+    router jitter, Sinkhorn selection, the bias-balanced router's bias update).
+  * Model state: non-parameter variable collections (`TrainState.model_state`, e.g. {"moe_stats":
+    {...}} holding the bias-balanced router's `expert_bias`) are passed with the params and made
+    mutable in the train step; the updated collections form the next state's `model_state` (the eval
+    step passes them read-only).  Models without such state have `model_state=None`.
 
 Batch: `input_ids [B, S]`; optional `labels [B, S]` (HF convention: aligned with the inputs, shifted
 here; -100 ignored), `loss_mask [B, S]` (aligned with labels), `segment_ids` (packing: targets in
@@ -22,7 +28,8 @@ optimizer's non-finite guard then skips).
 Gradient accumulation splits the batch into `microbatches` strided slices (row j goes to slice
 j % M, so every slice spans all data shards) and scans over them.  Token losses are summed and
 divided by the token count of the whole batch, so the gradient equals the large-batch gradient
-exactly; sown aux losses are averaged over the slices.
+exactly; sown aux losses are averaged over the slices.  `model_state` is threaded through the slices in
+order, so it ends as if the slices had run one after another.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from iva_jax.train.optim import optimizer_metrics
 IGNORE_INDEX = -100
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 DEFAULT_FORWARD_KEYS = ("segment_ids", "positions")
+# collections a model writes per call (sown losses / metrics), never carried as model state
+TRANSIENT_COLLECTIONS = ("params", "losses", "metrics", "intermediates")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -53,13 +62,15 @@ DEFAULT_FORWARD_KEYS = ("segment_ids", "positions")
 # ------------------------------------------------------------------------------------------------
 @flax.struct.dataclass
 class TrainState:
-    """step (train_step calls), params (f32 master), opt_state, rng (raw uint32 key), frozen weights."""
+    """step (train_step calls), params (f32 master), opt_state, rng (raw uint32 key), frozen weights,
+    model_state (non-parameter variable collections the model updates, e.g. {"moe_stats": ...}; or None)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
     frozen: Any = None
+    model_state: Any = None
 
     @property
     def skipped(self) -> jax.Array:
@@ -67,9 +78,28 @@ class TrainState:
         return optimizer_metrics(self.opt_state).get("skipped", jnp.zeros([], jnp.int32))
 
     @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array, frozen: Any = None) -> "TrainState":
+    def create(cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array, frozen: Any = None,
+               model_state: Any = None) -> "TrainState":
         return cls(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-                   rng=raw_key(rng), frozen=frozen)
+                   rng=raw_key(rng), frozen=frozen, model_state=model_state_of(model_state))
+
+
+def model_state_of(variables: Any) -> Optional[Dict[str, Any]]:
+    """The carried collections of a flax variables dict (all but params / losses / metrics / intermediates),
+    as a plain dict; None when there are none."""
+    if variables is None:
+        return None
+    if not isinstance(variables, Mapping):
+        raise ValueError(f"model state must be a mapping of variable collections, got {type(variables).__name__}")
+    out = {k: flax.core.unfreeze(v) for k, v in variables.items() if k not in TRANSIENT_COLLECTIONS}
+    return out or None
+
+
+def _split_variables(tree: Any) -> Tuple[Any, Optional[Dict[str, Any]]]:
+    """(params, model state) of an init_fn result: full variables (a mapping with "params") or bare params."""
+    if isinstance(tree, Mapping) and "params" in tree:
+        return tree["params"], model_state_of(tree)
+    return tree, None
 
 
 def raw_key(rng: jax.Array) -> jax.Array:
@@ -94,29 +124,38 @@ def _cast_floating(tree: Any, dtype) -> Any:
 
 def init_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, rng: jax.Array, *,
                      mesh: Optional[Mesh] = None, rules=DEFAULT_RULES, param_dtype: str = "float32",
-                     frozen: Any = None, frozen_shardings: Any = None) -> Tuple[TrainState, Any]:
+                     frozen: Any = None, frozen_shardings: Any = None,
+                     model_state: Any = None) -> Tuple[TrainState, Any]:
     """Build the TrainState directly in its sharded layout; return (state, state_shardings).
 
-    `init_fn(rng)` returns the (boxed, logically annotated) params; shardings come from those boxes,
-    and the optimizer state inherits them.  `frozen` (already placed arrays) rides along untrained.
-    Without a mesh the state lives on the default device and the shardings are None.
+    `init_fn(rng)` returns the (boxed, logically annotated) params, or full flax variables
+    (`model.init(...)`: a mapping with "params", whose other non-transient collections become
+    `model_state`); shardings come from the boxes (unboxed leaves are replicated), and the optimizer
+    state inherits them.  `model_state=` gives the model state explicitly instead.  `frozen` (already
+    placed arrays) rides along untrained.  Without a mesh the state lives on the default device and
+    the shardings are None.
     """
     dtype = dtype_of(param_dtype)
     rng = raw_key(rng)
+    model_state = model_state_of(model_state)
 
-    def make(key):
+    def make(key, ms):
         k_params, k_state = jax.random.split(key)
-        params = _cast_floating(init_fn(k_params), dtype)
+        params, init_ms = _split_variables(init_fn(k_params))
+        if ms is not None and init_ms is not None:
+            raise ValueError("init_train_state: model_state= was given and init_fn also returned model state "
+                             f"(collections {sorted(init_ms)}); give it once")
+        params = _cast_floating(params, dtype)
         return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=k_state, frozen=None)
+                          rng=k_state, frozen=None, model_state=init_ms if ms is None else ms)
 
     if mesh is None:
-        state = jax.jit(lambda k: unbox(make(k)))(rng)
+        state = jax.jit(lambda k, ms: unbox(make(k, ms)))(rng, model_state)
         return state.replace(frozen=frozen), None
-    abstract = jax.eval_shape(make, rng)
+    abstract = jax.eval_shape(make, rng, model_state)
     shardings = tree_shardings(abstract, mesh, rules)
     with mesh_context(mesh), flax.linen.logical_axis_rules(rules):
-        state = jax.jit(lambda k: unbox(make(k)), out_shardings=shardings)(rng)
+        state = jax.jit(lambda k, ms: unbox(make(k, ms)), out_shardings=shardings)(rng, model_state)
     if frozen is not None:
         if frozen_shardings is None:
             frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
@@ -128,32 +167,39 @@ def init_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTran
 def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array, *,
                        mesh: Optional[Mesh] = None, logical: Any = None, rules=DEFAULT_RULES,
                        param_dtype: Optional[str] = "float32", frozen: Any = None,
-                       frozen_shardings: Any = None) -> Tuple[TrainState, Any]:
+                       frozen_shardings: Any = None, model_state: Any = None) -> Tuple[TrainState, Any]:
     """TrainState from existing params (host or device arrays, e.g. a converted HF checkpoint).
 
     `logical` is the boxed abstract param tree (`jax.eval_shape(init_fn, rng)`) that supplies the
     logical axes; without it the params may themselves be boxed, else everything is replicated.
+    `model_state` (collections such as {"moe_stats": ...}; boxed leaves keep their logical axes, the
+    rest is replicated) rides along uncast.
     Returns (state, state_shardings) like `init_train_state`.  The state owns device arrays passed in
     (the train step donates them), so keep a host copy if you need the originals.
     """
     params = unbox(params)
+    boxed_ms = model_state_of(model_state)
+    model_state = unbox(boxed_ms)
     rng = raw_key(rng)
     if param_dtype is not None:
         params = _cast_floating(params, dtype_of(param_dtype))
     if mesh is None:
         params = jax.device_put(params)
         state = TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
-                           rng=jnp.asarray(rng), frozen=frozen)
+                           rng=jnp.asarray(rng), frozen=frozen, model_state=jax.device_put(model_state))
         return state, None
     boxed = logical if logical is not None else params
-    abstract = jax.eval_shape(lambda p, k: TrainState(step=jnp.zeros([], jnp.int32), params=p, opt_state=tx.init(p),
-                                                      rng=k), boxed, rng)
+    abstract = jax.eval_shape(lambda p, k, ms: TrainState(step=jnp.zeros([], jnp.int32), params=p,
+                                                          opt_state=tx.init(p), rng=k, model_state=ms),
+                              boxed, rng, boxed_ms)
     shardings = tree_shardings(abstract, mesh, rules)
     with mesh_context(mesh):
         placed = jax.device_put(params, shardings.params)
         opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(placed)
+        ms_placed = jax.device_put(model_state, shardings.model_state) if model_state is not None else None
     state = TrainState(step=jax.device_put(jnp.zeros([], jnp.int32), shardings.step), params=placed,
-                       opt_state=opt_state, rng=jax.device_put(jnp.asarray(rng), shardings.rng), frozen=None)
+                       opt_state=opt_state, rng=jax.device_put(jnp.asarray(rng), shardings.rng), frozen=None,
+                       model_state=ms_placed)
     if frozen is not None:
         if frozen_shardings is None:
             frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
@@ -214,22 +260,36 @@ def _sum_collection(tree: Any) -> jax.Array:
     return sum((jnp.sum(jnp.asarray(x, jnp.float32)) for x in leaves), jnp.zeros([], jnp.float32))
 
 
-def _forward(apply_fn, params, frozen, batch, rng, cfg: TrainConfig, forward_keys, apply_kwargs):
+def _forward(apply_fn, params, frozen, model_state, batch, rng, cfg: TrainConfig, forward_keys, apply_kwargs,
+             update_state: bool):
+    """(logits, extras, collections, new model_state); model_state collections are mutable iff update_state."""
     dtype = dtype_of(cfg.compute_dtype)
     variables = {"params": _cast_floating(params, dtype)}
     if frozen is not None:
         variables["frozen"] = _cast_floating(frozen, dtype)
+    state_cols = list(model_state or {})
+    if model_state:
+        clash = [k for k in state_cols if k in variables]
+        if clash:
+            raise ValueError(f"model_state collections {clash} clash with the params / frozen variables")
+        variables.update(model_state)
     kwargs = {k: batch[k] for k in forward_keys if k in batch}
     kwargs.update(apply_kwargs)
     rngs = {"dropout": rng} if rng is not None else None
-    out, cols = apply_fn(variables, batch["input_ids"], rngs=rngs, mutable=["losses", "metrics"], **kwargs)
+    mutable = ["losses", "metrics"] + (state_cols if update_state else [])
+    out, cols = apply_fn(variables, batch["input_ids"], rngs=rngs, mutable=mutable, **kwargs)
     logits, extras = (out if isinstance(out, tuple) else (out, {}))
-    return logits, dict(extras or {}), cols
+    new_state = model_state
+    if update_state and model_state:
+        new_state = {k: flax.core.unfreeze(cols.get(k, model_state[k])) for k in state_cols}
+    return logits, dict(extras or {}), cols, new_state
 
 
-def _batch_sums(apply_fn, params, frozen, batch, rng, cfg, forward_keys, apply_kwargs):
-    """Per-(micro)batch sums: the loss terms before normalization, plus aux loss and model metrics."""
-    logits, extras, cols = _forward(apply_fn, params, frozen, batch, rng, cfg, forward_keys, apply_kwargs)
+def _batch_sums(apply_fn, params, frozen, model_state, batch, rng, cfg, forward_keys, apply_kwargs,
+                update_state: bool = False):
+    """Per-(micro)batch sums: the loss terms before normalization, plus aux loss, model metrics and new state."""
+    logits, extras, cols, new_state = _forward(apply_fn, params, frozen, model_state, batch, rng, cfg,
+                                               forward_keys, apply_kwargs, update_state)
     tgt, w = shifted_targets(batch, 1)
     sums = cross_entropy_sums(logits[:, :-1], tgt, w, cfg.label_smoothing)
     if cfg.mtp_heads:
@@ -242,7 +302,7 @@ def _batch_sums(apply_fn, params, frozen, batch, rng, cfg, forward_keys, apply_k
             sums[f"mtp{k}_loss"], sums[f"mtp{k}_tokens"] = s["loss"], s["tokens"]
     sums["aux"] = _sum_collection(cols.get("losses", {}))
     model_metrics = {f"model/{k}": v for k, v in _flatten_collection(cols.get("metrics", {})).items()}
-    return sums, model_metrics
+    return sums, model_metrics, new_state
 
 
 def _token_counts(batch, cfg: TrainConfig) -> Dict[str, jax.Array]:
@@ -312,20 +372,30 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, config
                     schedule: Optional[optax.Schedule] = None, mesh: Optional[Mesh] = None,
                     state_shardings: Any = None, rules=DEFAULT_RULES,
                     forward_keys: Sequence[str] = DEFAULT_FORWARD_KEYS,
-                    apply_kwargs: Optional[Mapping[str, Any]] = None, donate: bool = True) -> Callable:
+                    apply_kwargs: Optional[Mapping[str, Any]] = None, donate: bool = True,
+                    deterministic: Optional[bool] = None) -> Callable:
     """One jitted `train_step(state, batch) -> (state, metrics)` (see the module docstring).
 
     With a mesh, `state_shardings` (from `init_train_state`) and the batch sharding are declared as
     in/out shardings; metrics come back replicated.  The state is donated unless `donate=False`.
+    `deterministic` (None: not passed) is given to `apply_fn` in training, e.g. False for a decoder
+    whose MoE router jitters or updates its bias in training; the `state.model_state` collections are
+    updated by the step.
     """
     tx = optax.with_extra_args_support(tx)
     apply_kwargs = dict(apply_kwargs or {})
+    if deterministic is not None:
+        if apply_kwargs.get("deterministic", deterministic) != deterministic:
+            raise ValueError(f"make_train_step: deterministic={deterministic} contradicts "
+                             f"apply_kwargs['deterministic']={apply_kwargs['deterministic']}")
+        apply_kwargs["deterministic"] = bool(deterministic)
     n_micro = config.microbatches
     if mesh is not None and state_shardings is None:
         raise ValueError("make_train_step: a mesh needs state_shardings (from init_train_state)")
     bsh = batch_sharding(mesh, rules, config.batch_size // n_micro * n_micro) if mesh is not None else None
     micro_sh = batch_sharding(mesh, rules, config.batch_size // n_micro) if mesh is not None else None
     param_sh = state_shardings.params if state_shardings is not None else None
+    ms_sh = getattr(state_shardings, "model_state", None) if state_shardings is not None else None
 
     def constrain(x, sh):
         return jax.lax.with_sharding_constraint(x, sh) if sh is not None else x
@@ -334,36 +404,40 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, config
         counts = _token_counts(batch, config)
         rng, step_rng = jax.random.split(state.rng)
 
-        def grads_of(mb, key):
+        def grads_of(mb, key, ms):
             def f(p):
-                sums, mm = _batch_sums(apply_fn, p, state.frozen, mb, key, config, forward_keys, apply_kwargs)
-                return _objective(sums, counts, config, n_micro), (sums, mm)
-            (_, (sums, mm)), g = jax.value_and_grad(f, has_aux=True)(state.params)
-            return g, sums, mm
+                sums, mm, new_ms = _batch_sums(apply_fn, p, state.frozen, ms, mb, key, config, forward_keys,
+                                               apply_kwargs, update_state=True)
+                return _objective(sums, counts, config, n_micro), (sums, mm, new_ms)
+            (_, (sums, mm, new_ms)), g = jax.value_and_grad(f, has_aux=True)(state.params)
+            return (g, sums, mm), new_ms
 
         if n_micro == 1:
-            grads, sums, mm = grads_of(batch, step_rng)
+            (grads, sums, mm), model_state = grads_of(batch, step_rng, state.model_state)
         else:
             mbs = split_microbatches(batch, n_micro)
             first = jax.tree_util.tree_map(lambda x: x[0], mbs)
-            shapes = jax.eval_shape(grads_of, first, step_rng)
+            shapes = jax.eval_shape(grads_of, first, step_rng, state.model_state)[0]
             zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-            def body(carry, xs):
+            def body(carry, xs):  # model state runs through the slices in order
+                acc, ms = carry
                 mb, i = xs
                 mb = {k: constrain(v, micro_sh) for k, v in mb.items()}
-                g, s, m = grads_of(mb, jax.random.fold_in(step_rng, i))
-                acc = jax.tree_util.tree_map(jnp.add, carry, (g, s, m))
-                return (constrain(acc[0], param_sh),) + acc[1:], None
+                gsm, ms = grads_of(mb, jax.random.fold_in(step_rng, i), ms)
+                acc = jax.tree_util.tree_map(jnp.add, acc, gsm)
+                return ((constrain(acc[0], param_sh),) + acc[1:], constrain(ms, ms_sh)), None
 
-            (grads, sums, mm), _ = jax.lax.scan(body, zeros, (mbs, jnp.arange(n_micro)))
+            ((grads, sums, mm), model_state), _ = jax.lax.scan(
+                body, (zeros, state.model_state), (mbs, jnp.arange(n_micro)))
             mm = {k: v / n_micro for k, v in mm.items()}
         metrics = _summarize(sums, counts, config, n_micro)
         metrics.update(mm)
         metrics["grad_norm"] = _global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=metrics["loss"])
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                                  model_state=model_state)
         metrics.update(optimizer_metrics(opt_state, schedule))
         return new_state, metrics
 
@@ -391,7 +465,8 @@ def make_eval_step(apply_fn: Callable, config: TrainConfig, *, mesh: Optional[Me
     cache: Dict[int, Callable] = {}
 
     def eval_step(state: TrainState, batch):
-        sums, _ = _batch_sums(apply_fn, state.params, state.frozen, batch, None, config, forward_keys, apply_kwargs)
+        sums, _, _ = _batch_sums(apply_fn, state.params, state.frozen, state.model_state, batch, None, config,
+                                 forward_keys, apply_kwargs)
         return {"nll": sums["nll"], "loss": sums["loss"], "tokens": sums["tokens"]}
 
     def call(state: TrainState, batch: Mapping[str, Any]):

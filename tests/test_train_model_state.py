@@ -170,3 +170,36 @@ def test_sft_trains_in_training_mode_only_when_the_router_needs_it():
     assert train_deterministic(c.replace(moe=moe)) is None
     assert train_deterministic(c.replace(moe=moe.replace(jitter_noise=0.1))) is False
     assert train_deterministic(c.replace(moe=moe.replace(router="bias_balanced"))) is False
+
+
+def test_generation_reads_the_model_state():
+    """A bias_balanced MoE decoder generates from {"params", "moe_stats"} (dense, fused or not, streamed,
+    paged and continuous batching alike, all token-equal); the bias steers routing."""
+    from flax.core import meta
+
+    from iva_jax.config import ModelConfig
+    from iva_jax.inference import generate, generate_stream
+    from iva_jax.inference.continuous import ContinuousBatcher
+    from iva_jax.inference.paged import generate_paged
+    from iva_jax.models.transformer import Transformer
+    from iva_jax.moe import MoEConfig
+
+    c = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64,
+                    moe=MoEConfig(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
+                                  router="bias_balanced"))
+    model = Transformer(c)
+    v = meta.unbox(model.init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32)))
+    variables = {"params": v["params"], "moe_stats": v["moe_stats"]}
+    prompt = jnp.array([[1, 5, 9, 2, 7]])
+    dense = np.asarray(generate(model, variables, prompt, 8))
+    assert np.array_equal(dense, np.asarray(generate(model, variables, prompt, 8, fuse_projections=False)))
+    assert np.array_equal(dense[0], np.stack(list(generate_stream(model, variables, prompt, 8)))[:, 0])
+    assert np.array_equal(dense, np.asarray(generate_paged(model, variables, prompt, 8, page_size=4)))
+    b = ContinuousBatcher(model, variables, max_batch=2, max_seq_len=32, page_size=4)
+    rid = b.submit(prompt[0], 8)
+    assert b.run()[rid] == list(dense[0])
+    # the state is used: a strongly biased router sends every token to expert 0, which changes the logits
+    biased = jax.tree_util.tree_map(lambda x: x.at[..., 0].set(100.0), variables["moe_stats"])
+    logits = lambda st: np.asarray(model.apply({"params": variables["params"], "moe_stats": st}, prompt))  # noqa: E731
+    assert np.abs(logits(biased) - logits(variables["moe_stats"])).max() > 1e-4

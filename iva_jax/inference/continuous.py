@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iva_jax.inference.generate import as_variables, decode_view
 from iva_jax.inference.paged import PageAllocator, PagedKVCache, pages_needed
 from iva_jax.inference.sampling import SamplingConfig, process_logits
 
@@ -60,14 +61,14 @@ def _sample_rows(logits, rng, temps, sampling: SamplingConfig):
 @functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnames=("cache",))
 def _prefill_row(model, params, cache, ids, mask, row_table, rng, temp, *, sampling):
     view = cache.replace(page_table=row_table, lengths=jnp.zeros((1,), jnp.int32), next_pos=jnp.zeros((1,), jnp.int32))
-    logits, new = model.apply({"params": params}, ids, mask, cache=view, last_logits_only=True)
+    logits, new = model.apply(as_variables(params), ids, mask, cache=view, last_logits_only=True)
     tok = _sample_rows(logits[:, -1], rng, temp[None], sampling)
     return tok[0], cache.replace(**_pools(new))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnames=("cache",))
 def _decode_rows(model, params, cache, tok, active, rng, temps, *, sampling):
-    logits, cache = model.apply({"params": params}, tok[:, None], active[:, None], cache=cache)
+    logits, cache = model.apply(as_variables(params), tok[:, None], active[:, None], cache=cache)
     return _sample_rows(logits[:, -1], rng, temps, sampling), cache
 
 
@@ -94,9 +95,7 @@ class ContinuousBatcher:
             raise ValueError(f"max_batch, max_seq_len, prefill_bucket must be >= 1, got {max_batch}, "
                              f"{max_seq_len}, {prefill_bucket}")
         self.model, self.params = model, params
-        self.decode_model, self.decode_params = (model.decode_view(params, rows=max_batch)
-                                                 if fuse_projections and hasattr(model, "decode_view")
-                                                 else (model, params))
+        self.decode_model, self.decode_params = decode_view(model, params, max_batch, fuse_projections)
         self.max_batch, self.max_seq_len, self.page_size = max_batch, max_seq_len, page_size
         self.n_sink, self.window, self.prefill_bucket = n_sink, window, prefill_bucket
         self.max_pages = pages_needed(max_seq_len if window is None else n_sink + window, page_size)

@@ -8,7 +8,7 @@ step functions (one dispatch per token, the cache donated so it is updated in pl
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -73,8 +73,17 @@ def _seen_init(input_ids, mask, vocab: int) -> jnp.ndarray:
     return seen.at[jnp.arange(b)[:, None], input_ids].max(mask.astype(bool))
 
 
+def as_variables(params: Any) -> Dict[str, Any]:
+    """The variables dict for `model.apply`: `params` itself when it already is one (a "params" entry plus
+    model state such as an aux-loss-free router's "moe_stats", e.g. `{"params": p, **state.model_state}`),
+    else {"params": params}."""
+    if isinstance(params, Mapping) and "params" in params:
+        return dict(params)
+    return {"params": params}
+
+
 def _prefill(model, params, input_ids, mask, rng, cache, sampling: SamplingConfig, use_seen: bool):
-    logits, cache = model.apply({"params": params}, input_ids, mask, cache=cache, last_logits_only=True)
+    logits, cache = model.apply(as_variables(params), input_ids, mask, cache=cache, last_logits_only=True)
     seen = _seen_init(input_ids, mask, model.config.vocab_size) if use_seen else None
     tok = sample(logits[:, -1], rng, seen, sampling)
     if use_seen:
@@ -83,7 +92,7 @@ def _prefill(model, params, input_ids, mask, rng, cache, sampling: SamplingConfi
 
 
 def _decode(model, params, tok, rng, cache, seen, sampling: SamplingConfig):
-    logits, cache = model.apply({"params": params}, tok[:, None], jnp.ones_like(tok)[:, None], cache=cache)
+    logits, cache = model.apply(as_variables(params), tok[:, None], jnp.ones_like(tok)[:, None], cache=cache)
     nxt = sample(logits[:, -1], rng, seen, sampling)
     if seen is not None:
         seen = seen.at[jnp.arange(nxt.shape[0]), nxt].set(True)
@@ -94,7 +103,9 @@ def decode_view(model, params, rows: int, enabled: bool = True):
     """(model, params) for the decode steps: `model.decode_view` (fused q/k/v and gate/up projections, weights
     in the compute dtype; the same numbers up to matmul rounding) where the model has one and `enabled`."""
     if enabled and hasattr(model, "decode_view"):
-        return model.decode_view(params, rows=rows)
+        variables = as_variables(params)
+        view_model, view_params = model.decode_view(variables["params"], rows=rows)
+        return view_model, (view_params if variables.keys() == {"params"} else {**variables, "params": view_params})
     return model, params
 
 

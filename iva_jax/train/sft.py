@@ -277,8 +277,8 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
             state, sh = create_train_state(params, tx, k_state, mesh=mesh, logical=logical,
                                            param_dtype=cfg.param_dtype, model_state=model_state)
 
-        def gen_params(st):
-            return st.params
+        def gen_params(st):  # with the model's state (e.g. moe_stats) when it has one
+            return {"params": st.params, **st.model_state} if st.model_state else st.params
     else:
         if params is None:
             base = jax.jit(lambda k: cast(unbox(model.init(k, jnp.zeros((1, 2), jnp.int32))["params"])),
@@ -309,7 +309,8 @@ def run_sft(cfg: SFTConfig, model_config: ModelConfig, params: Any, tokenizer: A
         merge = jax.jit(lambda b, a: merge_lora(b, a, cfg.lora, dequant))
 
         def gen_params(st):
-            return merge(st.frozen, st.params)
+            merged = merge(st.frozen, st.params)
+            return {"params": merged, **st.model_state} if st.model_state else merged
     n_train = lora_param_count(state.params)
 
     checkpointer = None

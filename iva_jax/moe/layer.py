@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from iva_jax.layers.linear import Linear
 from iva_jax.moe import losses as L
 from iva_jax.moe.config import MoEConfig
 from iva_jax.moe.dispatch import capacity_moe, dropless_moe
@@ -64,12 +65,13 @@ class SharedExpert(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        dense = lambda n, name, axes: nn.Dense(
-            n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=nn.with_logical_partitioning(_normal(self.init_std), axes))
-        h = jax.nn.silu(dense(self.intermediate_size, "gate_proj", ("embed", "mlp"))(x)) \
-            * dense(self.intermediate_size, "up_proj", ("embed", "mlp"))(x)
-        return dense(self.hidden_size, "down_proj", ("mlp", "embed"))(h)
+        # iva_jax Linear (HF-named `kernel` [in, out]) so quantized kernels (iva_jax.quant) work here too
+        dense = lambda n_in, n, name, axes: Linear(  # noqa: E731
+            n_in, n, axes, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_normal(self.init_std),
+            name=name)
+        d, f = self.hidden_size, self.intermediate_size
+        h = jax.nn.silu(dense(d, f, "gate_proj", ("embed", "mlp"))(x)) * dense(d, f, "up_proj", ("embed", "mlp"))(x)
+        return dense(f, d, "down_proj", ("mlp", "embed"))(h)
 
 
 class MoeBlock(nn.Module):

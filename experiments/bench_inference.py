@@ -35,12 +35,12 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 os.environ.setdefault("IVA_KERNELS_ALLOW_UNVALIDATED", "1")  # this script is the kernels' GPU check
 
 import flax.linen as nn  # noqa: E402
+import benchlib  # noqa: E402  (experiments/benchlib.py, beside this script)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -78,25 +78,11 @@ def median_ms(fn, reps: int, warm: int = 1) -> float:
 
 def kernel_ms(fn, arg_sets, reps: int, inner: int = 5) -> float:
     """Median ms per call of back-to-back async calls (rotating argument sets to defeat the L2)."""
-    for a in arg_sets[:2]:
-        jax.block_until_ready(fn(*a))
-    ts, n = [], 0
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = None
-        for _ in range(inner):
-            out = fn(*arg_sets[n % len(arg_sets)])
-            n += 1
-        jax.block_until_ready(out)
-        ts.append((time.perf_counter() - t) * 1e3 / inner)
-    return statistics.median(ts)
+    return benchlib.async_ms(fn, arg_sets, reps, inner)
 
 
 def torch_ms(fn) -> float:
-    import torch
-    import triton.testing
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    return benchlib.torch_ms(fn)
 
 
 def row(section: str, name: str, **vals) -> dict:
@@ -108,19 +94,12 @@ def row(section: str, name: str, **vals) -> dict:
 
 
 def guard(label: str, f):
-    try:
-        return f()
-    except Exception as e:  # noqa: BLE001
-        msg = f"{type(e).__name__}: {str(e)[:400]}"
-        print(f"{label:<66} FAILED: {msg}", flush=True)
-        traceback.print_exc(limit=3)
-        RES["errors"].append(dict(name=label, error=msg))
-        return None
+    return benchlib.guard(label, f, lambda msg: RES["errors"].append(dict(name=label, error=msg)))
 
 
 def rotations(nbytes: int, total: float = 400e6) -> int:
     """Distinct input sets whose bytes exceed `total` (defeats the 50 MB L2; 2 off the GPU)."""
-    return max(1, int(np.ceil(total / max(nbytes, 1)))) if ON_GPU else 2
+    return benchlib.rotations(nbytes, total) if ON_GPU else 2
 
 
 def kernel_impl() -> str:

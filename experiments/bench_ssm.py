@@ -33,7 +33,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 _SET_ALLOW = "IVA_KERNELS_ALLOW_UNVALIDATED" not in os.environ
@@ -42,6 +41,7 @@ os.environ.setdefault("IVA_KERNELS_ALLOW_UNVALIDATED", "1")  # this script is wh
 import numpy as np  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
+import benchlib  # noqa: E402  (experiments/benchlib.py, beside this script)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -69,14 +69,7 @@ def row(group, name, ms=None, **extra):
 
 
 def guard(label, f):
-    try:
-        return f()
-    except Exception as e:  # noqa: BLE001
-        msg = f"{type(e).__name__}: {str(e)[:400]}"
-        print(f"{label:<66} FAILED: {msg}", flush=True)
-        traceback.print_exc(limit=3)
-        ROWS.append(dict(group="error", name=label, error=msg))
-        return None
+    return benchlib.guard(label, f, lambda msg: ROWS.append(dict(group="error", name=label, error=msg)))
 
 
 def time_jax(fn, args, reps=None, warm=2):

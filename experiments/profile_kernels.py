@@ -27,15 +27,14 @@ import argparse
 import importlib
 import json
 import os
-import statistics
 import sys
 import time
-import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np  # noqa: E402
 
+import benchlib  # noqa: E402  (experiments/benchlib.py, beside this script)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -61,43 +60,20 @@ def row(group, name, ms, figure=None, unit="", **extra):
 
 
 def guard(label, f):
-    try:
-        return f()
-    except Exception as e:  # noqa: BLE001
-        msg = f"{type(e).__name__}: {str(e)[:300]}"
-        print(f"{label:<66} FAILED: {msg}", flush=True)
-        traceback.print_exc(limit=2)
-        ROWS.append(dict(group="error", name=label, error=msg))
-        return None
+    return benchlib.guard(label, f, lambda msg: ROWS.append(dict(group="error", name=label, error=msg)), limit=2)
 
 
 def time_jax(fn, arg_sets, reps=20, inner=5, warm=2):
     """Median ms per call; calls are issued back to back (async) in batches of `inner`."""
-    for i in range(warm):
-        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
-    if QUICK:
-        reps = max(5, reps // 3)
-    ts, n = [], 0
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = None
-        for _ in range(inner):
-            out = fn(*arg_sets[n % len(arg_sets)])
-            n += 1
-        jax.block_until_ready(out)
-        ts.append((time.perf_counter() - t) * 1e3 / inner)
-    return statistics.median(ts)
+    return benchlib.async_ms(fn, arg_sets, max(5, reps // 3) if QUICK else reps, inner, warm)
 
 
 def time_torch(fn, reps_ms=200):
-    import torch
-    import triton.testing
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=25, rep=reps_ms if not QUICK else 50, return_mode="median"))
+    return benchlib.torch_ms(fn, reps_ms if not QUICK else 50)
 
 
 def rotations(nbytes_one, min_total=400e6):
-    return max(1, int(np.ceil(min_total / max(nbytes_one, 1))))
+    return benchlib.rotations(nbytes_one, min_total)
 
 
 def runnable(impls, label=""):

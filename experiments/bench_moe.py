@@ -191,6 +191,9 @@ def run_ep(a) -> dict:
     cf = a.capacity_factor
     rows = []
     devs = jax.devices()[:n]
+    ep_kw = {} if a.ep_impl == "ragged" else dict(block_m=a.block_m, block_n=a.block_n, block_k=a.block_k,
+                                                  num_warps=a.num_warps, num_stages=a.num_stages,
+                                                  interpret=a.interpret)
 
     def bench(name, fn, args, n_gpu, total_tokens):
         try:
@@ -205,7 +208,7 @@ def run_ep(a) -> dict:
     def local_moe(capf):
         def fn(x, idx, w, wg, wu, wd):
             if capf is None:
-                return dp.dropless_moe(x, idx, w, wg, wu, wd, dtype=dtype)
+                return dp.dropless_moe(x, idx, w, wg, wu, wd, impl=a.ep_impl, dtype=dtype, **ep_kw)
             return dp.capacity_moe(x, idx, w, wg, wu, wd, capf, dtype=dtype)[0]
         return fn
 
@@ -235,10 +238,10 @@ def run_ep(a) -> dict:
                     if ep_on:
                         y, _ = expert_parallel_moe(x, r.expert_index, r.gate_weights, wg, wu, wd, mesh=mesh,
                                                    capacity_factor=capf, exchange=exch if exch != "-" else "auto",
-                                                   dtype=dtype)
+                                                   impl=a.ep_impl, dtype=dtype, **ep_kw)
                     else:
                         y = shard_map(local_moe(capf), mesh=mesh, in_specs=(tok, tok, tok, P(), P(), P()),
-                                      out_specs=tok)(x, r.expert_index, r.gate_weights, wg, wu, wd)
+                                      out_specs=tok, check=a.ep_impl != "pallas")(x, r.expert_index, r.gate_weights, wg, wu, wd)
                     return y.astype(dtype)
                 name = f"{disp} {label}" + (f" exchange={exch}" if exch != "-" else "")
                 bench(name, fn, args, n, n * t)
@@ -282,6 +285,8 @@ def main(argv=None) -> dict:
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
     p.add_argument("--ep", type=int, default=0, help="devices for ep mode (0 = all)")
     p.add_argument("--ep-dispatch", default="dropless,capacity")
+    p.add_argument("--ep-impl", default="pallas", choices=["pallas", "ragged"],
+                   help="grouped matmul of the dropless rows in ep mode (EP=1, DP and EP alike)")
     p.add_argument("--exchange", default="ragged,dense", help="dropless EP exchanges to time")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)

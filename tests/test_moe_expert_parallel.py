@@ -190,3 +190,13 @@ def test_ragged_exchange_traces_with_gradients(case):
 
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))).trace(x, w, *ws).lower().as_text()
     assert text.count("ragged_all_to_all") == 4
+
+
+def test_dropless_expert_parallel_with_pallas_grouped_matmul(case, single_dropless):
+    """The Pallas grouped matmul (interpret mode) inside the expert-parallel shard_map, values and VJPs."""
+    x, idx, w, ws = case
+    mesh = make_mesh(data=4, fsdp=1, expert=2)
+    got = _value_and_grads(lambda *a: epm.expert_parallel_moe(*a, mesh=mesh, impl="pallas", interpret=True,
+                                                              block_m=16, block_n=16, block_k=16)[0],
+                           x, idx, w, ws)
+    _assert_same(got, single_dropless)

@@ -81,7 +81,11 @@ def attention(q: Array, k: Array, v: Array, impl: str = "xla") -> Array:
     if impl != "xla":  # the kernels dispatcher: Mosaic / Triton flash attention on GPU, XLA elsewhere
         import kernels
 
-        return kernels.flash_attention(q, k, v, causal=False, impl=impl)
+        from iva_jax.parallel.kernel_sharding import per_shard
+
+        heads = ("batch", None, "q_heads", None)
+        return per_shard(lambda q, k, v: kernels.flash_attention(q, k, v, causal=False, impl=impl), (q, k, v),
+                         (heads, heads, heads), heads)
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 import kernels
 from kernels import decode_attention as decode_kernels
+from iva_jax.parallel.kernel_sharding import per_shard
 from iva_jax.config import ModelConfig, dtype_of
 from iva_jax.layers.linear import Linear, default_kernel_init
 from iva_jax.layers.norms import RMSNorm
@@ -82,8 +83,12 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, impl: str = "auto"
     use_kernel = (impl != "xla" and kv_valid is None and bias is None and static_window
                   and isinstance(q_offset, int) and q.shape[1] == k.shape[1])
     if use_kernel:
-        return kernels.flash_attention(q, k, v, causal=True, sliding_window=window, q_offset=q_offset,
-                                       q_segment_ids=segment_ids, kv_segment_ids=segment_ids, impl=impl)
+        def kernel(q, k, v, seg):
+            return kernels.flash_attention(q, k, v, causal=True, sliding_window=window, q_offset=q_offset,
+                                           q_segment_ids=seg, kv_segment_ids=seg, impl=impl)
+
+        heads = ("batch", None, "q_heads", None)  # one name for q and k/v heads: GQA groups stay aligned
+        return per_shard(kernel, (q, k, v, segment_ids), (heads, heads, heads, ("batch", None)), heads)
     return masked_attention(q, k, v, q_offset=q_offset, window=window, kv_valid=kv_valid,
                             q_segment_ids=segment_ids, kv_segment_ids=segment_ids, bias=bias)
 

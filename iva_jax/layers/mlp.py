@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from iva_jax.parallel.kernel_sharding import per_shard
 from iva_jax.layers.linear import Linear, default_kernel_init, linear_apply
 
 
@@ -55,11 +56,17 @@ class MLP(nn.Module):
         wu, bu = self.up_proj.weights()
         plain = not (hasattr(wg, "matmul") or hasattr(wu, "matmul"))
         if plain and bg is None and bu is None:
-            h = kernels.swiglu(x, jnp.asarray(wg).astype(self.dtype), jnp.asarray(wu).astype(self.dtype),
-                               impl=self.impl)
+            h = self._swiglu(x, jnp.asarray(wg).astype(self.dtype), jnp.asarray(wu).astype(self.dtype))
         else:  # biases or quantized weights: unfused XLA expression
             h = jax.nn.silu(linear_apply(x, wg, bg, self.dtype)) * linear_apply(x, wu, bu, self.dtype)
         return self.down_proj(h)
+
+    def _swiglu(self, x: jnp.ndarray, wg: jnp.ndarray, wu: jnp.ndarray) -> jnp.ndarray:
+        """kernels.swiglu, per shard under a mesh (token rows over the batch axes, FFN columns over mlp's)."""
+        rows = ("batch",) + (None,) * (x.ndim - 1)
+        cols = ("batch",) + (None,) * (x.ndim - 2) + ("mlp",)
+        return per_shard(lambda x, wg, wu: kernels.swiglu(x, wg, wu, impl=self.impl), (x, wg, wu),
+                         (rows, (None, "mlp"), (None, "mlp")), cols)
 
     def _fused(self, x: jnp.ndarray) -> jnp.ndarray:
         """silu(gate) * up from one [D, 2F] product, mirroring each branch of the unfused path."""
@@ -71,7 +78,7 @@ class MLP(nn.Module):
         w = jnp.asarray(w).astype(self.dtype)
         rows = x.size // max(self.hidden_size, 1)
         if x.size == 0 or swiglu_impl(self.impl, rows, self.hidden_size, f, self.dtype) != "xla":
-            return kernels.swiglu(x, w[:, :f], w[:, f:], impl=self.impl)  # a Pallas kernel takes them apart
+            return self._swiglu(x, w[:, :f], w[:, f:])  # a Pallas kernel takes them apart
         # kernels.swiglu's "xla" implementation on the concatenated weight
         prec = jax.lax.Precision.HIGHEST if jnp.dtype(self.dtype) == jnp.float32 else None
         g, u = jnp.split(jnp.dot(x.reshape(-1, x.shape[-1]), w, precision=prec), (f,), axis=-1)

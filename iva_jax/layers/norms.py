@@ -8,6 +8,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 import kernels
+from iva_jax.parallel.kernel_sharding import per_shard
+
+
+def _rows(x) -> tuple:
+    """Logical axes of an activation whose rows are independent: the leading dim is the batch."""
+    return ("batch",) + (None,) * (x.ndim - 1)
 
 
 class RMSNorm(nn.Module):
@@ -25,10 +31,13 @@ class RMSNorm(nn.Module):
                                 (self.dim,), self.param_dtype)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return kernels.rms_norm(x.astype(self.dtype), self.scale.astype(self.dtype), eps=self.eps,
-                                impl=self.impl)
+        rows = _rows(x)
+        return per_shard(lambda x, w: kernels.rms_norm(x, w, eps=self.eps, impl=self.impl),
+                         (x.astype(self.dtype), self.scale.astype(self.dtype)), (rows, None), rows)
 
     def residual(self, x: jnp.ndarray, residual: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
         """(norm(x + residual), x + residual), fused where the kernel allows."""
-        return kernels.rms_norm_residual(x.astype(self.dtype), residual.astype(self.dtype),
-                                         self.scale.astype(self.dtype), eps=self.eps, impl=self.impl)
+        rows = _rows(x)
+        return per_shard(lambda x, r, w: kernels.rms_norm_residual(x, r, w, eps=self.eps, impl=self.impl),
+                         (x.astype(self.dtype), residual.astype(self.dtype), self.scale.astype(self.dtype)),
+                         (rows, rows, None), [rows, rows])

@@ -27,6 +27,7 @@ from iva_jax.moe.config import MoEConfig
 from iva_jax.moe.dispatch import capacity_moe, dropless_moe
 from iva_jax.moe.expert_parallel import expert_parallel_moe
 from iva_jax.moe.routing import jitter, route, update_expert_bias
+from iva_jax.parallel.kernel_sharding import per_shard
 
 Array = jnp.ndarray
 
@@ -135,8 +136,11 @@ class MoeBlock(nn.Module):
                                           capacity_factor=cf, valid=valid, impl=impl, dtype=self.dtype, **gkw)
         elif cf is not None:
             y, keep = capacity_moe(xe, r.expert_index, r.gate_weights, wg, wu, wd, cf, valid=valid, dtype=self.dtype)
-        else:
-            y = dropless_moe(xe, r.expert_index, r.gate_weights, wg, wu, wd, impl=impl, dtype=self.dtype, **gkw)
+        else:  # dropless is per-token exact, so under a mesh each device sorts and multiplies its own tokens
+            rows = ("batch", None)
+            y = per_shard(lambda xe, ei, gw, wg, wu, wd: dropless_moe(xe, ei, gw, wg, wu, wd, impl=impl,
+                                                                      dtype=self.dtype, **gkw),
+                          (xe, r.expert_index, r.gate_weights, wg, wu, wd), (rows, rows, rows, None, None, None), rows)
 
         if c.has_shared_expert:
             sh = SharedExpert(d, c.shared_expert_intermediate_size, self.dtype, self.param_dtype, self.init_std,

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import dispatch
+from iva_jax.parallel.kernel_sharding import per_shard
 
 _kss = importlib.import_module("kernels.selective_scan")  # the module (kernels/__init__ exports the function)
 
@@ -183,8 +184,13 @@ def selective_scan_bld(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         if not (isinstance(chunk_size, int) and chunk_size > 0):
             raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
         return _chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, h0)
-    out, last = _kss.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl="triton",
-                                    interpret=interpret, config=config)
+    def kernel(u, delta, A, B, C, D, z, delta_bias):
+        return _kss.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl="triton",
+                                   interpret=interpret, config=config)
+
+    bld, bc = ("batch", None, None), ("batch", None, None, None)
+    out, last = per_shard(kernel, (u, delta, A, B, C, D, z, delta_bias), (bld, bld, None, bc, bc, None, bld, None),
+                          [bld, bld])  # batch rows are independent; under a mesh each device scans its own
     if h0 is not None:
         out, last = _add_initial_state(out, last, u, delta, A, C, z, delta_bias, delta_softplus, h0)
     return out, last

@@ -4,6 +4,8 @@
     python experiments/bench_train.py --mesh data=2 --remats full --batches 16 --out ...    # 2 GPUs, data parallel
     python experiments/bench_train.py --mesh fsdp=2 --remats full --batches 16 --out ...    # 2 GPUs, FSDP
     python experiments/bench_train.py --tiny                                                 # CPU smoke run
+    python experiments/bench_train.py --impls auto --remats none --param_dtypes bfloat16 --batches 8 \
+        --no_torch --breakdown [--fused] --out ...                                  # where the step's time goes
 
 Model: Llama, hidden 2048, 16 layers, 16 heads (MHA), ffn 5632, vocab 32000 (untied), seq 2048: the shape
 of the torch anchor (HF Llama ~0.95B).  The step is iva_jax.train.step.make_train_step: bf16 compute,
@@ -23,6 +25,14 @@ dense) and the bf16 matmul rate measured at the start of this run (8192^3, media
 cost analysis of the compiled step counts a scanned layer body once and Pallas custom calls not at all
 (it reported 1.7 TFLOP for a 100 TFLOP step on the H100), so it is kept in the JSON only as
 `xla_flops_per_device_unreliable`.
+`--fused`: the step runs on the decode view's fused projections (`make_train_step(fuse_projections=True)`:
+q/k/v as one matmul, gate/up too where the SwiGLU runs XLA); the gradient flows back to the HF-layout params.
+`--breakdown`: in the same trial process, after the timed steps, the median of `--steps` synchronized calls
+(after `--warmup`) of: the full step; loss + gradients (value_and_grad of the step's loss, no optimizer); the
+forward loss; the decoder trunk forward (embeddings, layers, final norm; the unused LM head is dead code) and
+its forward + backward (cotangent: random); the LM head + cross-entropy forward + backward on random hidden
+states; the optimizer update (tx.update + apply_updates on random gradients).  Each is recorded in the trial's
+`breakdown` (ms and share of the step) and printed as a table.
 Every configuration runs in a fresh subprocess, so its peak memory is its own and an out-of-memory
 configuration cannot disturb the next; results are written to --out after every configuration.
 """
@@ -72,10 +82,158 @@ def _peak_bytes(devices) -> float:
     return float(max(peaks)) if peaks else float("nan")
 
 
+def _median_ms(call, n: int, warmup: int) -> float:
+    """Median wall time (ms) of `call()` over n calls after `warmup` calls, each waited for (block_until_ready)."""
+    import jax
+    import numpy as np
+
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    ts = []
+    for _ in range(max(1, n)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)) * 1e3
+
+
+BREAKDOWN = (  # (key, what); the step's share is each part's median over the step's median
+    ("step", "full train step"),
+    ("loss_and_grads", "loss + gradients (no optimizer)"),
+    ("forward_loss", "forward loss"),
+    ("trunk_forward", "decoder trunk forward (no LM head / CE)"),
+    ("trunk_forward_backward", "decoder trunk forward + backward"),
+    ("head_ce_forward_backward", "LM head + CE forward + backward"),
+    ("optimizer", "optimizer update"),
+)
+
+
+def run_breakdown(model, apply_fn, tx, tc, mesh, compiled, state, batch, n: int, warmup: int):
+    """Median ms of the step and of its parts (see BREAKDOWN) on the trial's model, shapes and state.
+
+    Returns {key: {"ms", "share"} or {"error"}}.  The optimizer part runs last and consumes the state's params
+    and optimizer state (donated): the caller's state is spent afterwards.
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from iva_jax.config import dtype_of
+    from iva_jax.parallel.mesh import mesh_context
+    from iva_jax.parallel.rules import DEFAULT_RULES
+    from iva_jax.train.step import (DEFAULT_FORWARD_KEYS, _batch_sums, _objective, _token_counts,
+                                    cross_entropy_sums, shifted_targets)
+
+    cdt = dtype_of(tc.compute_dtype)
+    cast = lambda tree: jax.tree_util.tree_map(  # noqa: E731 - what the step does to the params
+        lambda x: x.astype(cdt) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def jit(fn, **kw):
+        f = jax.jit(fn, **kw)
+
+        def call(*args):
+            with mesh_context(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+                return f(*args)
+        return call
+
+    def loss(p, ms, b):  # the step's objective (one microbatch, no dropout rng)
+        sums, _, _ = _batch_sums(apply_fn, p, None, ms, b, None, tc, DEFAULT_FORWARD_KEYS, {}, False)
+        return _objective(sums, _token_counts(b, tc), tc, 1)
+
+    def trunk(p, b):  # (logits, hidden): only hidden is returned, so the LM head is dead code
+        kw = {k: b[k] for k in DEFAULT_FORWARD_KEYS if k in b}
+        return apply_fn({"params": cast(p)}, b["input_ids"], return_hidden=True, **kw)[1]
+
+    def head_ce(hp, h, b):  # the step's token loss from hidden states: unembed, shift, CE (+ z-loss)
+        logits = model.apply({"params": cast(hp)}, h, method=type(model).unembed)
+        tgt, w = shifted_targets(b, 1)
+        s = cross_entropy_sums(logits[:, :-1], tgt, w, tc.label_smoothing)
+        return (s["loss"] + tc.z_loss_coef * s["z"]) / jnp.maximum(s["tokens"], 1.0)
+
+    txe = optax.with_extra_args_support(tx)
+
+    def opt(g, os, p, value):
+        u, os = txe.update(g, os, p, value=value)
+        return optax.apply_updates(p, u), os
+
+    hold = {"state": state}
+    params = lambda: hold["state"].params  # noqa: E731
+    b, s_len = batch["input_ids"].shape
+    D = model.config.hidden_size
+    head = "embed_tokens" if model.config.tie_word_embeddings else "lm_head"
+    key = jax.random.PRNGKey(1)
+    ct = jax.random.normal(key, (b, s_len, D), jnp.float32).astype(cdt)  # trunk cotangent / LM head input
+
+    def step():
+        hold["state"], m = compiled(hold["state"], batch)
+        return hold["state"], m
+
+    grads = jit(jax.value_and_grad(loss))
+    fwd = jit(loss)
+    tf = jit(trunk)
+    tfb = jit(jax.grad(lambda q, bb, c: jnp.sum(trunk(q, bb).astype(jnp.float32) * c.astype(jnp.float32))))
+    hce = jit(jax.value_and_grad(head_ce, argnums=(0, 1)))
+
+    def optimizer():  # random gradients; params / optimizer state donated and threaded through the calls
+        g = jit(lambda q: jax.tree_util.tree_map(
+            lambda x: (1e-3 * jax.random.normal(key, x.shape, jnp.float32)).astype(x.dtype), q))(params())
+        o = jit(opt, donate_argnums=(1, 2))
+        cur = [hold["state"].params, hold["state"].opt_state]
+
+        def call():
+            cur[0], cur[1] = o(g, cur[1], cur[0], jnp.float32(2.0))
+            return cur
+        return call
+
+    calls = {
+        "step": lambda: step,
+        "loss_and_grads": lambda: lambda: grads(params(), hold["state"].model_state, batch),
+        "forward_loss": lambda: lambda: fwd(params(), hold["state"].model_state, batch),
+        "trunk_forward": lambda: lambda: tf(params(), batch),
+        "trunk_forward_backward": lambda: lambda: tfb(params(), batch, ct),
+        "head_ce_forward_backward": lambda: lambda: hce({head: params()[head]}, ct, batch),
+        "optimizer": optimizer,  # last: it consumes the state
+    }
+    parts = {}
+    for name, make in calls.items():
+        try:
+            parts[name] = {"ms": _median_ms(make(), n, warmup)}
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: keep the other parts
+            parts[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    step_ms = parts["step"].get("ms", float("nan"))
+    for v in parts.values():
+        if "ms" in v:
+            v["share"] = v["ms"] / step_ms
+    return parts
+
+
+def _breakdown_table(r: dict) -> str:
+    bd = r["breakdown"]
+    lines = [f"breakdown of {r.get('label', '?')} (median of {r.get('steps')} synchronized calls):",
+             "| part | ms | share of step |", "|---|---|---|"]
+    for k, what in BREAKDOWN:
+        v = bd.get(k, {})
+        if "ms" in v:
+            lines.append(f"| {what} | {v['ms']:.2f} | {v['share']:.1%} |")
+        else:
+            lines.append(f"| {what} | {v.get('error', 'not measured')[:80]} | |")
+    ms = {k: v["ms"] for k, v in bd.items() if "ms" in v}
+    if {"step", "loss_and_grads", "optimizer"} <= set(ms):
+        rest = ms["step"] - ms["loss_and_grads"] - ms["optimizer"]
+        lines.append(f"step - (loss + grads) - optimizer = {rest:.2f} ms "
+                     "(grad norm, clipping, guard, metrics, fusion differences)")
+    if {"loss_and_grads", "trunk_forward_backward", "head_ce_forward_backward"} <= set(ms):
+        lines.append(f"trunk fwd+bwd + head/CE fwd+bwd = "
+                     f"{ms['trunk_forward_backward'] + ms['head_ce_forward_backward']:.2f} ms "
+                     f"vs loss + grads {ms['loss_and_grads']:.2f} ms")
+    return "\n".join(lines)
+
+
 def run_trial(t: dict) -> dict:
     """Compile and time one configuration.
 
-    t = {impl, param_dtype, remat, batch (global), seq, mesh, tiny, steps, warmup}.
+    t = {impl, param_dtype, remat, batch (global), seq, mesh, tiny, steps, warmup, fused, breakdown}.
     """
     import jax
     import jax.numpy as jnp
@@ -85,7 +243,7 @@ def run_trial(t: dict) -> dict:
     from iva_jax.models.transformer import Transformer
     from iva_jax.parallel import MeshConfig, batch_sharding, put_batch
     from iva_jax.train.config import TrainConfig
-    from iva_jax.train.step import init_train_state, make_train_step, make_tx_and_schedule
+    from iva_jax.train.step import fused_view_apply, init_train_state, make_train_step, make_tx_and_schedule
 
     choices = []
 
@@ -113,7 +271,9 @@ def run_trial(t: dict) -> dict:
     try:
         state, sh = init_train_state(lambda k: model.init(k, jnp.zeros((1, 2), jnp.int32))["params"], tx,
                                      jax.random.PRNGKey(0), mesh=mesh, param_dtype=t["param_dtype"])
-        step = make_train_step(model.apply, tx, tc, schedule=sched, mesh=mesh, state_shardings=sh)
+        fused = bool(t.get("fused"))
+        step = make_train_step(model.apply, tx, tc, schedule=sched, mesh=mesh, state_shardings=sh,
+                               fuse_projections=fused)
         ids = np.random.default_rng(0).integers(0, shape["vocab_size"], (B, S)).astype(np.int32)
         batch = put_batch({"input_ids": ids}, batch_sharding(mesh, batch_size=B))
         t0 = time.perf_counter()
@@ -142,6 +302,12 @@ def run_trial(t: dict) -> dict:
         jax.block_until_ready((state, m))
         dt = (time.perf_counter() - t0) / t["steps"]
         losses.append(float(m["loss"]))
+        peak = _peak_bytes(mesh.devices.flat)  # before the breakdown's extra buffers
+        if t.get("breakdown"):
+            apply_fn = fused_view_apply(model) if fused else model.apply
+            out["breakdown"] = run_breakdown(model, apply_fn, tx, tc, mesh, compiled, state, batch,
+                                             t["steps"], t["warmup"])
+            state = None
     except Exception as e:  # noqa: BLE001 - report OOM and other failures as data
         msg = f"{type(e).__name__}: {e}"
         oom = any(s in msg for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM"))
@@ -151,7 +317,7 @@ def run_trial(t: dict) -> dict:
     n = out["devices"]
     out.update(ok=True, oom=False, step_ms=dt * 1e3, tokens_per_sec=B * S / dt,
                tokens_per_sec_per_device=B * S / dt / n,
-               model_tflops_per_device=flops / dt / 1e12 / n, peak_memory_gb=_peak_bytes(mesh.devices.flat) / 1e9,
+               model_tflops_per_device=flops / dt / 1e12 / n, peak_memory_gb=peak / 1e9,
                losses=losses, finite=bool(np.all(np.isfinite(losses))), kernel_choices=sorted(set(choices)))
     return out
 
@@ -270,6 +436,10 @@ def main(argv=None) -> dict:
     p.add_argument("--mesh", default=None, help="e.g. data=2 or fsdp=2: scaling mode over several GPUs")
     p.add_argument("--torch_batch", type=int, default=None, help="batch of the torch measurement (default 8; tiny 2)")
     p.add_argument("--no_torch", action="store_true")
+    p.add_argument("--fused", action="store_true",
+                   help="train on the fused q/k/v (and gate/up) projections (make_train_step(fuse_projections=True))")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the step's parts (loss+grads, forward, trunk, LM head+CE, optimizer) per trial")
     p.add_argument("--budget_s", type=float, default=450.0,
                    help="start no new configuration after this many seconds (one device command may run 600 s)")
     p.add_argument("--trial", default=None, help=argparse.SUPPRESS)
@@ -356,11 +526,14 @@ def main(argv=None) -> dict:
         results["runs"].append(r)
         save()
         print(_fmt(r), flush=True)
+        if isinstance(r.get("breakdown"), dict):  # a failed trial keeps the request flag (a bool)
+            print(_breakdown_table(r), flush=True)
         return r
 
     print("| config | batch/GPU | tok/s | step ms | peak GB | TFLOP/s/GPU | MFU(989) | MFU(matmul) | vs torch |")
     print("|---|---|---|---|---|---|---|---|---|")
-    base = {"seq": seq, "steps": steps, "warmup": a.warmup, "tiny": tiny}
+    base = {"seq": seq, "steps": steps, "warmup": a.warmup, "tiny": tiny, "fused": a.fused, "breakdown": a.breakdown}
+    tag = " fused" if a.fused else ""
     if mesh is None:
         best = None
         for impl in impls:
@@ -372,7 +545,7 @@ def main(argv=None) -> dict:
                     t = {**base, "impl": impl, "param_dtype": dtypes[0], "remat": remat, "batch": b,
                          "mesh": {"data": 1}}
                     r = finish(_child("trial", t, env_one, timeout=max(60.0, min(600.0, left() + 60))),
-                               f"{impl} {dtypes[0]} remat={remat}")
+                               f"{impl} {dtypes[0]} remat={remat}{tag}")
                     if not r.get("ok"):
                         break  # a larger batch will not fit either
                     if best is None or r["tokens_per_sec"] > best["tokens_per_sec"]:
@@ -384,7 +557,7 @@ def main(argv=None) -> dict:
             t = {**base, "impl": best["impl"], "param_dtype": dt, "remat": best["remat"], "batch": best["batch"],
                  "mesh": {"data": 1}}
             finish(_child("trial", t, env_one, timeout=max(60.0, min(600.0, left() + 60))),
-                   f"{best['impl']} {dt} remat={best['remat']}")
+                   f"{best['impl']} {dt} remat={best['remat']}{tag}")
         ok = [r for r in results["runs"] if r.get("ok")]
         if ok:
             results["best"] = max(ok, key=lambda r: r["tokens_per_sec"])
@@ -397,10 +570,11 @@ def main(argv=None) -> dict:
                         continue
                     common = {**base, "impl": impl, "param_dtype": dtypes[0], "remat": remat}
                     one = finish(_child("trial", {**common, "batch": b, "mesh": {"data": 1}}, env_one,
-                                        timeout=max(60.0, min(600.0, left() + 60))), f"{impl} remat={remat} 1 GPU")
+                                        timeout=max(60.0, min(600.0, left() + 60))),
+                                 f"{impl} remat={remat}{tag} 1 GPU")
                     many = finish(_child("trial", {**common, "batch": b * n_mesh, "mesh": mesh}, env_mesh,
                                          timeout=max(60.0, min(600.0, left() + 60))),
-                                  f"{impl} remat={remat} {a.mesh} ({n_mesh} GPUs)")
+                                  f"{impl} remat={remat}{tag} {a.mesh} ({n_mesh} GPUs)")
                     if one.get("ok") and many.get("ok"):
                         many["batch_per_gpu"] = b
                         many["scaling_efficiency"] = many["tokens_per_sec_per_device"] / one["tokens_per_sec"]

@@ -30,6 +30,12 @@ j % M, so every slice spans all data shards) and scans over them.  Token losses 
 divided by the token count of the whole batch, so the gradient equals the large-batch gradient
 exactly; sown aux losses are averaged over the slices.  `model_state` is threaded through the slices in
 order, so it ends as if the slices had run one after another.
+
+Fused projections (`make_train_step(fuse_projections=True)`, or `fused_view_apply(model)` as the apply_fn):
+each forward runs on the model's `decode_view` of the (compute-dtype) params, built inside the
+differentiated function: q/k/v (and, where the SwiGLU would run XLA for that many tokens, gate/up) are
+concatenated into one matmul each, and the gradient flows back through the concatenation to the
+HF-layout params, so the optimizer state and checkpoints keep the HF names.
 """
 
 from __future__ import annotations
@@ -368,20 +374,44 @@ def check_batch(batch: Mapping[str, Any], microbatches: int = 1) -> Tuple[int, i
 # ------------------------------------------------------------------------------------------------
 # builders
 # ------------------------------------------------------------------------------------------------
+def fused_view_apply(model: Any) -> Callable:
+    """An apply_fn running `model.apply` on `model.decode_view(params, rows=tokens of the call)`: the same
+    function of the HF-layout params with fused q/k/v (and gate/up) matmuls, differentiable w.r.t. them."""
+    if not callable(getattr(model, "decode_view", None)):
+        raise ValueError(f"fused projections need a model with a decode_view method (iva_jax Transformer), "
+                         f"got {type(model).__name__}")
+
+    def apply(variables, input_ids, *args, **kwargs):
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise ValueError("fused_view_apply expects variables {'params': ..., ...}")
+        x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")  # [B, S(, D)]
+        view, params = model.decode_view(variables["params"], rows=int(np.prod(np.shape(x)[:2])))
+        return view.apply({**variables, "params": params}, input_ids, *args, **kwargs)
+
+    return apply
+
+
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, config: TrainConfig, *,
                     schedule: Optional[optax.Schedule] = None, mesh: Optional[Mesh] = None,
                     state_shardings: Any = None, rules=DEFAULT_RULES,
                     forward_keys: Sequence[str] = DEFAULT_FORWARD_KEYS,
                     apply_kwargs: Optional[Mapping[str, Any]] = None, donate: bool = True,
-                    deterministic: Optional[bool] = None) -> Callable:
+                    deterministic: Optional[bool] = None, fuse_projections: bool = False) -> Callable:
     """One jitted `train_step(state, batch) -> (state, metrics)` (see the module docstring).
 
     With a mesh, `state_shardings` (from `init_train_state`) and the batch sharding are declared as
     in/out shardings; metrics come back replicated.  The state is donated unless `donate=False`.
     `deterministic` (None: not passed) is given to `apply_fn` in training, e.g. False for a decoder
     whose MoE router jitters or updates its bias in training; the `state.model_state` collections are
-    updated by the step.
+    updated by the step.  `fuse_projections`: `apply_fn` must be a model's bound `apply` (`model.apply`);
+    the forward runs on `fused_view_apply(model)` (wrap other apply_fns, e.g. LoRA's, around that yourself).
     """
+    if fuse_projections:
+        model = getattr(apply_fn, "__self__", None)
+        if model is None or not callable(getattr(model, "decode_view", None)):
+            raise ValueError("make_train_step(fuse_projections=True) needs apply_fn=model.apply of a model with "
+                             f"decode_view; got {apply_fn!r} (compose fused_view_apply(model) into it instead)")
+        apply_fn = fused_view_apply(model)
     tx = optax.with_extra_args_support(tx)
     apply_kwargs = dict(apply_kwargs or {})
     if deterministic is not None:

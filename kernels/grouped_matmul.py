@@ -21,7 +21,7 @@ Accumulation is float32; the output has lhs's dtype unless `preferred_element_ty
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,10 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 IMPLS = ("auto", "xla", "pallas", "triton")
+# (block_m, block_n, block_k, num_warps, num_stages).  GPU: best of `bench_moe.py --mode sweep` on the H100
+# ([32768, 2048] x [8, 2048, 5632] bf16: 1.64 ms = 462 TFLOP/s vs 2.75 ms for the small tiles; BENCHMARKS.md).
+GPU_BLOCKS = (128, 256, 64, 8, 3)
+INTERPRET_BLOCKS = (64, 128, 32, 4, 3)  # small tiles: interpret mode's cost grows with the tile
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,9 +253,15 @@ def _pick_impl(impl: str, interpret: bool) -> str:
 
 def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray, *,
                    preferred_element_type=None, impl: str = "auto", interpret: bool = False,
-                   block_m: int = 64, block_n: int = 128, block_k: int = 32, num_warps: int = 4,
-                   num_stages: int = 3) -> jnp.ndarray:
-    """[M, K] x [G, K, N] with group_sizes [G] -> [M, N]; differentiable in lhs and rhs."""
+                   block_m: Optional[int] = None, block_n: Optional[int] = None, block_k: Optional[int] = None,
+                   num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> jnp.ndarray:
+    """[M, K] x [G, K, N] with group_sizes [G] -> [M, N]; differentiable in lhs and rhs.
+
+    Tiles left None take `GPU_BLOCKS` (the H100 sweep's best) on the GPU, `INTERPRET_BLOCKS` in interpret mode.
+    """
+    dflt = INTERPRET_BLOCKS if interpret else GPU_BLOCKS
+    block_m, block_n, block_k, num_warps, num_stages = (
+        d if v is None else v for v, d in zip((block_m, block_n, block_k, num_warps, num_stages), dflt))
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
         raise ValueError(f"grouped_matmul expects lhs [M, K] and rhs [G, K, N], got {lhs.shape} and {rhs.shape}")
     if group_sizes.shape != (rhs.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):

@@ -14,6 +14,9 @@ on sm80 it picks Triton.
 Backward (custom_vjp, residual x only): a kernel recomputes g and u tile by tile and its epilogue
 writes dg = dh * u * silu'(g) and du = dh * silu(g) (Triton; XLA otherwise), then four XLA/cuBLAS
 products give dx = dg w_gate^T + du w_up^T, dw_gate = x^T dg, dw_up = x^T du.
+`save_products=True` trades memory for those two recomputed products: when differentiated, the forward
+runs as XLA's two products (rounded to x.dtype, as impl "xla") and keeps g and u (2 x rows x N values of
+x.dtype) for the backward, which then runs only the four products above.
 """
 
 from __future__ import annotations
@@ -179,16 +182,19 @@ def _swiglu(x2, wg, wu, cfg):
 
 
 def _swiglu_f(x2, wg, wu, cfg):
+    if cfg[3]:  # save_products: the products themselves are the residuals
+        prec = lax.Precision.HIGHEST if x2.dtype == _F32 else None
+        g, u = jnp.dot(x2, wg, precision=prec), jnp.dot(x2, wu, precision=prec)
+        return (_silu(g.astype(_F32)) * u.astype(_F32)).astype(x2.dtype), (x2, wg, wu, g, u)
     return _fwd_impl(x2, wg, wu, cfg[0], cfg[2]), (x2, wg, wu)
 
 
 def _swiglu_b(cfg, res, dh):
-    _, bwd_impl, interpret = cfg
-    x2, wg, wu = res
+    bwd_impl, interpret = cfg[1], cfg[2]
+    x2, wg, wu = res[:3]
     dh = dh.astype(x2.dtype)
-    if bwd_impl == "xla":
-        g = _dot(x2, wg)
-        u = _dot(x2, wu)
+    if len(res) == 5 or bwd_impl == "xla":
+        g, u = (res[3].astype(_F32), res[4].astype(_F32)) if len(res) == 5 else (_dot(x2, wg), _dot(x2, wu))
         sig = jax.nn.sigmoid(g)
         dhf = dh.astype(_F32)
         dg = (dhf * u * sig * (1.0 + g * (1.0 - sig))).astype(x2.dtype)
@@ -203,8 +209,11 @@ _swiglu.defvjp(_swiglu_f, _swiglu_b)
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, *, impl: str = "auto",
-           interpret: bool = False) -> jax.Array:
-    """silu(x @ w_gate) * (x @ w_up) over the last axis of x; output x.dtype; custom VJP."""
+           interpret: bool = False, save_products: bool = False) -> jax.Array:
+    """silu(x @ w_gate) * (x @ w_up) over the last axis of x; output x.dtype; custom VJP.
+
+    save_products: keep x@w_gate and x@w_up for the backward instead of recomputing them (module docstring).
+    """
     _check(x, w_gate, w_up)
     k, n = w_gate.shape
     m = max(1, x.size // max(k, 1))
@@ -215,5 +224,5 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, *, impl: str = "aut
         bwd = "triton" if impl == "mosaic" else impl
     if x.size == 0:
         return reference(x, w_gate, w_up)
-    y = _swiglu(x.reshape(-1, k), w_gate, w_up, (fwd, bwd, bool(interpret)))
+    y = _swiglu(x.reshape(-1, k), w_gate, w_up, (fwd, bwd, bool(interpret), bool(save_products)))
     return y.reshape(*x.shape[:-1], n)

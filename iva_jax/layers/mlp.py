@@ -37,6 +37,7 @@ class MLP(nn.Module):
     impl: str = "auto"
     init_std: float = 0.02
     fused_gate_up: bool = False
+    save_products: bool = False  # kernels.swiglu(save_products=...): keep gate/up products for the backward
 
     def setup(self) -> None:
         kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -65,7 +66,8 @@ class MLP(nn.Module):
         """kernels.swiglu, per shard under a mesh (token rows over the batch axes, FFN columns over mlp's)."""
         rows = ("batch",) + (None,) * (x.ndim - 1)
         cols = ("batch",) + (None,) * (x.ndim - 2) + ("mlp",)
-        return per_shard(lambda x, wg, wu: kernels.swiglu(x, wg, wu, impl=self.impl), (x, wg, wu),
+        return per_shard(lambda x, wg, wu: kernels.swiglu(x, wg, wu, impl=self.impl,
+                                                          save_products=self.save_products), (x, wg, wu),
                          (rows, (None, "mlp"), (None, "mlp")), cols)
 
     def _fused(self, x: jnp.ndarray) -> jnp.ndarray:

@@ -177,7 +177,7 @@ class DecoderLayer(nn.Module):
             stats = {k: aux[k] for k in MOE_LAYER_STATS}
         else:
             y = MLP(c.hidden_size, c.intermediate_size, c.mlp_bias, dt, pdt, impl=c.mlp_impl,
-                    fused_gate_up=self.fused_gate_up, name="mlp")(x)
+                    fused_gate_up=self.fused_gate_up, save_products=c.mlp_save_products, name="mlp")(x)
         h = h + y
         return (h, cache, attn_layer), (h if keep_hidden else None, stats, state)
 

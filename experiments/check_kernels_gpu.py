@@ -194,13 +194,33 @@ def check_swiglu(rng):
         for impl in impls_for(lambda i: sw._choose(i, m, k, n, dtype, False, log=False)):
             run_case("swiglu", f"{m}x{k}->{n}", impl, dtype, lambda x, a, b, impl=impl: sw.swiglu(x, a, b, impl=impl),
                      sw.reference, [x, wg, wu], dh, ["dx", "dwg", "dwu"], ["y"])
+        run_case("swiglu", f"{m}x{k}->{n} save_products", "auto", dtype,
+                 lambda x, a, b: sw.swiglu(x, a, b, save_products=True), sw.reference, [x, wg, wu], dh,
+                 ["dx", "dwg", "dwu"], ["y"])
+
+
+def check_grouped_matmul(rng):
+    """The Pallas grouped matmul with its default (GPU) tiles: uneven groups, an empty group, a row tail."""
+    gm = importlib.import_module("kernels.grouped_matmul")
+    for dtype, (m, k, n, sizes) in [(jnp.bfloat16, (1000, 576, 520, [130, 0, 401, 77, 300])),
+                                    (jnp.float32, (777, 256, 300, [100, 250, 0, 400])),
+                                    (jnp.bfloat16, (4096, 2048, 5632, [512] * 8))]:
+        cast = lambda a: np.asarray(jnp.asarray(a, dtype))
+        x = cast(rng.standard_normal((m, k)))
+        w = cast(rng.standard_normal((len(sizes), k, n)) / np.sqrt(k))
+        gs = np.asarray(sizes, np.int32)
+        dy = cast(rng.standard_normal((m, n)))
+        for impl in ("xla", "triton"):
+            run_case("grouped_matmul", f"{m}x{k}->{n} groups {len(sizes)}", impl, dtype,
+                     lambda x, w, impl=impl: gm.grouped_matmul(x, w, jnp.asarray(gs), impl=impl),
+                     lambda x, w: gm.reference(x, w, jnp.asarray(gs)), [x, w], dy, ["dx", "dw"], ["y"])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.environ["OUT"], "check_kernels.json") if os.environ.get("OUT")
                     else "check_kernels.json")
-    ap.add_argument("--only", default="rms,attention,swiglu")
+    ap.add_argument("--only", default="rms,attention,swiglu,gmm")
     ap.add_argument("--cases", default="", help="comma-separated substrings of 'op case' to run (default: all)")
     args = ap.parse_args()
     CASE_FILTER.extend(c for c in args.cases.split(",") if c)
@@ -214,6 +234,8 @@ def main() -> int:
         check_attention(rng)
     if "swiglu" in only:
         check_swiglu(rng)
+    if "gmm" in only:
+        check_grouped_matmul(rng)
     with open(args.out, "w") as f:
         json.dump(dict(device=str(info), jax=jax.__version__, rows=ROWS), f, indent=1, default=str)
     print("\n| op | case | impl | dtype | worst rel err | per output | ok |\n|---|---|---|---|---|---|---|")

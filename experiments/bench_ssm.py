@@ -10,7 +10,9 @@
 4. ssd     : Mamba-2 chunked SSD at batch 8, seqlen 4096, 32 heads x 64, dstate 128, chunk 256, forward and
              forward+backward (f32 and bf16 matmul operands): TFLOP/s of its matmuls (mamba2.ssd_flops; x3 for
              forward+backward).
-5. sweep   : (--sweep) kernel block configs, forward and forward+backward, bf16.
+5. sweep   : (--sweep) kernel configs at the scan shape, bf16 (`sweep_configs`): forward (chunk, load schedule
+             group_loads / prefetch, time_splits, block_d x num_warps) and forward+backward (backward knobs, and the
+             forward options under gradients); each row with its max error vs the default config.
 6. generate: greedy generation tokens/s of the hybrid (configs/model_hybrid.yaml scaled to ~230M params:
              [mamba, mamba, attention] x 4, hidden 1024, MoE on the Mamba layers) vs a same-size transformer
              (the same config with every mixer attention, dense FFN widened to match the parameter count within
@@ -219,27 +221,58 @@ def bench_ssd():
                                               time_jax(seq, (a,), reps=5)))
 
 
+def sweep_configs():
+    """(forward, forward+backward) ScanBlockConfig overrides: 17 + 7 compiles, ~90 s at the benchmark shape.
+    {} is the default (block_d 8, 1 warp, chunk 4 with prefetch, ckpt_chunk 64, bwd_chunk 2, no time splits).
+    Left out: prefetch with chunk 8 (166 registers: a second wave of programs; ~30 s to compile)."""
+    fwd = [dict(), dict(chunk=16)]
+    fwd += [dict(group_loads=True, chunk=c) for c in (8, 4, 16)] + [dict(prefetch=True, chunk=4)]
+    fwd += [dict(time_splits=t) for t in (2, 4, 8)]
+    fwd += [dict(time_splits=t, group_loads=True) for t in (2, 4)] + [dict(time_splits=4, prefetch=True, chunk=4)]
+    fwd += [dict(block_d=bd, num_warps=nw) for bd, nw in ((16, 1), (16, 2), (32, 4))]
+    fwd += [dict(block_d=16, num_warps=2, group_loads=True), dict(block_d=4, num_warps=1, group_loads=True)]
+    bwd = [dict(), dict(bwd_chunk=4), dict(bwd_chunk=1), dict(ckpt_chunk=128), dict(block_d_bwd=16, num_warps_bwd=2),
+           dict(group_loads=True, time_splits=4, prefetch=False), dict(prefetch=False, chunk=8)]
+    # entries without their own load schedule run the per-step loads of the earlier default (chunk 8)
+    fwd = [fwd[0]] + [kw if "prefetch" in kw else {"prefetch": False, "chunk": 8, **kw} for kw in fwd[1:]]
+    return fwd, bwd
+
+
 def bench_sweep(copy_gbs, interpret):
+    """Rows carry err_vs_default (max |x - x_default| / max |x_default| over out, or over every gradient; bf16
+    outputs: ~1e-2 is rounding, time_splits reassociates the decay product) so that a wrong config cannot win."""
     b, l, d, n = (8, 4096, 2048, 16) if not ARGS.tiny else (1, 64, 32, 4)
     a = scan_inputs(0, b, l, d, n, 1, jnp.bfloat16)
     g = jnp.asarray(np.random.default_rng(3).standard_normal((b, l, d)), jnp.float32)
-    fwd_cfgs = [dict(block_d=8, num_warps=1, chunk=8), dict(block_d=8, num_warps=1, chunk=16),
-                dict(block_d=8, num_warps=1, chunk=4), dict(block_d=16, num_warps=2, chunk=8),
-                dict(block_d=4, num_warps=1, chunk=8), dict(block_d=32, num_warps=4, chunk=8)]
-    bwd_cfgs = [dict(bwd_chunk=2, ckpt_chunk=64), dict(bwd_chunk=4, ckpt_chunk=64), dict(bwd_chunk=1, ckpt_chunk=64),
-                dict(bwd_chunk=2, ckpt_chunk=32), dict(bwd_chunk=2, ckpt_chunk=128),
-                dict(bwd_chunk=2, ckpt_chunk=64, block_d_bwd=16, num_warps_bwd=2),
-                dict(bwd_chunk=2, ckpt_chunk=64, block_d_bwd=4)]
+    fwd_cfgs, bwd_cfgs = sweep_configs()
+    if ARGS.sweep_fwd is not None:  # e.g. '[{"chunk": 2}, {"block_d": 16}]' (the default config always first)
+        fwd_cfgs, bwd_cfgs = [{}] + [kw for kw in json.loads(ARGS.sweep_fwd) if kw], bwd_cfgs[:1]
+    nbytes = K.copy_bytes(b, l, d, n, 1, 2, True, False)
+    ref = {}
+    err = jax.jit(lambda x, y: jnp.max(jnp.abs(x.astype(jnp.float32) - y)) / jnp.max(jnp.abs(y)))
     for kw in fwd_cfgs:
         fwd, _ = scan_fn("pallas", K.ScanBlockConfig(**kw), interpret)
-        nbytes = K.copy_bytes(b, l, d, n, 1, 2, True, False)
-        guard(f"sweep fwd {kw}", lambda fwd=fwd, kw=kw: row(
-            "sweep", f"fwd bf16 {kw}", ms := time_jax(fwd, (a,)), GBps=round(nbytes / ms / 1e6, 1),
-            pct_copy=round(100 * nbytes / ms / 1e6 / copy_gbs, 1), config=kw))
+
+        def one(fwd=fwd, kw=kw):
+            out = fwd(a)
+            ref.setdefault("out", out.astype(jnp.float32))  # the first config is the default
+            ms = time_jax(fwd, (a,))
+            return row("sweep", f"fwd bf16 {kw or 'default'}", ms, GBps=round(nbytes / ms / 1e6, 1),
+                       pct_copy=round(100 * nbytes / ms / 1e6 / copy_gbs, 1), config=kw,
+                       err_vs_default=float(f"{float(err(out, ref['out'])):.2e}"))
+
+        guard(f"sweep fwd {kw}", one)
     for kw in bwd_cfgs:
         _, fb = scan_fn("pallas", K.ScanBlockConfig(**kw), interpret)
-        guard(f"sweep fwd+bwd {kw}", lambda fb=fb, kw=kw: row("sweep", f"fwd+bwd bf16 {kw}", time_jax(fb, (a, g)),
-                                                              config=kw))
+
+        def one_fb(fb=fb, kw=kw):
+            grads = fb(a, g)
+            ref.setdefault("grads", {k: v.astype(jnp.float32) for k, v in grads.items()})  # the default's
+            e = max(float(err(grads[k], ref["grads"][k])) for k in grads)
+            return row("sweep", f"fwd+bwd bf16 {kw or 'default'}", time_jax(fb, (a, g)), config=kw,
+                       err_vs_default=float(f"{e:.2e}"))
+
+        guard(f"sweep fwd+bwd {kw}", one_fb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +407,8 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run; kernel in interpret mode)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel block configs")
+    ap.add_argument("--sweep-fwd", default=None, help="JSON list of forward ScanBlockConfig overrides to sweep "
+                    "instead of the built-in list (plus the default; forward+backward: the default only)")
     ap.add_argument("--skip-slow", action="store_true", help="skip lax.scan and chunked rows")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--only", default=None, help=f"comma-separated sections to run, of {','.join(SECTIONS)} "

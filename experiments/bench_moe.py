@@ -166,8 +166,11 @@ def run_sweep(a) -> dict:
     rows = []
     xla = timeit(jax.jit(lambda x, w: grouped_matmul(x, w, gs, impl="xla")), (x, w), a.warmup, a.iters)
     rows.append(dict(cfg="ragged_dot", ms=xla, tflops=flops / xla / 1e9))
-    for bm, bn, bk, nw, ns in [(64, 128, 32, 4, 3), (128, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                               (64, 256, 32, 4, 4), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3)]:
+    tiles = [(64, 128, 32, 4, 3), (128, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+             (64, 256, 32, 4, 4), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3)]
+    if a.tiles:  # "bm,bn,bk,warps,stages;..."
+        tiles = [tuple(int(v) for v in t.split(",")) for t in a.tiles.split(";") if t]
+    for bm, bn, bk, nw, ns in tiles:
         try:
             fn = jax.jit(lambda x, w: grouped_matmul(x, w, gs, impl="triton", block_m=bm, block_n=bn, block_k=bk,
                                                      num_warps=nw, num_stages=ns))
@@ -285,6 +288,7 @@ def main(argv=None) -> dict:
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
     p.add_argument("--ep", type=int, default=0, help="devices for ep mode (0 = all)")
     p.add_argument("--ep-dispatch", default="dropless,capacity")
+    p.add_argument("--tiles", default=None, help='sweep mode: "bm,bn,bk,warps,stages;..." instead of the built-in list')
     p.add_argument("--ep-impl", default="pallas", choices=["pallas", "ragged"],
                    help="grouped matmul of the dropless rows in ep mode (EP=1, DP and EP alike)")
     p.add_argument("--exchange", default="ragged,dense", help="dropless EP exchanges to time")

@@ -16,16 +16,17 @@ walks time inside the kernel, `chunk` steps statically unrolled per loop trip.  
 with one warp: Triton then gives each thread 4 consecutive states of one dim (a warp covers 8 dims x 16
 states), the dstate reduction is in-thread plus two shuffles, and the forward has no barrier.  (Checked by
 compiling the lowered TTIR offline with Triton 3.6 for sm90, dstate 16: forward 63 registers, backward 156
-with bwd_chunk 2, no spills.)  By default each step loads its rows (dt, u, B, C, z) after the previous step's
-store of out, and neither LLVM nor ptxas moves a load above a store that may alias (the sm90 SASS is LDG..STG
-per step): one load latency per step, the likely bound of the forward (~1 us per step at B8 L4096 D2048 on an
-H100); the `group_loads` and `prefetch` options below change that.  With gradients requested the forward also
+with bwd_chunk 2, no spills.)  Without the load options below each step loads its rows (dt, u, B, C, z) after
+the previous step's store of out, and neither LLVM nor ptxas moves a load above a store that may alias (the
+sm90 SASS is LDG..STG per step): one load latency per step (~1 us per step at B8 L4096 D2048 on an H100).
+The default, `prefetch` with chunk 4, overlaps those loads with the recurrence: 2.1x faster on the H100
+(BENCHMARKS.md).  The backward kernel still loads per step (the same fix is its next step).  With gradients requested the forward also
 saves the state every `ckpt_chunk` steps.  The backward kernel walks those chunks in reverse: it recomputes
 a chunk into `bwd_chunk`-step checkpoints in a small per-program scratch buffer (L2-resident), then for each
 sub-chunk recomputes its states into registers and runs the adjoint recurrence.  dB/dC (sums over dims)
 are accumulated with f32 atomics, so their last bits depend on scheduling, as in mamba_ssm.
 
-Forward options of `ScanBlockConfig` (defaults off; the backward kernel is the same for all):
+Forward options of `ScanBlockConfig` (default: prefetch on, chunk 4; the backward kernel is the same for all):
   group_loads  a trip issues all `chunk` steps' loads before its math: one load latency per trip.
   prefetch     software pipelining: one flat time loop whose carry holds the next trip's raw rows, so a trip
                issues the next trip's loads before its own math, and the latency overlaps that math.

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.dispatch import select_impl
+from kernels.dispatch import device_info, select_impl
 
 try:  # Triton-lowered Pallas helpers (present on CPU jaxlib too, for interpret mode)
     from jax.experimental.pallas import triton as plgpu
@@ -37,8 +37,9 @@ except ImportError:  # pragma: no cover
 IMPLS = ("auto", "xla", "pallas", "triton")
 # (block_m, block_n, block_k, num_warps, num_stages).  GPU: best of `bench_moe.py --mode sweep` on the H100
 # ([32768, 2048] x [8, 2048, 5632] bf16: 1.64 ms = 462 TFLOP/s vs 2.75 ms for the small tiles; BENCHMARKS.md).
-GPU_BLOCKS = (128, 256, 64, 8, 3)  # 2-byte dtypes: (128*64 + 64*256) * 2 B * 3 stages = 147 KiB of SMEM
-GPU_BLOCKS_F32 = (64, 128, 32, 4, 3)  # 4-byte dtypes: the tiles above would need 288 KiB > 227 KiB
+GPU_BLOCKS = (128, 256, 64, 8, 3)  # 2-byte dtypes on sm80 / sm90: (128*64 + 64*256) * 2 B * 3 stages = 144 KiB
+GPU_BLOCKS_SMALL = (64, 128, 32, 4, 3)  # 4-byte dtypes (the tiles above: 288 KiB > sm90's 227) and GPUs with
+# ~100 KiB of shared memory per block (sm86 / sm89 / sm120: RTX, A10, L4, L40S)
 INTERPRET_BLOCKS = (64, 128, 32, 4, 3)  # small tiles: interpret mode's cost grows with the tile
 
 
@@ -69,9 +70,9 @@ def _xla(lhs, rhs, group_sizes, out_dtype):
 # ---------------------------------------------------------------------------------------------
 # Pallas (Triton) kernels
 # ---------------------------------------------------------------------------------------------
-def _tf32(a) -> bool | None:
+def _tf32(a, b) -> bool | None:
     """allow_tf32 for plgpu.dot: off for f32 operands (f32 results to ~1e-6, as the other f32 kernels)."""
-    return False if a.dtype == jnp.float32 else None
+    return False if a.dtype == jnp.float32 and b.dtype == jnp.float32 else None
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -126,9 +127,9 @@ def _gmm_kernel(group_ref, tile_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_r
             a = plgpu.load(lhs_ref.at[row_sl, k_sl], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             if transpose_rhs:  # rhs [G, N, K]
                 b = plgpu.load(rhs_ref.at[g, col_sl, k_sl], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                return acc + plgpu.dot(a, b, trans_b=True, allow_tf32=_tf32(a))
+                return acc + plgpu.dot(a, b, trans_b=True, allow_tf32=_tf32(a, b))
             b = plgpu.load(rhs_ref.at[g, k_sl, col_sl], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            return acc + plgpu.dot(a, b, allow_tf32=_tf32(a))
+            return acc + plgpu.dot(a, b, allow_tf32=_tf32(a, b))
 
         acc = jax.lax.fori_loop(0, pl.cdiv(k, block_k), body, jnp.zeros((block_m, block_n), jnp.float32))
         plgpu.store(out_ref.at[row_sl, col_sl], acc.astype(out_ref.dtype), mask=out_mask)
@@ -193,7 +194,7 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, k, n, block_
         a = plgpu.load(lhs_ref.at[pl.ds(r0, block_k), k_sl], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
         b = plgpu.load(dout_ref.at[pl.ds(r0, block_k), col_sl], mask=r_mask[:, None] & col_mask[None, :],
                        other=0.0)
-        return acc + plgpu.dot(a, b, trans_a=True, allow_tf32=_tf32(a))
+        return acc + plgpu.dot(a, b, trans_a=True, allow_tf32=_tf32(a, b))
 
     acc = jax.lax.fori_loop(0, pl.cdiv(end - start, block_k), body, jnp.zeros((block_m, block_n), jnp.float32))
     plgpu.store(out_ref.at[g, k_sl, col_sl], acc.astype(out_ref.dtype), mask=k_mask[:, None] & col_mask[None, :])
@@ -242,6 +243,7 @@ def _gmm_triton_fwd(lhs, rhs, group_sizes, out_dtype, cfg):
 
 def _gmm_triton_bwd(out_dtype, cfg, res, dout):
     lhs, rhs, group_sizes = res
+    dout = dout.astype(lhs.dtype)  # one operand dtype for the kernels' dots (out_dtype may be wider)
     kw = cfg._asdict()
     dlhs = _gmm_pallas(dout, rhs, group_sizes, lhs.dtype, transpose_rhs=True, **kw)
     drhs = _tgmm_pallas(lhs, dout, group_sizes, rhs.dtype, **kw)
@@ -265,10 +267,13 @@ def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray,
                    num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> jnp.ndarray:
     """[M, K] x [G, K, N] with group_sizes [G] -> [M, N]; differentiable in lhs and rhs.
 
-    Tiles left None take `GPU_BLOCKS` (the H100 sweep's best; `GPU_BLOCKS_F32` for 4-byte inputs, whose
-    tiles need twice the shared memory) on the GPU, `INTERPRET_BLOCKS` in interpret mode.
+    Tiles left None take `GPU_BLOCKS` (the H100 sweep's best) for 2-byte inputs on sm80 / sm90,
+    `GPU_BLOCKS_SMALL` otherwise (4-byte inputs, GPUs with less shared memory), `INTERPRET_BLOCKS` in
+    interpret mode.
     """
-    dflt = INTERPRET_BLOCKS if interpret else GPU_BLOCKS_F32 if jnp.dtype(lhs.dtype).itemsize >= 4 else GPU_BLOCKS
+    big_smem = device_info().compute_capability in ((8, 0), (9, 0))
+    dflt = (INTERPRET_BLOCKS if interpret
+            else GPU_BLOCKS if jnp.dtype(lhs.dtype).itemsize <= 2 and big_smem else GPU_BLOCKS_SMALL)
     block_m, block_n, block_k, num_warps, num_stages = (
         d if v is None else v for v, d in zip((block_m, block_n, block_k, num_warps, num_stages), dflt))
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:

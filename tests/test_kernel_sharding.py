@@ -135,3 +135,42 @@ def test_bf16_replicated_operand_gradient(mesh):
     want = np.asarray(jax.grad(loss, argnums=1)(x.astype(jnp.float32), w.astype(jnp.float32)))
     assert got.dtype == jnp.bfloat16
     assert np.max(np.abs(np.asarray(got, np.float32) - want)) <= 2e-2 * np.max(np.abs(want))
+
+
+def test_inside_a_callers_shard_map_is_a_plain_call(mesh):
+    """Under a user's shard_map the kernel runs on the caller's blocks, not in a nested shard_map; grads work.
+    (The kernels' custom VJPs return per-device weight cotangents, so a caller's shard_map needs check=False,
+    as for any Pallas call.)"""
+    from iva_jax.parallel.kernel_sharding import shard_map
+
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((8, 3, 16)), jnp.float32)
+    w = jnp.ones((16,))
+    rows = ("batch", None, None)
+
+    seen = []
+
+    def local(x, w):
+        def kernel(x, w):
+            seen.append(x.shape)
+            return kernels.rms_norm(x, w, eps=1e-6, impl="xla")
+        return per_shard(kernel, (x, w), (rows, None), rows)
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(shard_map(local, mesh=mesh, in_specs=(P(("data", "fsdp")), P()),
+                                         out_specs=P(("data", "fsdp")), check=False)(x, w)))
+
+    with mesh_context(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    want = jax.grad(lambda x, w: jnp.sum(jnp.sin(kernels.rms_norm(x, w, eps=1e-6, impl="xla"))), argnums=(0, 1))(x, w)
+    assert set(seen) == {(2, 3, 16)}  # the caller's block, not split again
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_eager_call_under_a_mesh_and_argument_checks(mesh):
+    x = jnp.ones((8, 4))
+    with mesh_context(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        out = per_shard(lambda x: x * 3.0, (x,), (("batch", None),), ("batch", None))  # no jit around it
+        np.testing.assert_array_equal(out, x * 3.0)
+        with pytest.raises(ValueError, match="2 logical-axis entries for 1 operands"):
+            per_shard(lambda x: x, (x,), (("batch", None), None), ("batch", None))

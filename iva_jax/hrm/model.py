@@ -33,6 +33,7 @@ from flax import struct
 
 from iva_jax.config import dtype_of
 from iva_jax.hrm.config import HRMConfig
+from iva_jax.parallel.kernel_sharding import per_shard
 
 Array = jax.Array
 _TRUNC2_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
@@ -80,8 +81,6 @@ def attention(q: Array, k: Array, v: Array, impl: str = "xla") -> Array:
     """Non-causal multi-head attention, q/k/v [B, T, H, hd] -> [B, T, H, hd]; softmax in float32."""
     if impl != "xla":  # the kernels dispatcher: Mosaic / Triton flash attention on GPU, XLA elsewhere
         import kernels
-
-        from iva_jax.parallel.kernel_sharding import per_shard
 
         heads = ("batch", None, "q_heads", None)
         return per_shard(lambda q, k, v: kernels.flash_attention(q, k, v, causal=False, impl=impl), (q, k, v),

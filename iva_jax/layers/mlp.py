@@ -64,8 +64,8 @@ class MLP(nn.Module):
 
     def _swiglu(self, x: jnp.ndarray, wg: jnp.ndarray, wu: jnp.ndarray) -> jnp.ndarray:
         """kernels.swiglu, per shard under a mesh (token rows over the batch axes, FFN columns over mlp's)."""
-        rows = ("batch",) + (None,) * (x.ndim - 1)
-        cols = ("batch",) + (None,) * (x.ndim - 2) + ("mlp",)
+        rows = ("batch",) + (None,) * (x.ndim - 1) if x.ndim >= 2 else (None,)
+        cols = ("batch",) + (None,) * (x.ndim - 2) + ("mlp",) if x.ndim >= 2 else ("mlp",)
         return per_shard(lambda x, wg, wu: kernels.swiglu(x, wg, wu, impl=self.impl,
                                                           save_products=self.save_products), (x, wg, wu),
                          (rows, (None, "mlp"), (None, "mlp")), cols)

@@ -12,8 +12,8 @@ from iva_jax.parallel.kernel_sharding import per_shard
 
 
 def _rows(x) -> tuple:
-    """Logical axes of an activation whose rows are independent: the leading dim is the batch."""
-    return ("batch",) + (None,) * (x.ndim - 1)
+    """Logical axes of an activation whose rows are independent: the leading dim is the batch (1-D: none)."""
+    return ("batch",) + (None,) * (x.ndim - 1) if x.ndim >= 2 else (None,) * x.ndim
 
 
 class RMSNorm(nn.Module):

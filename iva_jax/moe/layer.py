@@ -140,7 +140,8 @@ class MoeBlock(nn.Module):
             rows = ("batch", None)
             y = per_shard(lambda xe, ei, gw, wg, wu, wd: dropless_moe(xe, ei, gw, wg, wu, wd, impl=impl,
                                                                       dtype=self.dtype, **gkw),
-                          (xe, r.expert_index, r.gate_weights, wg, wu, wd), (rows, rows, rows, None, None, None), rows)
+                          (xe, r.expert_index, r.gate_weights, *(w.astype(self.dtype) for w in (wg, wu, wd))),
+                          (rows, rows, rows, None, None, None), rows)  # weights gathered in the compute dtype
 
         if c.has_shared_expert:
             sh = SharedExpert(d, c.shared_expert_intermediate_size, self.dtype, self.param_dtype, self.init_std,

@@ -9,7 +9,8 @@ own shard.  Outside a multi-device mesh it is a plain call.
 
 A logical name is sharded only when every operand dimension carrying it divides by the mesh axes'
 product (axes are dropped from the end until it does), so e.g. q and k/v heads of a GQA attention share
-one decision and batch 1 under a data mesh simply runs replicated.
+one decision and batch 1 under a data mesh simply runs replicated.  Inside a caller's `shard_map` (any
+mesh axis already manual) it is a plain call on the caller's per-device blocks.
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ def _ambient_mesh():
 
 
 def _free_axes(mesh) -> Dict[str, int]:
-    """Mesh axes of size > 1 that are not already manual (e.g. inside the expert-parallel shard_map)."""
-    manual = set(getattr(mesh, "manual_axes", ()) or ())
-    return {a: int(s) for a, s in zip(mesh.axis_names, mesh.axis_sizes) if s > 1 and a not in manual}
+    """Mesh axes of size > 1 (the ones worth sharding over)."""
+    return {a: int(s) for a, s in zip(mesh.axis_names, mesh.axis_sizes) if s > 1}
 
 
 def _decide(args: Sequence[Any], in_axes: Sequence[Names], free: Dict[str, int], rules) -> Dict[str, tuple]:
@@ -104,11 +104,18 @@ def per_shard(fn: Callable[..., Any], args: Sequence[Any], in_axes: Sequence[Nam
     names: a tuple of names for one output, a list of such tuples for several.  `fn` must be
     elementwise-independent along every sharded dimension (batch rows, heads, FFN columns).
     """
+    if len(in_axes) != len(args):
+        raise ValueError(f"per_shard: {len(in_axes)} logical-axis entries for {len(args)} operands")
     mesh = _ambient_mesh()
-    free = _free_axes(mesh) if mesh is not None else {}
+    # Inside a caller's shard_map (some axes manual: e.g. the expert-parallel body) the operands are already
+    # per-device blocks; a nested shard_map would also break that caller's replication checks.
+    if mesh is None or getattr(mesh, "manual_axes", ()):
+        return fn(*args)
+    free = _free_axes(mesh)
     if not free:
         return fn(*args)
-    rules = rules or tuple(nn.get_logical_axis_rules()) or DEFAULT_RULES
+    if rules is None:
+        rules = tuple(nn.get_logical_axis_rules()) or DEFAULT_RULES
     decided = _decide(args, in_axes, free, rules)
     if not any(decided.values()):
         return fn(*args)
@@ -133,5 +140,6 @@ def per_shard(fn: Callable[..., Any], args: Sequence[Any], in_axes: Sequence[Nam
         out_specs = tuple(_spec(o, decided) for o in out_axes)
     else:
         out_specs = _spec(out_axes, decided)
-    f = shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=free.keys(), check=False)
+    # every mesh axis manual (size-1 ones too: eager shard_map rejects specs naming an axis it does not own)
+    f = shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=mesh.axis_names, check=False)
     return f(*(args[i].astype(jnp.float32) if i in promote else args[i] for i in present))

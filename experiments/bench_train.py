@@ -259,7 +259,7 @@ def run_trial(t: dict) -> dict:
     impl = t["impl"]
     mc = ModelConfig(**shape, dtype="bfloat16", param_dtype=t["param_dtype"], remat=t["remat"],
                      attn_impl=impl, norm_impl=impl, mlp_impl=impl,
-                     mlp_save_products=bool(t.get("save_products")))
+                     **({} if t.get("save_products") is None else {"mlp_save_products": t["save_products"] == "on"}))
     B, S = t["batch"], t["seq"]
     tc = TrainConfig(steps=1000, batch_size=B, seq_len=S, compute_dtype="bfloat16", param_dtype=t["param_dtype"],
                      optimizer="adamw", lr=1e-4, warmup_steps=10, weight_decay=0.1, grad_clip_norm=1.0,
@@ -437,8 +437,9 @@ def main(argv=None) -> dict:
     p.add_argument("--mesh", default=None, help="e.g. data=2 or fsdp=2: scaling mode over several GPUs")
     p.add_argument("--torch_batch", type=int, default=None, help="batch of the torch measurement (default 8; tiny 2)")
     p.add_argument("--no_torch", action="store_true")
-    p.add_argument("--save_products", action="store_true",
-                   help="SwiGLU backward reuses the forward's gate/up products (ModelConfig.mlp_save_products)")
+    p.add_argument("--save_products", nargs="?", const="on", default=None, choices=["on", "off"],
+                   help="ModelConfig.mlp_save_products (SwiGLU backward reuses the forward's gate/up products); "
+                        "default: the library's default (on)")
     p.add_argument("--fused", action="store_true",
                    help="train on the fused q/k/v (and gate/up) projections (make_train_step(fuse_projections=True))")
     p.add_argument("--breakdown", action="store_true",
@@ -537,7 +538,7 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|---|---|---|---|---|")
     base = {"seq": seq, "steps": steps, "warmup": a.warmup, "tiny": tiny, "fused": a.fused, "breakdown": a.breakdown,
             "save_products": a.save_products}
-    tag = (" fused" if a.fused else "") + (" save_products" if a.save_products else "")
+    tag = (" fused" if a.fused else "") + (f" save_products={a.save_products}" if a.save_products else "")
     if mesh is None:
         best = None
         for impl in impls:

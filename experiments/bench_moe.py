@@ -170,17 +170,24 @@ def run_sweep(a) -> dict:
              (64, 256, 32, 4, 4), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3)]
     if a.tiles:  # "bm,bn,bk,warps,stages;..."
         tiles = [tuple(int(v) for v in t.split(",")) for t in a.tiles.split(";") if t]
+    dy = jax.random.normal(jax.random.PRNGKey(2), (t * k, f), dtype)
     for bm, bn, bk, nw, ns in tiles:
         try:
-            fn = jax.jit(lambda x, w: grouped_matmul(x, w, gs, impl="triton", block_m=bm, block_n=bn, block_k=bk,
-                                                     num_warps=nw, num_stages=ns))
-            ms = timeit(fn, (x, w), a.warmup, a.iters)
-            rows.append(dict(cfg=f"bm{bm} bn{bn} bk{bk} w{nw} s{ns}", ms=ms, tflops=flops / ms / 1e9))
+            gmm = lambda x, w: grouped_matmul(x, w, gs, impl="triton", block_m=bm, block_n=bn,  # noqa: E731
+                                              block_k=bk, num_warps=nw, num_stages=ns)
+            ms = timeit(jax.jit(gmm), (x, w), a.warmup, a.iters)
+            extra = {}
+            if a.sweep_bwd:  # the backward alone: d lhs (transposed-rhs gmm) + d rhs (grouped x^T dy)
+                bwd = jax.jit(lambda x, w, dy, gmm=gmm: jax.vjp(gmm, x, w)[1](dy))  # unused forward: DCE'd
+                bw = timeit(bwd, (x, w, dy), a.warmup, a.iters)
+                extra = dict(bwd_ms=bw, bwd_tflops=2 * flops / bw / 1e9)
+            rows.append(dict(cfg=f"bm{bm} bn{bn} bk{bk} w{nw} s{ns}", ms=ms, tflops=flops / ms / 1e9, **extra))
         except Exception as ex:
             rows.append(dict(cfg=f"bm{bm} bn{bn} bk{bk} w{nw} s{ns}", error=str(ex)[:200]))
     print(f"\ngrouped matmul [{t * k}, {d}] x [{e}, {d}, {f}] {a.dtype}")
     for r_ in rows:
-        print(f"{r_['cfg']:28s} " + (f"{r_['ms']:8.3f} ms {r_['tflops']:7.1f} TFLOP/s" if "ms" in r_ else r_["error"]))
+        print(f"{r_['cfg']:28s} " + (f"{r_['ms']:8.3f} ms {r_['tflops']:7.1f} TFLOP/s" if "ms" in r_ else r_["error"])
+              + (f"   bwd {r_['bwd_ms']:8.3f} ms {r_['bwd_tflops']:7.1f} TFLOP/s" if "bwd_ms" in r_ else ""))
     return dict(mode="sweep", rows=rows)
 
 
@@ -288,6 +295,7 @@ def main(argv=None) -> dict:
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
     p.add_argument("--ep", type=int, default=0, help="devices for ep mode (0 = all)")
     p.add_argument("--ep-dispatch", default="dropless,capacity")
+    p.add_argument("--sweep-bwd", action="store_true", help="sweep mode: also time the backward per tile config")
     p.add_argument("--tiles", default=None, help='sweep mode: "bm,bn,bk,warps,stages;..." instead of the built-in list')
     p.add_argument("--ep-impl", default="pallas", choices=["pallas", "ragged"],
                    help="grouped matmul of the dropless rows in ep mode (EP=1, DP and EP alike)")

@@ -62,7 +62,9 @@ def grouped_swiglu(xs: jnp.ndarray, group_sizes: jnp.ndarray, w_gate: jnp.ndarra
     dtype = dtype or xs.dtype
     xs = xs.astype(dtype)
     if impl == "ragged":
-        mm = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), group_sizes, preferred_element_type=dtype)
+        prec = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None  # no TF32 for f32 on GPU
+        mm = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), group_sizes, preferred_element_type=dtype,  # noqa: E731
+                                             precision=prec)
     elif impl == "pallas":
         mm = lambda a, w: grouped_matmul(a, w.astype(dtype), group_sizes, preferred_element_type=dtype, **kernel_kw)
     elif impl == "dense":

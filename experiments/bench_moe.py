@@ -94,13 +94,18 @@ def fwd_bwd(fn, n_args):
     return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(n_args))))
 
 
+def gmm_kwargs(a) -> dict:
+    """The grouped-matmul tile / interpret arguments given on the command line (None: the kernel's defaults)."""
+    return dict(block_m=a.block_m, block_n=a.block_n, block_k=a.block_k, num_warps=a.num_warps,
+                num_stages=a.num_stages, interpret=a.interpret)
+
+
 def run_layer(a) -> dict:
     t, d, f, e, k = a.tokens, a.hidden, a.ffn, a.experts, a.top_k
     dtype = jnp.dtype(a.dtype)
     x, router, wg, wu, wd = make_inputs(jax.random.PRNGKey(0), t, d, f, e, dtype)
     active_flops = 2 * t * k * 3 * d * f  # forward matmul FLOPs of the routed tokens
-    gmm_kw = dict(block_m=a.block_m, block_n=a.block_n, block_k=a.block_k, num_warps=a.num_warps,
-                  num_stages=a.num_stages, interpret=a.interpret)
+    gmm_kw = gmm_kwargs(a)
     r = route(jnp.dot(x.astype(jnp.float32), router), top_k=k)
     _, keep = dp.capacity_positions(r.expert_index, e, dp.expert_capacity(t, k, a.capacity_factor, e))
     m = routing_metrics(r.probs, r.expert_index, keep)
@@ -201,9 +206,7 @@ def run_ep(a) -> dict:
     cf = a.capacity_factor
     rows = []
     devs = jax.devices()[:n]
-    ep_kw = {} if a.ep_impl == "ragged" else dict(block_m=a.block_m, block_n=a.block_n, block_k=a.block_k,
-                                                  num_warps=a.num_warps, num_stages=a.num_stages,
-                                                  interpret=a.interpret)
+    ep_kw = {} if a.ep_impl == "ragged" else gmm_kwargs(a)
 
     def bench(name, fn, args, n_gpu, total_tokens):
         try:

@@ -225,16 +225,16 @@ def sweep_configs():
     """(forward, forward+backward) ScanBlockConfig overrides: 17 + 7 compiles, ~90 s at the benchmark shape.
     {} is the default (block_d 8, 1 warp, chunk 4 with prefetch, ckpt_chunk 64, bwd_chunk 2, no time splits).
     Left out: prefetch with chunk 8 (166 registers: a second wave of programs; ~30 s to compile)."""
-    fwd = [dict(), dict(chunk=16)]
-    fwd += [dict(group_loads=True, chunk=c) for c in (8, 4, 16)] + [dict(prefetch=True, chunk=4)]
-    fwd += [dict(time_splits=t) for t in (2, 4, 8)]
-    fwd += [dict(time_splits=t, group_loads=True) for t in (2, 4)] + [dict(time_splits=4, prefetch=True, chunk=4)]
-    fwd += [dict(block_d=bd, num_warps=nw) for bd, nw in ((16, 1), (16, 2), (32, 4))]
-    fwd += [dict(block_d=16, num_warps=2, group_loads=True), dict(block_d=4, num_warps=1, group_loads=True)]
+    old = dict(prefetch=False, chunk=8)  # the per-step loads of the earlier default, for the other options
+    fwd = [dict(), {**old, "chunk": 16}]
+    fwd += [{**old, "group_loads": True, "chunk": c} for c in (8, 4, 16)] + [dict(prefetch=True, chunk=4)]
+    fwd += [{**old, "time_splits": t} for t in (2, 4, 8)]
+    fwd += [{**old, "time_splits": t, "group_loads": True} for t in (2, 4)]
+    fwd += [dict(time_splits=4, prefetch=True, chunk=4)]
+    fwd += [{**old, "block_d": bd, "num_warps": nw} for bd, nw in ((16, 1), (16, 2), (32, 4))]
+    fwd += [{**old, "block_d": bd, "num_warps": nw, "group_loads": True} for bd, nw in ((16, 2), (4, 1))]
     bwd = [dict(), dict(bwd_chunk=4), dict(bwd_chunk=1), dict(ckpt_chunk=128), dict(block_d_bwd=16, num_warps_bwd=2),
-           dict(group_loads=True, time_splits=4, prefetch=False), dict(prefetch=False, chunk=8)]
-    # entries without their own load schedule run the per-step loads of the earlier default (chunk 8)
-    fwd = [fwd[0]] + [kw if "prefetch" in kw else {"prefetch": False, "chunk": 8, **kw} for kw in fwd[1:]]
+           dict(group_loads=True, time_splits=4, prefetch=False), old]
     return fwd, bwd
 
 

@@ -122,8 +122,7 @@ def run_breakdown(model, apply_fn, tx, tc, mesh, compiled, state, batch, n: int,
     from iva_jax.config import dtype_of
     from iva_jax.parallel.mesh import mesh_context
     from iva_jax.parallel.rules import DEFAULT_RULES
-    from iva_jax.train.step import (DEFAULT_FORWARD_KEYS, _batch_sums, _objective, _token_counts,
-                                    cross_entropy_sums, shifted_targets)
+    from iva_jax.train.step import DEFAULT_FORWARD_KEYS, cross_entropy_sums, make_loss_fn, shifted_targets
 
     cdt = dtype_of(tc.compute_dtype)
     cast = lambda tree: jax.tree_util.tree_map(  # noqa: E731 - what the step does to the params
@@ -137,9 +136,7 @@ def run_breakdown(model, apply_fn, tx, tc, mesh, compiled, state, batch, n: int,
                 return f(*args)
         return call
 
-    def loss(p, ms, b):  # the step's objective (one microbatch, no dropout rng)
-        sums, _, _ = _batch_sums(apply_fn, p, None, ms, b, None, tc, DEFAULT_FORWARD_KEYS, {}, False)
-        return _objective(sums, _token_counts(b, tc), tc, 1)
+    loss = make_loss_fn(apply_fn, tc)  # the step's objective (one microbatch, no dropout rng)
 
     def trunk(p, b):  # (logits, hidden): only hidden is returned, so the LM head is dead code
         kw = {k: b[k] for k in DEFAULT_FORWARD_KEYS if k in b}

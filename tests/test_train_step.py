@@ -16,7 +16,7 @@ from iva_jax.train.optim import (health_monitor, lr_schedule, make_optimizer, ma
                                  skip_nonfinite)
 from iva_jax.layers.remat import remat_policy
 from iva_jax.train.step import (check_batch, create_train_state, cross_entropy_sums, evaluate, make_eval_step,
-                                make_train_step, shifted_targets)
+                                make_loss_fn, make_train_step, shifted_targets)
 from iva_jax.train.tiny import TinyConfig, TinyLM, tiny_host_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +95,17 @@ def test_loss_terms_match_float64_reference(setup):
     np.testing.assert_allclose(metrics["tokens"], n1)
     np.testing.assert_allclose(metrics["ppl"], math.exp((nll1 * w1).sum() / n1), rtol=2e-6)
     assert "model/layers/act_rms" in metrics
+
+
+def test_loss_fn_is_the_steps_objective(setup):
+    """make_loss_fn: the step's optimized scalar and (SGD lr=1: the parameter change) its gradient."""
+    s = setup
+    new, m = s["steps"][1](s["state"], s["batch"])
+    loss, grads = jax.value_and_grad(make_loss_fn(s["model"].apply, s["cfgs"][1]))(
+        s["state"].params, s["state"].model_state, s["batch"])
+    np.testing.assert_allclose(loss, m["loss"], rtol=1e-6)
+    for g, p0, p1 in zip(*(jax.tree_util.tree_leaves(t) for t in (grads, s["state"].params, new.params))):
+        np.testing.assert_allclose(g, p0 - p1, rtol=1e-4, atol=1e-6)
 
 
 def test_eval_step_matches_train_metrics(setup):

@@ -327,6 +327,19 @@ def _objective(sums, counts, cfg: TrainConfig, n_micro: int) -> jax.Array:
     return obj
 
 
+def make_loss_fn(apply_fn: Callable, config: TrainConfig, *, forward_keys: Sequence[str] = DEFAULT_FORWARD_KEYS,
+                 apply_kwargs: Optional[Mapping[str, Any]] = None) -> Callable:
+    """`loss(params, model_state, batch, rng=None) -> scalar`: the train step's objective on one batch (no
+    microbatching, no optimizer), e.g. to time or differentiate the loss alone."""
+    kw = dict(apply_kwargs or {})
+
+    def loss(params, model_state, batch, rng=None):
+        sums, _, _ = _batch_sums(apply_fn, params, None, model_state, batch, rng, config, forward_keys, kw)
+        return _objective(sums, _token_counts(batch, config), config, 1)
+
+    return loss
+
+
 def _summarize(sums, counts, cfg: TrainConfig, n_micro: int) -> Dict[str, jax.Array]:
     t = counts["tokens"]
     m = {"loss": _objective(sums, counts, cfg, n_micro), "ce": sums["loss"] / t, "nll": sums["nll"] / t,

@@ -358,14 +358,16 @@ def _sweep_space(m: int) -> dict:
     """QuantBlocks values tried by the sweep, one field at a time (coordinate descent from the default)."""
     if not ON_GPU:  # CPU smoke test of the sweep machinery (interpret mode is slow)
         return dict(block_n=(32, 64))
-    space = dict(block_n=(32, 64, 128, 256), num_splits=(None, 1, 2, 4, 8, 16), block_k=(128, 256, 512, 1024),
+    space = dict(acc2d=(False, True)) if m == 1 else {}  # first: the rest is tuned around the better one
+    space |= dict(block_n=(32, 64, 128, 256), num_splits=(None, 1, 2, 4, 8, 16), block_k=(128, 256, 512, 1024),
                  num_warps=(1, 2, 4, 8), num_stages=(1, 2, 3, 4))
     if m > 1:
         space["dot_rows"] = (0, 4, m)  # tl.dot tiles vs the multiply-reduce GEMV at these rows
     return space
 
 
-def quant_bench(shapes, ms_rows, reps: int, sweep: bool, sweep_shape=None) -> None:
+def quant_bench(shapes, ms_rows, reps: int, sweep: bool, sweep_shape=None,
+                sweep_cases=((4, 1), (4, 16), (8, 1), (8, 16))) -> None:
     """int4 / int8 quant matmul vs the bf16 matmul (XLA, torch) at decode shapes, kernel time (`loop_ms`);
     with `sweep`, a coordinate-descent search over QuantBlocks at M = 1 and 16 on `sweep_shape`."""
     best_cfg = RES.setdefault("quant_best_blocks", {})
@@ -414,7 +416,8 @@ def quant_bench(shapes, ms_rows, reps: int, sweep: bool, sweep_shape=None) -> No
                     t = guard(f"quant {case} int{bits} {impl}", lambda impl=impl: measure(impl, qm.QuantBlocks()))
                     if t is not None:
                         record(impl, qm.QuantBlocks(), t)
-                if not (sweep and (k, n) == (sweep_shape or shapes[-1]) and m in (1, 16) and (ON_GPU or m == 1)):  # noqa: E501
+                if not (sweep and (k, n) == (sweep_shape or shapes[-1]) and (bits, m) in sweep_cases
+                        and (ON_GPU or m == 1)):
                     continue
                 cur, tried = qm.QuantBlocks(), {}
                 for field, values in _sweep_space(m).items():
@@ -471,7 +474,18 @@ def copy_bandwidth(reps: int, nbytes: int) -> float:
     return gbs
 
 
-def decode_bench(configs, reps: int, sweep: bool, copy_gbs: float) -> None:
+def decode_bench(configs, reps: int, sweep: bool, copy_gbs: float, layouts=("dense", "paged"),
+                 timer: str = "loop") -> None:
+    """timer "loop": kernel time, ~96 decode steps inside one jit (each step's q depends on the last
+    output, as in generation), torch in a CUDA graph; "async": back-to-back jit calls between host syncs
+    (host dispatch included where a call is shorter than its dispatch)."""
+    loop = timer == "loop" and ON_GPU
+
+    def jax_ms(op, args):
+        if loop:  # args: [(q, k, v)] per rotation; q is the loop-carried operand
+            return loop_ms(op, args[0][0], [a[1:] for a in args], reps)
+        return kernel_ms(jax.jit(op), args, reps)
+
     for b, hq, hkv, s, d in configs:
         case = f"B{b} Hq{hq} Hkv{hkv} L{s} D{d} bf16"
         kv_bytes = 2 * b * s * hkv * d * 2
@@ -506,18 +520,17 @@ def decode_bench(configs, reps: int, sweep: bool, copy_gbs: float) -> None:
                 continue  # CPU: auto is XLA (interpret mode is never automatic)
             tag = "" if blk == da.DecodeBlocks() else f" {blk}"
             dense_args, paged_args = list(zip(qs, ks, vs)), [(q, kp, vp) for q, (kp, vp) in zip(qs, pools)]
-            f = jax.jit(lambda q, k, v, impl=impl, blk=blk: da.decode_attention(
-                q, k, v, lengths, impl=impl, interpret=INTERPRET and impl != "xla", blocks=blk))
-            t = guard(f"decode {case} dense {impl}{tag}", lambda f=f: kernel_ms(f, dense_args, reps))
-            if t is not None:
-                rec(f"dense {impl}{tag}", t, impl=impl, layout="dense", blocks=str(blk),
-                    compiled=compiled_impl(f, dense_args[0]))
-            f = jax.jit(lambda q, kp, vp, impl=impl, blk=blk: da.paged_decode_attention(
-                q, kp, vp, table, lengths, impl=impl, interpret=INTERPRET and impl != "xla", blocks=blk))
-            t = guard(f"decode {case} paged {impl}{tag}", lambda f=f: kernel_ms(f, paged_args, reps))
-            if t is not None:
-                rec(f"paged({page}) {impl}{tag}", t, impl=impl, layout="paged", blocks=str(blk),
-                    compiled=compiled_impl(f, paged_args[0]))
+            kw = dict(impl=impl, interpret=INTERPRET and impl != "xla", blocks=blk)
+            dense = lambda q, k, v, kw=kw: da.decode_attention(q, k, v, lengths, **kw)  # noqa: E731
+            paged = lambda q, kp, vp, kw=kw: da.paged_decode_attention(q, kp, vp, table, lengths, **kw)  # noqa: E731
+            for layout, op, args, label in (("dense", dense, dense_args, "dense"),
+                                            ("paged", paged, paged_args, f"paged({page})")):
+                if layout not in layouts:
+                    continue
+                t = guard(f"decode {case} {layout} {impl}{tag}", lambda op=op, args=args: jax_ms(op, args))
+                if t is not None:
+                    rec(f"{label} {impl}{tag}", t, impl=impl, layout=layout, blocks=str(blk), timer=timer,
+                        compiled=compiled_impl(jax.jit(op), args[0]))
         pools = None
         if ON_GPU:
             def sdpa():
@@ -532,6 +545,9 @@ def decode_bench(configs, reps: int, sweep: bool, copy_gbs: float) -> None:
                     it[0] += 1
                     i = it[0] % nrot
                     return F.scaled_dot_product_attention(tq[i], tk[i], tv[i], enable_gqa=True)
+                if loop:  # kernel time, as the jax rows: the rotations captured in one CUDA graph
+                    return torch_graph_ms([lambda i=i: F.scaled_dot_product_attention(
+                        tq[i], tk[i], tv[i], enable_gqa=True) for i in range(nrot)])
                 return torch_ms(call)
             t = guard(f"decode {case} torch sdpa", sdpa)
             if t is not None:
@@ -573,6 +589,10 @@ def main() -> int:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="block sweeps: quant matmul (M=1, 16) and decode kernel")
     ap.add_argument("--no-sweep", action="store_true", help="(default) no block sweeps")
+    ap.add_argument("--quant-sweep-cases", default="4:1,4:16,8:1,8:16", help="bits:M pairs the quant sweep tunes")
+    ap.add_argument("--decode-layouts", default="dense,paged", help="decode section: dense,paged")
+    ap.add_argument("--timer", default="loop", choices=["loop", "async"],
+                    help="decode section: kernel time in one jit (loop) or async jit calls")
     ap.add_argument("--quant-shapes", default=None,
                     help="KxN,... for the quant section (default 576x1536,4096x4096,14336x4096,4096x14336)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_inference.json"))
@@ -615,12 +635,14 @@ def main() -> int:
         if args.quant_shapes:
             shapes = [tuple(int(v) for v in kn.lower().split("x")) for kn in args.quant_shapes.split(",")]
         quant_bench(shapes, (1, 3) if tiny else (1, 16), reps, sweep=args.sweep and not args.no_sweep,
-                    sweep_shape=shapes[-1] if (tiny or args.quant_shapes) else (4096, 14336))
+                    sweep_shape=shapes[-1] if (tiny or args.quant_shapes) else (4096, 14336),
+                    sweep_cases=[tuple(int(v) for v in c.split(":")) for c in args.quant_sweep_cases.split(",")])
         save()
     if "decode" in only:
         copy = copy_bandwidth(reps, 2 ** 24 if tiny else 2 ** 30)
         configs = [(2, 4, 2, 96, 64)] if tiny else [(16, 32, 8, 8192, 128), (1, 32, 8, 32768, 128)]
-        decode_bench(configs, reps, sweep=args.sweep and not args.no_sweep, copy_gbs=copy)
+        decode_bench(configs, reps, sweep=args.sweep and not args.no_sweep, copy_gbs=copy,
+                     layouts=tuple(args.decode_layouts.split(",")), timer=args.timer)
     summary()
     with open(args.out, "w") as f:
         json.dump(RES, f, indent=1, default=str)

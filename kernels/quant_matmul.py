@@ -67,6 +67,8 @@ class QuantBlocks:
     num_warps: int = 4
     num_stages: int = 1  # the H100 sweep picked 1 stage in all four cases (int4/int8, M 1/16)
     dot_rows: int = 4
+    acc2d: bool = False  # GEMV at M = 1: a [group rows, block_n] f32 accumulator summed over rows once at the
+    # end, instead of a cross-thread row reduction per group (scale applied per element: one more multiply)
 
     def __post_init__(self):
         for name in ("block_n", "block_k"):
@@ -245,8 +247,10 @@ def _group_scales(s_ref, z_ref, gi, cols, c_ok, ok):
     return one(s_ref), None if z_ref is None else one(z_ref)
 
 
-def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, per, ngroups, splits):
-    """rows <= dot_rows: acc[r] += scale * sum_k x[r, k] * code[k, :] (+ zero * sum_k x[r, k]) per group."""
+def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, per, ngroups, splits, acc2d=False):
+    """rows <= dot_rows: acc[r] += scale * sum_k x[r, k] * code[k, :] (+ zero * sum_k x[r, k]) per group.
+    acc2d (m == 1): acc2[k, :] += code[k, :] * (x[k] * scale) element-wise over the whole split, one row
+    reduction at the end."""
     j = pl.program_id(0)
     sp = pl.program_id(1)
     cols = j * bn + jnp.arange(bn)
@@ -270,6 +274,14 @@ def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, p
                   for r in range(m)]
             loads.append((_decode_tiles(w_ref, gi, cols, cmask, g=g, bits=bits, sym=sym), sc, zr, xs))
         accs = list(accs)
+        if acc2d:  # m == 1: (acc2 [plen, bn], acc1 [bn])
+            acc2, acc1 = accs
+            for tiles, sc, zr, xs in loads:
+                for p in range(nparts):
+                    acc2 = acc2 + tiles[p] * (xs[0][p][:, None] * sc[None, :])
+                if zr is not None:
+                    acc1 = acc1 + sum(jnp.sum(xp) for xp in xs[0]) * zr
+            return acc2, acc1
         for tiles, sc, zr, xs in loads:
             for r in range(m):
                 prod = sum(xs[r][p][:, None] * tiles[p] for p in range(nparts))
@@ -279,7 +291,11 @@ def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, p
         return tuple(accs)
 
     nsteps = pl.cdiv(jnp.maximum(g1 - g0, 0), gps)
-    accs = lax.fori_loop(0, nsteps, step, tuple(jnp.zeros((bn,), _F32) for _ in range(m)))
+    if acc2d:
+        acc2, acc1 = lax.fori_loop(0, nsteps, step, (jnp.zeros((plen, bn), _F32), jnp.zeros((bn,), _F32)))
+        accs = (jnp.sum(acc2, axis=0) + acc1,)
+    else:
+        accs = lax.fori_loop(0, nsteps, step, tuple(jnp.zeros((bn,), _F32) for _ in range(m)))
     omask = None if full else c_ok
     for r in range(m):
         if splits == 1:
@@ -381,7 +397,7 @@ def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interp
     splits = p["splits"]
     common = dict(m=m, n=n, bn=p["bn"], g=group_size, bits=bits, gps=p["gps"], per=p["per"], ngroups=k // group_size,
                   splits=splits)
-    kern = (functools.partial(_gemv_kernel, **common) if p["path"] == "gemv"
+    kern = (functools.partial(_gemv_kernel, acc2d=blocks.acc2d and m == 1, **common) if p["path"] == "gemv"
             else functools.partial(_dot_kernel, bm=p["bm"], **common))
     args = [x, qweight, scale] + ([zero] if zero is not None else [])
     if zero is None:

@@ -44,6 +44,13 @@ class Tiles:
     bwd_block_q: int = 64  # streamed q rows per tile (dK/dV)
     bwd_block_kv: int = 64  # keys per compute warpgroup (dK/dV)
     dq_block_kv: int = 64  # streamed keys per tile (dQ)
+    # backward in one kernel: the dK/dV kernel also emits dQ partials (dS @ K, f32) and adds them into a
+    # zeroed f32 buffer with TMA reduce-add (5 matmul passes instead of 7; summation order of dQ varies)
+    fused_dq: bool = True
+    # fused, head_dim % 128 == 0: both warpgroups share dS through SMEM and each computes half of dQ's
+    # columns over all 2 * bwd_block_kv keys (one reduce-add of [bq, d] per q tile, FA3's split);
+    # otherwise each warpgroup reduce-adds the [bq, d] partial of its own keys (twice the traffic)
+    dq_split: bool = True
 
 
 TILES = Tiles()
@@ -369,8 +376,11 @@ def _forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles, sq, sk
 
 # ============================================================================ backward
 
-def backward(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, tiles: Tiles = TILES):
-    """(dq, dk, dv) from the log2-unit logsumexp and delta = rowsum(dO * O) [B, Hq, Sq]."""
+def backward(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, tiles: Tiles | None = None):
+    """(dq, dk, dv) from the log2-unit logsumexp and delta = rowsum(dO * O) [B, Hq, Sq].
+
+    `tiles=None` reads the module's `TILES` at call time (experiments switch the fused dQ path there)."""
+    tiles = TILES if tiles is None else tiles
     sq, skv = q.shape[1], k.shape[1]
     q, k, v, do = _pad_seq(q), _pad_seq(k), _pad_seq(v), _pad_seq(do)
     pad = 2 * max(tiles.block_q, tiles.bwd_block_q)
@@ -379,6 +389,11 @@ def backward(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offs
     qs_p = None if qs is None else _pad_rows(qs, pad)
     ks_p = None if ks is None else _pad_rows(ks, 2 * max(tiles.dq_block_kv, tiles.bwd_block_kv))
     kw = dict(scale2=scale2, causal=causal, window=window, q_offset=q_offset, tiles=tiles, sq=sq, skv=skv)
+    if tiles.fused_dq:
+        dq_acc = jax.new_ref(jnp.zeros(q.shape, _F32))  # aliased in and out of the kernel
+        dk, dv = _dkv(q, k, v, qs_p, ks_p, do, lse2, delta, dq_acc=dq_acc, **kw)
+        dq = (dq_acc[...][:, :sq] * (scale2 / 1.4426950408889634)).astype(q.dtype)
+        return dq, dk[:, :skv], dv[:, :skv]
     dq = _dq(q, k, v, qs_p, ks_p, do, lse2, delta, **kw)
     dk, dv = _dkv(q, k, v, qs_p, ks_p, do, lse2, delta, **kw)
     return dq[:, :sq], dk[:, :skv], dv[:, :skv]

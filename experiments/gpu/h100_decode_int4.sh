@@ -7,7 +7,7 @@ set -u
 OUT=${1:-.}
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 t0=$(date +%s)
-timeout 150 python3 experiments/bench_inference.py --only check,quant --sweep --quant-sweep-cases 4:1 \
+timeout 200 python3 experiments/bench_inference.py --only check,quant --sweep --quant-sweep-cases 4:1 \
   --quant-shapes 14336x4096,4096x14336 --reps 7 --out "$OUT/quant.json" > "$OUT/quant.log" 2>&1
 echo "quant done $(( $(date +%s) - t0 )) s"
 left=$(( 560 - ( $(date +%s) - t0 ) ))

@@ -534,7 +534,8 @@ def _dq(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, t
     )(*args)
 
 
-def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, tiles, sq, skv):
+def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, tiles, sq, skv, dq_acc=None):
+    """dK, dV (and, with `dq_acc`, a Ref of zeros [B, Sq, Hq, D] f32: dQ / sm_scale added into it)."""
     plgpu = _plgpu()
     b, _, hq, d = q.shape
     hkv = k.shape[2]
@@ -542,6 +543,9 @@ def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, 
     dtype = q.dtype
     bq, bk, stages = tiles.bwd_block_q, tiles.bwd_block_kv, tiles.stages
     seg = qs is not None
+    fused = dq_acc is not None
+    split = fused and tiles.dq_split and d % 128 == 0  # halves of d stay whole swizzle tiles
+    dh = d // 2 if split else d  # dQ columns per warpgroup
     transforms = _smem_transforms(d, dtype)
     log = dict(causal=causal, window=window)
     sm_scale = scale2 / 1.4426950408889634
@@ -557,11 +561,12 @@ def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, 
         hi = jnp.asarray(hi, jnp.int32)
         return jnp.minimum(jnp.asarray(lo, jnp.int32), hi), hi
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dk_ref, dv_ref, scoped):
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dq_ref, dk_ref, dv_ref, scoped):
         bi = lax.axis_index("batch")
         hk = lax.axis_index("heads")
         wg = lax.axis_index("wg")
-        (k_smem2, v_smem2, kseg_smem2, q_smem, do_smem, lse_smem, dl_smem, qseg_smem), (own_bar, ld_bar, cons) = scoped
+        ((k_smem2, v_smem2, kseg_smem2, q_smem, do_smem, lse_smem, dl_smem, qseg_smem, ds_smem, dq_smem2),
+         (own_bar, ld_bar, cons, ds_bar)) = scoped
         cta_k0 = lax.axis_index("kv_seq") * (2 * bk)
         lo, hi = q_range(cta_k0, jnp.minimum(cta_k0 + 2 * bk, skv) - 1)
         nqb = hi - lo
@@ -570,7 +575,9 @@ def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, 
         @pl.when(wg < 2)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            # split: K of both warpgroups in one [2 * bk, d] tile (dQ's B operand spans all of it)
+            k_smem = k_smem2.at[pl.ds(wg * bk, bk)] if split else k_smem2.at[wg]
+            v_smem = v_smem2.at[wg]
             k0 = cta_k0 + wg * bk
             rows = (bi, pl.ds(k0, bk), hk)
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, own_bar.at[wg * 3 + 0])
@@ -592,6 +599,10 @@ def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, 
                 fb = jnp.where(k_last < skv, fb, 0)
                 fa = _clamp(jnp.asarray(fa, jnp.int32), lo, hi)
                 fb = _clamp(jnp.asarray(fb, jnp.int32), fa, hi)
+
+            def both_wgs_sync():
+                plgpu.barrier_arrive(ds_bar)
+                plgpu.barrier_wait(ds_bar)
 
             def step(gi, qb, carry, masked):
                 dk_acc, dv_acc = carry
@@ -621,13 +632,40 @@ def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, 
                 zeros = plgpu.layout_cast(jnp.full((bk, bq), 0.0, _F32), plgpu.Layout.WGMMA)
                 dv_acc, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros)))
                 dl = _load(dl_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
-                ds_t = p_t * (dp_t - lax.broadcast_in_dim(dl, dp_t.shape, [1]))
+                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(dl, dp_t.shape, [1]))).astype(dtype)
+                if not fused:
+                    def mm(acc_ref):
+                        plgpu.wgmma(acc_ref, ds_t, q_smem.at[slot])
 
-                def mm(acc_ref):
-                    plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
+                    dk_acc = pl.run_state(mm)(plgpu.ACC.init(dk_acc))
+                    plgpu.barrier_arrive(cons.at[slot])
+                    return dk_acc, dv_acc
 
-                dk_acc = pl.run_state(mm)(plgpu.ACC.init(dk_acc))
+                def mm2(refs):
+                    dk_ref, dq_acc_ref = refs
+                    plgpu.wgmma(dk_ref, ds_t, q_smem.at[slot])  # runs while dS^T goes to SMEM
+                    # dQ = dS @ K takes dS^T from SMEM as a transposed A operand
+                    if split:  # both halves of [2 * bk, bq], double-buffered: the other warpgroup may lag a step
+                        ds_all = ds_smem.at[_rem(t, 2)]
+                        ds_all.at[pl.ds(wg * bk, bk)][...] = ds_t
+                        plgpu.commit_smem()
+                        both_wgs_sync()
+                        plgpu.wgmma(dq_acc_ref, _T(ds_all), k_smem2.at[:, pl.ds(wg * dh, dh)])
+                    else:  # own keys only; this warpgroup's previous dQ wgmma has completed
+                        ds_smem.at[wg][...] = ds_t
+                        plgpu.commit_smem()
+                        plgpu.wgmma(dq_acc_ref, _T(ds_smem.at[wg]), k_smem)
+
+                zq = plgpu.layout_cast(jnp.full((bq, dh), 0.0, _F32), plgpu.Layout.WGMMA)
+                dk_acc, dq_part = pl.run_state(mm2)((plgpu.ACC.init(dk_acc), plgpu.ACC.init(zq)))
                 plgpu.barrier_arrive(cons.at[slot])
+                dq_smem = dq_smem2.at[wg]
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous reduce-add has read dq_smem
+                dq_smem[...] = dq_part
+                plgpu.commit_smem()
+                cols = pl.ds(wg * dh, dh) if split else slice(None)
+                plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bi, pl.ds(qb * bq, bq), hk * g + gi, cols],
+                                        reduction_op="add")
                 return dk_acc, dv_acc
 
             def head(gi, carry):
@@ -637,6 +675,8 @@ def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, 
 
             zero = plgpu.layout_cast(jnp.full((bk, d), 0.0, _F32), plgpu.Layout.WGMMA)
             dk_acc, dv_acc = lax.fori_loop(0, g, head, (zero, zero))
+            if split:  # the other warpgroup's last dQ wgmma may still read this warpgroup's K rows
+                both_wgs_sync()
             k_smem[...] = (dk_acc * sm_scale).astype(dtype)
             v_smem[...] = dv_acc.astype(dtype)
             plgpu.commit_smem()
@@ -671,12 +711,14 @@ def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, 
                 load(t)
 
     def entry(*refs):
-        if seg:
-            q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref = refs
-        else:
-            (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref), qs_ref, ks_ref = refs, None, None
+        refs = list(refs)
+        q_ref, k_ref, v_ref = refs[:3]
+        qs_ref, ks_ref = refs[3:5] if seg else (None, None)
+        do_ref, lse_ref, dl_ref = refs[5 if seg else 3:][:3]
+        dq_ref = refs[-3] if fused else None
+        dk_ref, dv_ref = refs[-2:]
         smem = (
-            plgpu.SMEM((2, bk, d), dtype, transforms=transforms),
+            plgpu.SMEM((2 * bk, d) if split else (2, bk, d), dtype, transforms=transforms),
             plgpu.SMEM((2, bk, d), dtype, transforms=transforms),
             plgpu.SMEM((2, bk), jnp.int32) if seg else None,
             plgpu.SMEM((stages, bq, d), dtype, transforms=transforms),
@@ -684,21 +726,27 @@ def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, 
             plgpu.SMEM((stages, bq), _F32),
             plgpu.SMEM((stages, bq), _F32),
             plgpu.SMEM((stages, bq), jnp.int32) if seg else None,
+            # dS^T (bf16): split: 2 buffers x [2 * bk, bq]; own: one [bk, bq] per warpgroup
+            plgpu.SMEM((2, 2 * bk if split else bk, bq), dtype, transforms=_smem_transforms(bq, dtype))
+            if fused else None,
+            # f32 staging of each warpgroup's dQ partial for the TMA reduce-add
+            plgpu.SMEM((2, bq, dh), _F32, transforms=_smem_transforms(dh, _F32)) if fused else None,
         )
         bars = (plgpu.Barrier(num_barriers=6), plgpu.Barrier(num_barriers=5 * stages),
-                plgpu.Barrier(num_arrivals=2, num_barriers=stages))
-        pl.run_scoped(lambda *sc: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dk_ref, dv_ref,
-                                         (sc[:8], sc[8:])),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=2) if split else None)
+        pl.run_scoped(lambda *sc: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dq_ref, dk_ref,
+                                         dv_ref, (sc[:10], sc[10:])),
                       *smem, *bars, collective_axes="wg")
 
     args = [q, k, v] + ([qs, ks] if seg else []) + [do, lse2, delta]
-    dk, dv = plgpu.kernel(
-        entry,
-        out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
-        grid=(hkv, _cdiv(skv, 2 * bk), b),
-        grid_names=("heads", "kv_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(*args)
+    out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * 2
+    launch = dict(grid=(hkv, _cdiv(skv, 2 * bk), b), grid_names=("heads", "kv_seq", "batch"), num_threads=3,
+                  thread_name="wg")
+    params = plgpu.CompilerParams(approx_math=True)
+    if fused:  # pl.kernel (not plgpu.kernel, whose vmap wrapper rejects Refs) aliases the Ref in and out
+        dk, dv = pl.kernel(entry, out_type=out_type, mesh=plgpu.Mesh(**launch), compiler_params=params,
+                           name="flash_attention_dkv_dq")(*args, dq_acc)
+    else:
+        dk, dv = plgpu.kernel(entry, out_type=out_type, compiler_params=params, **launch)(*args)
     return dk, dv

@@ -12,6 +12,7 @@ kernel never writes then shows as NaN).  Prints a table (last) and writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -145,7 +146,11 @@ ATTN_CASES = [
     ("segments window 64 S520 GQA2 D64", 2, 520, 520, 4, 2, 64, True, 64, 0, True),
     ("noncausal S512 MQA D128", 1, 512, 300, 4, 1, 128, False, None, 0, False),
     ("causal off-50 (empty rows) D64", 1, 200, 256, 2, 1, 64, True, None, -50, False),
+    ("window200 off300 q700/kv1000 GQA2 D128", 1, 700, 1000, 8, 4, 128, True, 200, 300, False),
 ]
+# the Mosaic backward runs twice: "mosaic" = the default tiles, "mosaic:2k" / "mosaic:fdq" = the other one of
+# the two-kernel backward (dQ kernel + dK/dV kernel) and the fused one (dK/dV kernel adds dQ via TMA reduce-add)
+_MOSAIC_BWD = {"mosaic:2k": dict(fused_dq=False), "mosaic:fdq": dict(fused_dq=True)}
 
 
 def check_attention(rng):
@@ -181,6 +186,18 @@ def check_attention(rng):
                                                        q_offset=q_off)):
                 run_case("flash_attention", name, impl, dtype, lambda q, k, v, impl=impl: impl_fn(q, k, v, impl),
                          ref_fn, [q, k, v], (do, dlse), ["dq", "dk", "dv"], ["o", "lse"])
+                if impl != "mosaic":
+                    continue
+                fam = importlib.import_module("kernels.flash_attention_mosaic")
+                for label, flags in _MOSAIC_BWD.items():
+                    if all(getattr(fam.TILES, f) == x for f, x in flags.items()):
+                        continue  # that is the default, run above
+                    saved, fam.TILES = fam.TILES, dataclasses.replace(fam.TILES, **flags)
+                    try:  # backward(tiles=None) reads fam.TILES when the VJP is traced, inside run_case
+                        run_case("flash_attention", name, label, dtype, lambda q, k, v: impl_fn(q, k, v, "mosaic"),
+                                 ref_fn, [q, k, v], (do, dlse), ["dq", "dk", "dv"], ["o", "lse"])
+                    finally:
+                        fam.TILES = saved
 
 
 def check_swiglu(rng):

@@ -335,15 +335,30 @@ def bench_attention(torch_ok, peak, sweep, which="all"):
             o, lse = fa.flash_attention_with_lse(q, k, v, impl="auto")
             lse2 = lse * 1.4426950408889634
             delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
-            bwd_tiles = ((fam.Tiles(), fam.Tiles(dq_block_kv=128)) if d > 64 else
-                         (fam.Tiles(), fam.Tiles(dq_block_kv=128), fam.Tiles(bwd_block_q=128),
-                          fam.Tiles(dq_block_kv=128, bwd_block_q=128)))
+            two, fused = fam.Tiles(fused_dq=False), fam.Tiles(fused_dq=True)
+            bwd_tiles = ((two, fam.Tiles(fused_dq=False, dq_block_kv=128), fused, fam.Tiles(fused_dq=True, stages=3),
+                          fam.Tiles(fused_dq=True, dq_split=False)) if d > 64 else
+                         (two, fam.Tiles(fused_dq=False, dq_block_kv=128), fam.Tiles(fused_dq=False, bwd_block_q=128),
+                          fused, fam.Tiles(fused_dq=True, bwd_block_q=128), fam.Tiles(fused_dq=True, stages=3)))
+
+            def bwd_label(t):
+                how = ("fused dQ " + ("split" if t.dq_split and d % 128 == 0 else "per-wg")) if t.fused_dq else \
+                    f"dQ kernel dq_bk={t.dq_block_kv}"
+                return f"mosaic bwd {how} dkv_bq={t.bwd_block_q} st={t.stages}"
             for tiles in bwd_tiles:
                 f = jax.jit(lambda q, k, v, do, lse2, delta, t=tiles: fam.backward(
                     q, k, v, None, None, do, lse2, delta, scale2=scale2, causal=True, window=None, q_offset=0, tiles=t))
                 guard(f"sweep bwd {tiles}", lambda f=f, tiles=tiles: rec(
-                    "sweep", f"mosaic bwd dq_bk={tiles.dq_block_kv} dkv_bq={tiles.bwd_block_q} st={tiles.stages}",
-                    time_jax(f, [(q, k, v, do, lse2, delta)], reps=10), 2.5))
+                    "sweep", bwd_label(tiles), time_jax(f, [(q, k, v, do, lse2, delta)], reps=10), 2.5))
+            for tiles in (two, fused):  # end to end through the public op (fam.TILES is read when the VJP traces)
+                saved, fam.TILES = fam.TILES, tiles
+                try:
+                    fb = jax.jit(lambda q, k, v, do: jax.vjp(lambda q, k, v: fa.flash_attention(
+                        q, k, v, causal=True, impl="mosaic"), q, k, v)[1](do))
+                    guard(f"sweep fwd+bwd {tiles}", lambda fb=fb, tiles=tiles: rec(
+                        "sweep", "mosaic fwd+" + bwd_label(tiles)[7:], time_jax(fb, [(q, k, v, do)], reps=10), 3.5))
+                finally:
+                    fam.TILES = saved
 
 
 # ----------------------------------------------------------------------------- SwiGLU

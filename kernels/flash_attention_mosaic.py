@@ -390,9 +390,13 @@ def backward(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offs
     ks_p = None if ks is None else _pad_rows(ks, 2 * max(tiles.dq_block_kv, tiles.bwd_block_kv))
     kw = dict(scale2=scale2, causal=causal, window=window, q_offset=q_offset, tiles=tiles, sq=sq, skv=skv)
     if tiles.fused_dq:
-        dq_acc = jax.new_ref(jnp.zeros(q.shape, _F32))  # aliased in and out of the kernel
-        dk, dv = _dkv(q, k, v, qs_p, ks_p, do, lse2, delta, dq_acc=dq_acc, **kw)
-        dq = (dq_acc[...][:, :sq] * (scale2 / 1.4426950408889634)).astype(q.dtype)
+        @jax.jit  # the Ref lives inside one jit also when the VJP runs eagerly
+        def fused(q, k, v, qs_p, ks_p, do, lse2, delta):
+            dq_acc = jax.new_ref(jnp.zeros(q.shape, _F32))  # aliased in and out of the kernel
+            dk, dv = _dkv(q, k, v, qs_p, ks_p, do, lse2, delta, dq_acc=dq_acc, **kw)
+            return (dq_acc[...][:, :sq] * (scale2 / 1.4426950408889634)).astype(q.dtype), dk, dv
+
+        dq, dk, dv = fused(q, k, v, qs_p, ks_p, do, lse2, delta)
         return dq, dk[:, :skv], dv[:, :skv]
     dq = _dq(q, k, v, qs_p, ks_p, do, lse2, delta, **kw)
     dk, dv = _dkv(q, k, v, qs_p, ks_p, do, lse2, delta, **kw)

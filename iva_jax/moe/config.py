@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 from iva_jax.config import ConfigBase, check, check_choice, check_positive
 
 ROUTERS = ("softmax_topk", "switch", "hash", "sinkhorn", "bias_balanced")
-DISPATCHES = ("capacity", "dropless_ragged", "dropless_pallas", "auto")
+DISPATCHES = ("capacity", "dropless_ragged", "dropless_pallas", "dropless_mosaic", "auto")
 AUX_LOSS_FORMS = ("switch", "importance")
 
 
@@ -30,7 +30,8 @@ class MoEConfig(ConfigBase):
       "bias_balanced" (DeepSeek-V3 aux-loss-free: a non-trainable per-expert bias shifts selection only).
     capacity_factor: None = dropless; else capacity = ceil(tokens * k * capacity_factor / experts).
     dispatch: "capacity" (needs capacity_factor), "dropless_ragged" (jax.lax.ragged_dot),
-      "dropless_pallas" (kernels.grouped_matmul), "auto" (capacity if capacity_factor else ragged).
+      "dropless_pallas" (kernels.grouped_matmul), "dropless_mosaic" (kernels.grouped_matmul_mosaic: Hopper
+      forward, Triton backward), "auto" (capacity if capacity_factor else ragged).
     aux_loss_form: "switch" = E * sum_e f_e P_e (HF load_balancing_loss_func), "importance" = sum_e p_e l_e.
     MoE layers: `moe_layers` (explicit indices) if given, else HF's rule: layer i is MoE when
       i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.

@@ -11,7 +11,8 @@ every assignment is dropped outputs zero and rides the residual.  Data moves by 
 ("gather", O(T k D)) or by one-hot dispatch/combine einsums ("einsum", GShard style, O(T E C D)).
 
 Dropless path: assignments are sorted by expert and multiplied with a grouped matmul
-(`jax.lax.ragged_dot`, or the Pallas kernel `kernels.grouped_matmul`), then unsorted and combined.
+(`jax.lax.ragged_dot`, the Pallas kernel `kernels.grouped_matmul`, or the Mosaic GPU expert FFN
+`kernels.grouped_matmul_mosaic` on a tile-padded row layout), then unsorted and combined.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def swiglu_experts(xe: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_do
     return dot("ecf,efd->ecd", h, w_down)
 
 
+def _mosaic_tile_m(kernel_kw) -> int:
+    from kernels import grouped_matmul_mosaic as gmm_mosaic
+    return kernel_kw.get("gate_up_tiles", gmm_mosaic.GATE_UP_TILES).tile_m
+
+
 def _silu_mul(g: jnp.ndarray, u: jnp.ndarray, dtype) -> jnp.ndarray:
     """silu(g) * u in float32, stored in `dtype` (matmul outputs stay in the compute dtype)."""
     g = g.astype(jnp.float32)
@@ -57,10 +63,18 @@ def grouped_swiglu(xs: jnp.ndarray, group_sizes: jnp.ndarray, w_gate: jnp.ndarra
     sum(sizes) give 0.  Matmuls accumulate in float32 and store `dtype`; silu(g) * u runs in float32.
 
     impl: "ragged" (jax.lax.ragged_dot), "pallas" (kernels.grouped_matmul, impl auto / kernel_kw),
-    "dense" (kernels.grouped_matmul.reference: every expert on every row, masked; for tests).
+    "mosaic" (kernels.grouped_matmul_mosaic on a tile-padded copy of the rows; kernel_kw as in its
+    `grouped_swiglu_ffn`), "dense" (kernels.grouped_matmul.reference: every expert on every row, masked; for tests).
     """
     dtype = dtype or xs.dtype
     xs = xs.astype(dtype)
+    if impl == "mosaic":
+        from kernels import grouped_matmul_mosaic as gmm_mosaic
+        w = [v.astype(dtype) for v in (w_gate, w_up, w_down)]
+        lay = gmm_mosaic.padded_layout(group_sizes, xs.shape[0], _mosaic_tile_m(kernel_kw))
+        out = gmm_mosaic.grouped_swiglu_ffn(gmm_mosaic.pad_rows(xs, lay), lay.tile_group, lay.group_sizes, *w,
+                                            **kernel_kw)
+        return gmm_mosaic.unpad_rows(out, lay)
     if impl == "ragged":
         prec = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None  # no TF32 for f32 on GPU
         mm = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), group_sizes, preferred_element_type=dtype,  # noqa: E731
@@ -70,7 +84,7 @@ def grouped_swiglu(xs: jnp.ndarray, group_sizes: jnp.ndarray, w_gate: jnp.ndarra
     elif impl == "dense":
         mm = lambda a, w: gmm_reference(a, w.astype(dtype), group_sizes, preferred_element_type=dtype)
     else:
-        raise ValueError(f"grouped_swiglu impl={impl!r} must be 'ragged', 'pallas' or 'dense'")
+        raise ValueError(f"grouped_swiglu impl={impl!r} must be 'ragged', 'pallas', 'mosaic' or 'dense'")
     return mm(_silu_mul(mm(xs, w_gate), mm(xs, w_up), dtype), w_down)
 
 
@@ -185,11 +199,26 @@ def sort_by_expert(expert_index: jnp.ndarray, num_experts: int) -> Tuple[jnp.nda
 def dropless_moe(x: jnp.ndarray, expert_index: jnp.ndarray, gate_weights: jnp.ndarray, w_gate: jnp.ndarray,
                  w_up: jnp.ndarray, w_down: jnp.ndarray, *, impl: str = "ragged", dtype=None,
                  **kernel_kw) -> jnp.ndarray:
-    """Dropless MoE FFN: x [T, D] -> y [T, D] float32 (sort by expert, grouped matmul, unsort, combine)."""
+    """Dropless MoE FFN: x [T, D] -> y [T, D] float32 (sort by expert, grouped matmul, unsort, combine).
+
+    impl="mosaic" gathers the tokens straight into the tile-padded layout of
+    `kernels.grouped_matmul_mosaic` and reads each assignment's row back from it (no sorted copy).
+    """
     t, d = x.shape
     k = expert_index.shape[1]
     e = w_gate.shape[0]
     order, sizes = sort_by_expert(expert_index, e)
+    if impl == "mosaic":
+        from kernels import grouped_matmul_mosaic as gmm_mosaic
+        dt = dtype or x.dtype
+        lay = gmm_mosaic.padded_layout(sizes, t * k, _mosaic_tile_m(kernel_kw))
+        token = jnp.where(lay.source < t * k, order[jnp.minimum(lay.source, t * k - 1)] // k, t)  # t: a pad row
+        xp = jnp.take(x.astype(dt), token, axis=0, mode="fill", fill_value=0)
+        out = gmm_mosaic.grouped_swiglu_ffn(xp, lay.tile_group, lay.group_sizes,
+                                            *(w.astype(dt) for w in (w_gate, w_up, w_down)), **kernel_kw)
+        row = jnp.zeros_like(order).at[order].set(lay.row_index)  # padded row of each assignment
+        out = out[row].reshape(t, k, d)
+        return jnp.einsum("tk,tkd->td", gate_weights.astype(jnp.float32), out.astype(jnp.float32))
     xs = x[order // k]
     out = grouped_swiglu(xs, sizes, w_gate, w_up, w_down, impl=impl, dtype=dtype, **kernel_kw)
     inv = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))

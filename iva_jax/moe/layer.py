@@ -87,7 +87,8 @@ class MoeBlock(nn.Module):
     (f, P for an HF-style average over layers), and `losses.routing_metrics` (load_per_expert,
     overflow_pct, route_entropy, load_std_over_mean, expert_counts).
     `mesh` with an `expert` axis > 1 turns on expert parallelism (iva_jax.moe.expert_parallel);
-    `gmm_kw` passes block sizes / interpret to the Pallas grouped matmul (dispatch="dropless_pallas").
+    `gmm_kw` passes block sizes / interpret to the Pallas grouped matmul (dispatch="dropless_pallas" or
+    "dropless_mosaic", whose backward takes the same block sizes).
     """
 
     config: MoEConfig
@@ -127,7 +128,7 @@ class MoeBlock(nn.Module):
                                 name="experts")()
         kind = c.resolved_dispatch
         cf = c.capacity_factor if kind == "capacity" else None
-        impl = "pallas" if kind == "dropless_pallas" else "ragged"
+        impl = {"dropless_pallas": "pallas", "dropless_mosaic": "mosaic"}.get(kind, "ragged")
         gkw = dict(self.gmm_kw or {})
         xe = xt.astype(self.dtype)
         keep = None

@@ -18,6 +18,14 @@ Forward: two warpgroups x `block_q` query rows ping-pong on a schedule barrier (
 while the other issues wgmma).  dQ: like the forward over kv tiles.  dK/dV: each warpgroup owns
 `block_kv` keys and streams (q, dO, lse, delta) tiles over every q head of its GQA group, so dK/dV
 need no reduction afterwards.  Scores are scaled in log2 units (scale2 = sm_scale * log2(e)).
+Fused dQ (`Tiles.fused_dq`, FA3's scheme): the dK/dV kernel also forms dQ = dS @ K for every q tile it
+visits (dS^T through SMEM as a transposed wgmma A operand) and adds the f32 partial into a zeroed
+[B, Sq, Hq, D] buffer with a TMA reduce-add (`cp.reduce.async.bulk.tensor ... add`), so S and P are
+computed once (5 matmul passes, not 7); XLA then scales and casts dQ.  The order of the f32 additions
+varies from run to run (dQ is not bitwise deterministic; dK, dV are).  At head_dim % 128 == 0 the two
+warpgroups meet on a barrier each step, share dS^T [2 * bwd_block_kv, bq] and each computes half of
+dQ's columns over all keys of the CTA (one reduce-add per q tile); otherwise each warpgroup adds its
+own keys' [bq, d] partial.
 """
 
 from __future__ import annotations
@@ -54,7 +62,8 @@ class Tiles:
 
 
 TILES = Tiles()
-# What experiments/check_kernels_gpu.py has validated on an H100 (jax 0.11.2), forward and backward:
+# What experiments/check_kernels_gpu.py has validated on an H100 (jax 0.11.2), forward and backward
+# (two-kernel backward, fused_dq=False; the fused-dQ backward lowers for CUDA but awaits its GPU run):
 # bf16; head_dim 64 and 128; causal, with or without sliding window, q_offset >= 0, q_len != kv_len,
 # GQA 1-4, segment ids (packing, left padding).  Not yet run there: f16, non-causal, q_offset < 0.
 VALIDATED_DTYPES = (jnp.dtype(jnp.bfloat16),)

@@ -1,0 +1,97 @@
+"""Per-kernel GPU time of a jitted JAX function, read with torch's CUPTI-based profiler.
+
+CUPTI's activity records are process-wide, so `torch.profiler` (CUDA activity) also sees the kernels that
+XLA and Pallas launch from JAX in the same process.  `kernel_table(fn, args)` runs `fn(*args)` `iters`
+times inside the profiler and returns one row per kernel name: calls per iteration, mean microseconds per
+call and share of the total kernel time.  What it answers that wall-clock timing cannot: how much of a
+step is the Pallas kernel itself, and how much the small XLA kernels around it (split-K sums, casts,
+gathers) and the gaps between them.
+
+    PYTHONPATH=. python3 experiments/kernel_times.py --demo int4     # GPU only
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def kernel_table(fn: Callable, args: Sequence, iters: int = 20, warm: int = 3) -> dict:
+    """{"rows": [{name, calls_per_iter, us_per_call, us_per_iter, share}], "kernel_us_per_iter",
+    "wall_us_per_iter"} for `iters` calls of fn(*args) (each synchronised), kernels sorted by time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warm):
+        jax.block_until_ready(fn(*args))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(iters):
+            jax.block_until_ready(fn(*args))
+        wall = (time.perf_counter() - t) / iters * 1e6
+        torch.cuda.synchronize()
+    per = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            dur = ev.time_range.elapsed_us()  # the kernel's own GPU interval
+            per[ev.name][0] += 1
+            per[ev.name][1] += dur
+    total = sum(v[1] for v in per.values()) or float("nan")
+    rows = [dict(name=k[:120], calls_per_iter=c / iters, us_per_call=us / max(c, 1), us_per_iter=us / iters,
+                 share=us / total) for k, (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])]
+    return dict(rows=rows, kernel_us_per_iter=total / iters, wall_us_per_iter=wall)
+
+
+def print_table(title: str, tab: dict, top: int = 12) -> None:
+    print(f"\n{title}: kernels {tab['kernel_us_per_iter']:.1f} us / iter, wall {tab['wall_us_per_iter']:.1f} us / iter")
+    for r in tab["rows"][:top]:
+        print(f"  {r['us_per_iter']:9.2f} us/iter  {r['calls_per_iter']:6.2f} calls  {r['us_per_call']:8.2f} us/call"
+              f"  {100 * r['share']:5.1f}%  {r['name']}")
+
+
+def _demo_int4(out: dict) -> None:
+    import jax.numpy as jnp
+
+    from iva_jax import quant
+    from kernels import quant_matmul as qm
+
+    k, n = 4096, 14336
+    w = jax.random.normal(jax.random.PRNGKey(0), (k, n), jnp.float32) * 0.02
+    c, s, z = quant.quantize_groupwise(w, bits=4, group_size=128, symmetric=False)
+    wb = w.astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, k), jnp.bfloat16)
+    for label, blk in (("default", qm.QuantBlocks()), ("acc2d", qm.QuantBlocks(acc2d=True)),
+                       ("1 split", qm.QuantBlocks(num_splits=1, block_n=32))):
+        f = jax.jit(lambda x, c, s, z, blk=blk: qm.quant_matmul(x, c, s, z, bits=4, group_size=128, impl="triton",
+                                                              blocks=blk))
+        tab = kernel_table(f, (x, c, s, z))
+        print_table(f"int4 M1 {k}->{n} {label}", tab)
+        out[f"int4 {label}"] = tab
+    tab = kernel_table(jax.jit(lambda x, w: x @ w), (x, wb))
+    print_table("bf16 M1 matmul (XLA)", tab)
+    out["bf16"] = tab
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--demo", default="int4", choices=["int4"])
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernel_times.json"))
+    a = ap.parse_args()
+    out: dict = {"device": str(jax.devices()[0]), "jax": jax.__version__}
+    _demo_int4(out)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

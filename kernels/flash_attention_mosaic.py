@@ -30,6 +30,7 @@ own keys' [bq, d] partial.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -758,8 +759,11 @@ def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, 
                   thread_name="wg")
     params = plgpu.CompilerParams(approx_math=True)
     if fused:  # pl.kernel (not plgpu.kernel, whose vmap wrapper rejects Refs) aliases the Ref in and out
-        dk, dv = pl.kernel(entry, out_type=out_type, mesh=plgpu.Mesh(**launch), compiler_params=params,
-                           name="flash_attention_dkv_dq")(*args, dq_acc)
+        from jax._src import config as jax_config  # like plgpu.kernel: no vma check (kernels run inside shard_map)
+        no_vma = getattr(jax_config, "_check_vma", None)
+        with no_vma(False) if no_vma is not None else contextlib.nullcontext():
+            dk, dv = pl.kernel(entry, out_type=out_type, mesh=plgpu.Mesh(**launch), compiler_params=params,
+                               name="flash_attention_dkv_dq")(*args, dq_acc)
     else:
         dk, dv = plgpu.kernel(entry, out_type=out_type, compiler_params=params, **launch)(*args)
     return dk, dv

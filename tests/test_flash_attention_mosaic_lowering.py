@@ -78,3 +78,24 @@ def test_two_kernel_backward_still_lowers():
     txt = _export_grad(tiles, b=1, sq=200, skv=200, hq=4, hkv=2, d=128)
     assert txt.count("custom_call @mosaic_gpu") == 3  # forward, dQ, dK/dV
     assert _REDUCE not in txt
+
+
+def test_fused_dq_backward_lowers_inside_shard_map():
+    """The aliased f32 dQ buffer also works per shard (how iva_jax.parallel calls the kernels)."""
+    import numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    from iva_jax.parallel.kernel_sharding import shard_map
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    attend = shard_map(lambda q, k, v: fa.flash_attention(q, k, v, causal=True, impl="mosaic"), mesh=mesh,
+                       in_specs=(P("data"),) * 3, out_specs=P("data"), check=False)
+    spec = jax.ShapeDtypeStruct
+    args = [spec((2, 136, 4, 128), jnp.bfloat16), spec((2, 136, 2, 128), jnp.bfloat16),
+            spec((2, 136, 2, 128), jnp.bfloat16)]
+    saved, fam.TILES = fam.TILES, dataclasses.replace(fam.Tiles(), fused_dq=True)
+    try:
+        grad = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+        txt = jax.export.export(jax.jit(grad), platforms=["cuda"])(*args).mlir_module()
+    finally:
+        fam.TILES = saved
+    assert txt.count("custom_call @mosaic_gpu") == 2 and txt.count(_REDUCE) == 1

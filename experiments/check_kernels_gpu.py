@@ -151,6 +151,8 @@ ATTN_CASES = [
 # the Mosaic backward runs twice: "mosaic" = the default tiles, "mosaic:2k" / "mosaic:fdq" = the other one of
 # the two-kernel backward (dQ kernel + dK/dV kernel) and the fused one (dK/dV kernel adds dQ via TMA reduce-add)
 _MOSAIC_BWD = {"mosaic:2k": dict(fused_dq=False), "mosaic:fdq": dict(fused_dq=True)}
+# CHECK_ATTN_IMPLS=mosaic (comma list) runs only those attention implementations (a short GPU run)
+_ATTN_IMPLS = [s for s in os.environ.get("CHECK_ATTN_IMPLS", "").split(",") if s]
 
 
 def check_attention(rng):
@@ -184,6 +186,8 @@ def check_attention(rng):
 
             for impl in impls_for(lambda i: fa._choose(i, dtype, d, True, False, log=False, causal=causal,
                                                        q_offset=q_off)):
+                if _ATTN_IMPLS and impl not in _ATTN_IMPLS:
+                    continue
                 run_case("flash_attention", name, impl, dtype, lambda q, k, v, impl=impl: impl_fn(q, k, v, impl),
                          ref_fn, [q, k, v], (do, dlse), ["dq", "dk", "dv"], ["o", "lse"])
                 if impl != "mosaic":

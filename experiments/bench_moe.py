@@ -3,16 +3,24 @@
 layer mode (one GPU): an MoE FFN layer (router + dispatch + SwiGLU experts + combine), 8 experts top-2,
 hidden 2048, expert ffn 5632, 16k tokens, bf16, forward and forward+backward:
   pallas          dropless, kernels.grouped_matmul (Triton Pallas)
+  mosaic          dropless, kernels.grouped_matmul_mosaic (Mosaic GPU forward on a tile-padded layout,
+                  Triton backward); mosaic_dn128 / mosaic_s3: the same with other tiles (MOSAIC_VARIANTS)
+  ragged_mgpu     anchor: dropless with jax's example kernel pallas/ops/gpu/ragged_dot_mgpu.ragged_dot
+                  (forward only: it has no VJP; skipped if its API does not match)
   ragged          dropless, jax.lax.ragged_dot (XLA)
   capacity        capacity 1.25, index gather/scatter dispatch
   capacity_einsum capacity 1.25, GShard one-hot einsum dispatch
   dense           a dense SwiGLU FFN with the same active FLOPs (ffn = top_k * expert ffn), the anchor
+check mode (H100): the Mosaic grouped kernels and the dropless "mosaic" layer (outputs and all gradients)
+against the float32 XLA reference on a few shapes (balanced, skewed with empty experts); PASS/FAIL and the
+max relative errors go to the JSON.
 ep mode (2+ GPUs): tokens/s per GPU at the same per-GPU load for EP=1 (one GPU, all experts), DP=n
 (experts replicated, no exchange) and EP=n (experts sharded, all-to-all / ragged all-to-all).
 Median of --iters timed runs after --warmup runs; inputs random; prints a table, writes JSON to --out.
 
   python experiments/bench_moe.py --out results/bench_moe_layer.json                 # H100
   python experiments/bench_moe.py --mode ep --out results/bench_moe_ep.json          # 2 x H200
+  python experiments/bench_moe.py --mode check,layer --impls dense,pallas,mosaic,ragged_mgpu   # H100, Mosaic
   python experiments/bench_moe.py --tiny                                             # CPU smoke run
 """
 
@@ -64,12 +72,47 @@ def make_inputs(key, t, d, f, e, dtype):
     return x, router, wg, wu, wd
 
 
+def mosaic_variants() -> dict:
+    """Mosaic tile variants timed as separate layer rows (kernels.grouped_matmul_mosaic.Tiles)."""
+    from kernels.grouped_matmul_mosaic import Tiles
+    return {"mosaic": {}, "mosaic_dn128": dict(down_tiles=Tiles(tile_n=128)),
+            "mosaic_s3": dict(gate_up_tiles=Tiles(stages=3), down_tiles=Tiles(stages=3))}
+
+
+def ragged_mgpu_swiglu():
+    """The anchor's expert FFN with jax's example Mosaic ragged_dot (forward only); None if it does not import."""
+    try:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    except Exception:  # an example module: absent or changed in some jax versions
+        return None
+
+    def ffn(xs, sizes, wg, wu, wd):
+        mm = lambda a, w: ragged_dot_mgpu.ragged_dot(a, w, group_sizes=sizes, block_m=128, block_n=128,  # noqa: E731
+                                                     block_k=64, max_concurrent_steps=4, grid_block_n=4)
+        h = dp._silu_mul(mm(xs, wg), mm(xs, wu), xs.dtype)
+        return mm(h, wd)
+    return ffn
+
+
 def moe_layer(kind, top_k, cf, dtype, gmm_kw):
     """x, router, wg, wu, wd -> y: routing + the chosen dispatch."""
+    mgpu = ragged_mgpu_swiglu() if kind == "ragged_mgpu" else None
+    if kind == "ragged_mgpu" and mgpu is None:
+        raise ImportError("jax.experimental.pallas.ops.gpu.ragged_dot_mgpu does not import")
+
     def fn(x, router, wg, wu, wd):
         r = route(jnp.dot(x.astype(jnp.float32), router), top_k=top_k)
         if kind == "pallas":
             y = dp.dropless_moe(x, r.expert_index, r.gate_weights, wg, wu, wd, impl="pallas", dtype=dtype, **gmm_kw)
+        elif kind.startswith("mosaic"):
+            y = dp.dropless_moe(x, r.expert_index, r.gate_weights, wg, wu, wd, impl="mosaic", dtype=dtype,
+                                **gmm_kw, **mosaic_variants()[kind])
+        elif kind == "ragged_mgpu":
+            t, k = r.expert_index.shape
+            order, sizes = dp.sort_by_expert(r.expert_index, wg.shape[0])
+            out = mgpu(x[order // k].astype(dtype), sizes, *(w.astype(dtype) for w in (wg, wu, wd)))
+            inv = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
+            y = jnp.einsum("tk,tkd->td", r.gate_weights, out[inv].reshape(t, k, -1).astype(jnp.float32))
         elif kind == "ragged":
             y = dp.dropless_moe(x, r.expert_index, r.gate_weights, wg, wu, wd, impl="ragged", dtype=dtype)
         elif kind in ("capacity", "capacity_einsum"):
@@ -125,15 +168,16 @@ def run_layer(a) -> dict:
             fwd = jax.jit(fn)
             out = fwd(*args)
             err = None
-            if kind in ("pallas", "ragged") and ref is not None:
-                err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / (jnp.max(jnp.abs(ref)) + 1e-9))
-            if kind == "ragged":
-                ref = out.astype(jnp.float32)
+            if kind != "dense" and ref is not None:  # against the first dropless impl of the run
+                err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref[1])) / (jnp.max(jnp.abs(ref[1])) + 1e-9))
+            elif kind in ("ragged", "pallas"):
+                ref = (kind, out.astype(jnp.float32))
             t_f = timeit(fwd, args, a.warmup, a.iters)
-            t_fb = timeit(fwd_bwd(fn, len(args)), args, a.warmup, a.iters) if not a.fwd_only else float("nan")
+            no_bwd = a.fwd_only or kind == "ragged_mgpu"  # the example kernel has no VJP
+            t_fb = timeit(fwd_bwd(fn, len(args)), args, a.warmup, a.iters) if not no_bwd else float("nan")
             rows.append(dict(impl=kind, fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=active_flops / t_f / 1e9,
                              fwd_bwd_tflops=3 * active_flops / t_fb / 1e9, tokens_per_s=t / t_f * 1e3,
-                             rel_err_vs_ragged=err))
+                             rel_err=err, rel_err_vs=None if ref is None or err is None else ref[0]))
         except Exception as ex:  # keep going: one failing impl should not hide the others
             rows.append(dict(impl=kind, error=f"{type(ex).__name__}: {str(ex)[:300]}"))
     dense = next((r_ for r_ in rows if r_["impl"] == "dense" and "error" not in r_), None)
@@ -157,6 +201,89 @@ def run_layer(a) -> dict:
                 capacity_factor=a.capacity_factor, gmm=gmm_kw, load_std_over_mean=float(m["load_std_over_mean"]),
                 overflow_pct=float(m["overflow_pct"]),
                 rows=rows)
+
+
+def _rel(a, b) -> float:
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    if not bool(jnp.all(jnp.isfinite(a))):
+        return float("inf")
+    return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+
+
+def run_check(a) -> dict:
+    """Mosaic grouped kernels and the dropless "mosaic" layer (bf16) against the float32 XLA reference."""
+    from kernels import grouped_matmul_mosaic as gmm_m
+    tol = a.check_tol
+    dtype = jnp.dtype(a.dtype)
+    interp = dict(interpret=True) if a.interpret else {}
+    cases = [("balanced", 2048, 512, 768, 8, 0.0), ("skewed, 3 empty experts", 1536, 256, 640, 8, 3.0),
+             ("layer shape", a.tokens, a.hidden, a.ffn, a.experts, 0.0)]
+    if a.tiny:
+        cases = [("balanced", 96, 128, 256, 4, 0.0), ("skewed, 1 empty expert", 80, 128, 256, 4, 3.0)]
+    k = a.top_k
+    rows = []
+    for name, t, d, f, e, skew in cases:
+        res = dict(case=name, tokens=t, hidden=d, ffn=f, experts=e)
+        try:
+            x, router, wg, wu, wd = make_inputs(jax.random.PRNGKey(7), t, d, f, e, dtype)
+            logits = jnp.dot(x.astype(jnp.float32), router)
+            if skew:  # expert 0 favoured, the last experts never chosen
+                bias = jnp.where(jnp.arange(e) >= e - (3 if e >= 8 else 1), -1e9, 0.0).at[0].add(skew)
+                logits = logits + bias
+            r = route(logits, top_k=k)
+            ei, gw = r.expert_index, r.gate_weights
+            c = jax.random.normal(jax.random.PRNGKey(8), (t, d), jnp.float32)
+            f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
+
+            def loss(impl, dt, **kw):
+                return lambda xx, ww, g, u, dd: jnp.sum(dp.dropless_moe(xx, ei, ww, g, u, dd, impl=impl, dtype=dt, **kw) * c)
+            y_m = jax.jit(lambda *v: dp.dropless_moe(v[0], ei, *v[1:], impl="mosaic", dtype=dtype, **interp))(
+                x, gw, wg, wu, wd)
+            y_r = jax.jit(lambda *v: dp.dropless_moe(v[0], ei, *v[1:], impl="ragged", dtype=jnp.float32))(
+                f32(x), gw, f32(wg), f32(wu), f32(wd))
+            res["y"] = _rel(y_m, y_r)
+            g_m = jax.jit(jax.grad(loss("mosaic", dtype, **interp), argnums=range(5)))(x, gw, wg, wu, wd)
+            g_r = jax.jit(jax.grad(loss("ragged", jnp.float32), argnums=range(5)))(f32(x), gw, f32(wg), f32(wu), f32(wd))
+            for gname, gm_, gr_ in zip(("dx", "dgate_weights", "dw_gate", "dw_up", "dw_down"), g_m, g_r):
+                res[gname] = _rel(gm_, gr_)
+            # the kernels alone on the padded layout: h, g, u and the down projection; pad rows exactly zero
+            if not a.interpret:
+                order, sizes = dp.sort_by_expert(ei, e)
+                tm = gmm_m.GATE_UP_TILES.tile_m
+                lay = gmm_m.padded_layout(sizes, t * k, tm)
+                xp = gmm_m.pad_rows(x[order // k], lay)
+                h, g, u = jax.jit(lambda *v: gmm_m.grouped_swiglu_fwd(*v, save_products=True))(xp, wg, wu, lay.tile_group)
+                out = jax.jit(gmm_m.grouped_matmul_fwd)(h, wd, lay.tile_group)
+                used = int(lay.num_tiles) * tm
+                gsp = lay.group_sizes
+                rg = jax.lax.ragged_dot(f32(xp), f32(wg), gsp, precision=jax.lax.Precision.HIGHEST)
+                ru = jax.lax.ragged_dot(f32(xp), f32(wu), gsp, precision=jax.lax.Precision.HIGHEST)
+                rh = jax.nn.silu(rg) * ru
+                rout = jax.lax.ragged_dot(f32(h), f32(wd), gsp, precision=jax.lax.Precision.HIGHEST)
+                res.update(kernel_h=_rel(h[:used], rh[:used]), kernel_g=_rel(g[:used], rg[:used]),
+                           kernel_u=_rel(u[:used], ru[:used]), kernel_down=_rel(out[:used], rout[:used]),
+                           used_tiles=int(lay.num_tiles), tiles=lay.tile_group.shape[0])
+                pad = (lay.source[:used] == t * k)[:, None]
+                res["pad_rows_zero"] = bool(jnp.all(jnp.where(pad, out[:used], 0) == 0)
+                                            and jnp.all(jnp.where(pad, h[:used], 0) == 0))
+            errs = [v for kk, v in res.items() if kk in ("y", "dx", "dgate_weights", "dw_gate", "dw_up", "dw_down")
+                    or kk.startswith("kernel_")]
+            res["max_rel_err"] = max(errs)
+            res["status"] = "PASS" if max(errs) <= tol and res.get("pad_rows_zero", True) else "FAIL"
+        except Exception as ex:  # record and go on
+            res.update(status="ERROR", error=f"{type(ex).__name__}: {str(ex)[:400]}")
+        rows.append(res)
+    print(f"\nMosaic grouped-matmul check vs float32 XLA (tolerance {tol} relative to max |ref|), "
+          f"{jax.devices()[0].device_kind}")
+    for r_ in rows:
+        if r_["status"] == "ERROR":
+            print(f"{r_['case']:26s} ERROR {r_['error']}")
+            continue
+        detail = " ".join(f"{kk}={v:.2e}" for kk, v in r_.items() if isinstance(v, float))
+        print(f"{r_['case']:26s} {r_['status']}  {detail}" + ("" if r_.get("pad_rows_zero", True) else " PAD ROWS NONZERO"))
+    status = "PASS" if all(r_["status"] == "PASS" for r_ in rows) else "FAIL"
+    print(f"check: {status}")
+    return dict(mode="check", status=status, tolerance=tol, dtype=a.dtype, rows=rows)
 
 
 def run_sweep(a) -> dict:
@@ -281,7 +408,7 @@ def run_ep(a) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["layer", "ep", "sweep", "all"], default="layer")
+    p.add_argument("--mode", default="layer", help="comma list of layer, check, sweep, ep (all = layer,sweep,ep)")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--ffn", type=int, default=5632)
@@ -306,6 +433,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--fwd-only", action="store_true")
+    p.add_argument("--check-tol", type=float, default=3e-2, help="check mode: max error relative to max |ref|")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, CPU smoke run (Pallas in interpret mode)")
     p.add_argument("--out", default=None, help="write results JSON here")
     a = p.parse_args(argv)
@@ -321,11 +449,17 @@ def main(argv=None) -> dict:
                 python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
                 command=" ".join(sys.argv))
     results = dict(info=info)
-    modes = ["layer", "sweep", "ep"] if a.mode == "all" else [a.mode]
+    modes = ["layer", "sweep", "ep"] if a.mode == "all" else [m for m in a.mode.split(",") if m]
+    runners = {"layer": run_layer, "ep": run_ep, "sweep": run_sweep, "check": run_check}
+    bad = [m for m in modes if m not in runners]
+    if bad:
+        p.error(f"unknown mode(s) {bad}; choose from {sorted(runners)} or all")
+    if "check" in modes or "mosaic" in a.impls:  # the Mosaic grouped FFN is opt-in until its check passed
+        os.environ["IVA_KERNELS_ALLOW_UNVALIDATED"] = "1"
     for m in modes:
         if m == "sweep" and a.interpret:
             continue
-        results[m] = {"layer": run_layer, "ep": run_ep, "sweep": run_sweep}[m](a)
+        results[m] = runners[m](a)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as fh:

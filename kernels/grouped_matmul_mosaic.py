@@ -350,6 +350,7 @@ def grouped_swiglu_ffn(xs_padded: jnp.ndarray, tile_group: jnp.ndarray, group_si
                        num_stages: Optional[int] = None) -> jnp.ndarray:
     """Expert SwiGLU FFN on the padded layout: [P, D] -> [P, D] in x's dtype, differentiable in x and weights.
 
+    xs_padded, tile_group, group_sizes_padded come from `padded_layout` / `pad_rows` (pad rows must be zero).
     Forward: the two Mosaic kernels (interpret=True: XLA); backward: the Triton grouped matmuls of
     `kernels.grouped_matmul` (block_* as there; None = its defaults) over `group_sizes_padded`.
     Rows of tiles past the used ones are undefined in the output.

@@ -400,17 +400,37 @@ def backward(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offs
     ks_p = None if ks is None else _pad_rows(ks, 2 * max(tiles.dq_block_kv, tiles.bwd_block_kv))
     kw = dict(scale2=scale2, causal=causal, window=window, q_offset=q_offset, tiles=tiles, sq=sq, skv=skv)
     if tiles.fused_dq:
-        @jax.jit  # the Ref lives inside one jit also when the VJP runs eagerly
-        def fused(q, k, v, qs_p, ks_p, do, lse2, delta):
-            dq_acc = jax.new_ref(jnp.zeros(q.shape, _F32))  # aliased in and out of the kernel
-            dk, dv = _dkv(q, k, v, qs_p, ks_p, do, lse2, delta, dq_acc=dq_acc, **kw)
-            return (dq_acc[...][:, :sq] * (scale2 / 1.4426950408889634)).astype(q.dtype), dk, dv
-
-        dq, dk, dv = fused(q, k, v, qs_p, ks_p, do, lse2, delta)
-        return dq, dk[:, :skv], dv[:, :skv]
+        return _fused_backward(q, k, v, qs_p, ks_p, do, lse2, delta, kw)
     dq = _dq(q, k, v, qs_p, ks_p, do, lse2, delta, **kw)
     dk, dv = _dkv(q, k, v, qs_p, ks_p, do, lse2, delta, **kw)
     return dq[:, :sq], dk[:, :skv], dv[:, :skv]
+
+
+def _fused_backward(q, k, v, qs, ks, do, lse2, delta, kw):
+    """(dq, dk, dv) cut to sq / skv rows, from the fused kernel; batch leads every operand (vmap folds into it)."""
+
+    @jax.custom_batching.custom_vmap  # the kernel with a Ref does not batch: fold vmapped axes into batch
+    @jax.jit
+    def fused(q, k, v, qs, ks, do, lse2, delta):
+        def stateful(refs):  # pl.run_state: the Refs start as these values and never leave this function
+            dq_ref, dk_ref, dv_ref = refs
+            dk_ref[...], dv_ref[...] = _dkv(q, k, v, qs, ks, do, lse2, delta, dq_acc=dq_ref, **kw)
+
+        dq32, dk, dv = pl.run_state(stateful)((jnp.zeros(q.shape, _F32), jnp.zeros_like(k), jnp.zeros_like(v)))
+        dq = (dq32[:, :kw["sq"]] * (kw["scale2"] / 1.4426950408889634)).astype(q.dtype)
+        return dq, dk[:, :kw["skv"]], dv[:, :kw["skv"]]
+
+    @fused.def_vmap
+    def _(axis_size, in_batched, *args):
+        def fold(x, batched):
+            if x is None:
+                return None
+            x = x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+            return x.reshape((axis_size * x.shape[1],) + x.shape[2:])
+        outs = fused(*map(fold, args, in_batched))
+        return tuple(o.reshape((axis_size, o.shape[0] // axis_size) + o.shape[1:]) for o in outs), (True,) * 3
+
+    return fused(q, k, v, qs, ks, do, lse2, delta)
 
 
 def _dq(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, tiles, sq, skv):

@@ -99,3 +99,18 @@ def test_fused_dq_backward_lowers_inside_shard_map():
     finally:
         fam.TILES = saved
     assert txt.count("custom_call @mosaic_gpu") == 2 and txt.count(_REDUCE) == 1
+
+
+def test_fused_dq_backward_lowers_under_vmap():
+    """vmap folds into the batch axis (the kernel with its aliased dQ buffer cannot batch itself)."""
+    spec = jax.ShapeDtypeStruct
+    args = [spec((2, 1, 72, 4, 128), jnp.bfloat16), spec((2, 1, 72, 2, 128), jnp.bfloat16),
+            spec((1, 72, 2, 128), jnp.bfloat16)]
+    saved, fam.TILES = fam.TILES, dataclasses.replace(fam.Tiles(), fused_dq=True)
+    try:
+        grad = jax.grad(lambda q, k, v: jnp.sum(fa.flash_attention(q, k, v, impl="mosaic").astype(jnp.float32)),
+                        argnums=(0, 1, 2))
+        txt = jax.export.export(jax.jit(jax.vmap(grad, in_axes=(0, 0, None))), platforms=["cuda"])(*args).mlir_module()
+    finally:
+        fam.TILES = saved
+    assert txt.count("custom_call @mosaic_gpu") == 2 and txt.count(_REDUCE) == 1

@@ -60,6 +60,9 @@ class Tiles:
     # columns over all 2 * bwd_block_kv keys (one reduce-add of [bq, d] per q tile, FA3's split);
     # otherwise each warpgroup reduce-adds the [bq, d] partial of its own keys (twice the traffic)
     dq_split: bool = True
+    # SMEM of the fused dK/dV/dQ kernel at D=128, bq = bk = 64 (sm90 allows 227 KiB): K, V 2 x 32 KiB,
+    # Q/dO ring stages x 32 KiB, dS^T 2 x 16 KiB, f32 dQ staging 2 x 16 KiB (split; 2 x 32 per-warpgroup),
+    # lse/delta stages x 0.5 KiB: 193 KiB at 2 stages, ~226 KiB at 3 (at the limit)
 
 
 TILES = Tiles()

@@ -339,10 +339,10 @@ def bench_attention(torch_ok, peak, sweep, which="all"):
             bwd_tiles = ((two, fam.Tiles(fused_dq=False, dq_block_kv=128), fused, fam.Tiles(fused_dq=True, stages=3),
                           fam.Tiles(fused_dq=True, dq_split=False)) if d > 64 else
                          (two, fam.Tiles(fused_dq=False, dq_block_kv=128), fam.Tiles(fused_dq=False, bwd_block_q=128),
-                          fused, fam.Tiles(fused_dq=True, bwd_block_q=128), fam.Tiles(fused_dq=True, stages=3)))
+                          fused, fam.Tiles(fused_dq=True, dq_split=False), fam.Tiles(fused_dq=True, stages=3)))
 
             def bwd_label(t):
-                how = ("fused dQ " + ("split" if t.dq_split and d % 128 == 0 else "per-wg")) if t.fused_dq else \
+                how = ("fused dQ " + ("split" if t.dq_split else "per-wg")) if t.fused_dq else \
                     f"dQ kernel dq_bk={t.dq_block_kv}"
                 return f"mosaic bwd {how} dkv_bq={t.bwd_block_q} st={t.stages}"
             for tiles in bwd_tiles:

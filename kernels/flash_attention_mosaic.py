@@ -22,7 +22,7 @@ Fused dQ (`Tiles.fused_dq`, FA3's scheme): the dK/dV kernel also forms dQ = dS @
 visits (dS^T through SMEM as a transposed wgmma A operand) and adds the f32 partial into a zeroed
 [B, Sq, Hq, D] buffer with a TMA reduce-add (`cp.reduce.async.bulk.tensor ... add`), so S and P are
 computed once (5 matmul passes, not 7); XLA then scales and casts dQ.  The order of the f32 additions
-varies from run to run (dQ is not bitwise deterministic; dK, dV are).  At head_dim % 128 == 0 the two
+varies from run to run (dQ is not bitwise deterministic; dK, dV are).  With `dq_split` the two
 warpgroups meet on a barrier each step, share dS^T [2 * bwd_block_kv, bq] and each computes half of
 dQ's columns over all keys of the CTA (one reduce-add per q tile); otherwise each warpgroup adds its
 own keys' [bq, d] partial.
@@ -56,9 +56,10 @@ class Tiles:
     # backward in one kernel: the dK/dV kernel also emits dQ partials (dS @ K, f32) and adds them into a
     # zeroed f32 buffer with TMA reduce-add (5 matmul passes instead of 7; summation order of dQ varies)
     fused_dq: bool = True
-    # fused, head_dim % 128 == 0: both warpgroups share dS through SMEM and each computes half of dQ's
-    # columns over all 2 * bwd_block_kv keys (one reduce-add of [bq, d] per q tile, FA3's split);
-    # otherwise each warpgroup reduce-adds the [bq, d] partial of its own keys (twice the traffic)
+    # fused: both warpgroups share dS through SMEM and each computes half of dQ's columns over all
+    # 2 * bwd_block_kv keys (one reduce-add of [bq, d] per q tile, FA3's split; at D=64 the backward's
+    # SMEM tiles then use a 64-byte swizzle); False: each warpgroup reduce-adds the [bq, d] partial of
+    # its own keys (twice the traffic, no barrier between the warpgroups)
     dq_split: bool = True
     # SMEM of the fused dK/dV/dQ kernel at D=128, bq = bk = 64 (sm90 allows 227 KiB): K, V 2 x 32 KiB,
     # Q/dO ring stages x 32 KiB, dS^T 2 x 16 KiB, f32 dQ staging 2 x 16 KiB (split; 2 x 32 per-warpgroup),
@@ -581,9 +582,11 @@ def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, 
     bq, bk, stages = tiles.bwd_block_q, tiles.bwd_block_kv, tiles.stages
     seg = qs is not None
     fused = dq_acc is not None
-    split = fused and tiles.dq_split and d % 128 == 0  # halves of d stay whole swizzle tiles
+    split = fused and tiles.dq_split
     dh = d // 2 if split else d  # dQ columns per warpgroup
-    transforms = _smem_transforms(d, dtype)
+    # split: swizzle by dh (64 B at D=64, 128 B from D=128) so that half of K's columns is whole swizzle
+    # tiles; every wgmma operand pair then shares it (dS^T and K; K and Q; V and dO)
+    transforms = _smem_transforms(dh, dtype)
     log = dict(causal=causal, window=window)
     sm_scale = scale2 / 1.4426950408889634
     n_qb_all = _cdiv(sq, bq)
@@ -764,8 +767,7 @@ def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, 
             plgpu.SMEM((stages, bq), _F32),
             plgpu.SMEM((stages, bq), jnp.int32) if seg else None,
             # dS^T (bf16): split: 2 buffers x [2 * bk, bq]; own: one [bk, bq] per warpgroup
-            plgpu.SMEM((2, 2 * bk if split else bk, bq), dtype, transforms=_smem_transforms(bq, dtype))
-            if fused else None,
+            plgpu.SMEM((2, 2 * bk if split else bk, bq), dtype, transforms=transforms) if fused else None,
             # f32 staging of each warpgroup's dQ partial for the TMA reduce-add
             plgpu.SMEM((2, bq, dh), _F32, transforms=_smem_transforms(dh, _F32)) if fused else None,
         )

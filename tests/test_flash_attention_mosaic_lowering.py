@@ -55,7 +55,7 @@ def _export_grad(tiles, *, b, sq, skv, hq, hkv, d, window=None, q_offset=0, segm
 FUSED = [
     # split dQ (head_dim 128: each warpgroup half of dQ's columns), GQA 4:1, length not a tile multiple
     dict(tiles=dict(dq_split=True), b=1, sq=200, skv=200, hq=4, hkv=1, d=128),
-    # head_dim 64 (each warpgroup reduce-adds its own keys' partial), window, q_offset, q_len != kv_len
+    # head_dim 64 (split over 32-column halves: 64-byte swizzle), window, q_offset, q_len != kv_len
     dict(tiles=dict(dq_split=True), b=1, sq=96, skv=250, hq=4, hkv=2, d=64, window=37, q_offset=154),
     # segment ids, MHA, the per-warpgroup variant at head_dim 128
     dict(tiles=dict(dq_split=False), b=2, sq=136, skv=136, hq=2, hkv=2, d=128, segments=True),

@@ -148,9 +148,11 @@ ATTN_CASES = [
     ("causal off-50 (empty rows) D64", 1, 200, 256, 2, 1, 64, True, None, -50, False),
     ("window200 off300 q700/kv1000 GQA2 D128", 1, 700, 1000, 8, 4, 128, True, 200, 300, False),
 ]
-# the Mosaic backward runs twice: "mosaic" = the default tiles, "mosaic:2k" / "mosaic:fdq" = the other one of
-# the two-kernel backward (dQ kernel + dK/dV kernel) and the fused one (dK/dV kernel adds dQ via TMA reduce-add)
-_MOSAIC_BWD = {"mosaic:2k": dict(fused_dq=False), "mosaic:fdq": dict(fused_dq=True)}
+# Mosaic backward variants besides the default tiles ("mosaic"): the two-kernel backward (dQ kernel + dK/dV
+# kernel), the fused one (dK/dV kernel adds dQ via TMA reduce-add) with dQ's columns split between the
+# warpgroups, and fused with per-warpgroup partials; the one equal to the default is not run twice
+_MOSAIC_BWD = {"mosaic:2k": dict(fused_dq=False), "mosaic:fdq": dict(fused_dq=True, dq_split=True),
+               "mosaic:pwg": dict(fused_dq=True, dq_split=False)}
 # CHECK_ATTN_IMPLS=mosaic (comma list) runs only those attention implementations (a short GPU run)
 _ATTN_IMPLS = [s for s in os.environ.get("CHECK_ATTN_IMPLS", "").split(",") if s]
 

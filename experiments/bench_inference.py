@@ -358,8 +358,7 @@ def _sweep_space(m: int) -> dict:
     """QuantBlocks values tried by the sweep, one field at a time (coordinate descent from the default)."""
     if not ON_GPU:  # CPU smoke test of the sweep machinery (interpret mode is slow)
         return dict(block_n=(32, 64))
-    space = dict(unit_codes=(True, False)) if m <= 4 else {}  # first: the rest is tuned around the better one
-    space |= dict(block_n=(32, 64, 128, 256), num_splits=(None, 1, 2, 4, 8, 16), block_k=(128, 256, 512, 1024),
+    space = dict(block_n=(32, 64, 128, 256), num_splits=(None, 1, 2, 4, 8, 16), block_k=(128, 256, 512, 1024),
                  num_warps=(1, 2, 4, 8), num_stages=(1, 2, 3, 4))
     if m > 1:
         space["dot_rows"] = (0, 4, m)  # tl.dot tiles vs the multiply-reduce GEMV at these rows

@@ -69,8 +69,8 @@ def _demo_int4(out: dict) -> None:
     c, s, z = quant.quantize_groupwise(w, bits=4, group_size=128, symmetric=False)
     wb = w.astype(jnp.bfloat16)
     x = jax.random.normal(jax.random.PRNGKey(1), (1, k), jnp.bfloat16)
-    for label, blk in (("default", qm.QuantBlocks()), ("exact-integer codes", qm.QuantBlocks(unit_codes=False)),
-                       ("unit codes, 16 splits", qm.QuantBlocks(num_splits=16))):
+    for label, blk in (("default", qm.QuantBlocks()), ("16 splits", qm.QuantBlocks(num_splits=16)),
+                       ("1 split, block_n 32", qm.QuantBlocks(num_splits=1, block_n=32))):
         f = jax.jit(lambda x, c, s, z, blk=blk: qm.quant_matmul(x, c, s, z, bits=4, group_size=128, impl="triton",
                                                               blocks=blk))
         tab = kernel_table(f, (x, c, s, z))

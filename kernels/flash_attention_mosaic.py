@@ -54,8 +54,10 @@ class Tiles:
     bwd_block_kv: int = 64  # keys per compute warpgroup (dK/dV)
     dq_block_kv: int = 64  # streamed keys per tile (dQ)
     # backward in one kernel: the dK/dV kernel also emits dQ partials (dS @ K, f32) and adds them into a
-    # zeroed f32 buffer with TMA reduce-add (5 matmul passes instead of 7; summation order of dQ varies)
-    fused_dq: bool = True
+    # zeroed f32 buffer with TMA reduce-add (5 matmul passes instead of 7; summation order of dQ varies).
+    # Off by default: slower on the H100 (B4 S4096 H16 D128 bwd: 1.93 ms split / 1.84 ms per-warpgroup vs
+    # 1.63 ms for the two kernels; GPU parity 24/24 for all three, BENCHMARKS.md)
+    fused_dq: bool = False
     # fused: both warpgroups share dS through SMEM and each computes half of dQ's columns over all
     # 2 * bwd_block_kv keys (one reduce-add of [bq, d] per q tile, FA3's split; at D=64 the backward's
     # SMEM tiles then use a 64-byte swizzle); False: each warpgroup reduce-adds the [bq, d] partial of
@@ -68,9 +70,9 @@ class Tiles:
 
 TILES = Tiles()
 # What experiments/check_kernels_gpu.py has validated on an H100 (jax 0.11.2), forward and backward
-# (two-kernel backward, fused_dq=False; the fused-dQ backward lowers for CUDA but awaits its GPU run):
-# bf16; head_dim 64 and 128; causal, with or without sliding window, q_offset >= 0, q_len != kv_len,
-# GQA 1-4, segment ids (packing, left padding).  Not yet run there: f16, non-causal, q_offset < 0.
+# (two-kernel and fused-dQ backward, split and per-warpgroup: 24/24 on 2026-11-22, session 4):
+# bf16; head_dim 64 and 128; causal, with or without sliding window, q_offset >= 0 and < 0 (empty rows),
+# q_len != kv_len, GQA 1-4, MQA non-causal, segment ids (packing, left padding).  Not yet run there: f16.
 VALIDATED_DTYPES = (jnp.dtype(jnp.bfloat16),)
 VALIDATED_HEAD_DIMS = (64, 128)
 

@@ -67,8 +67,6 @@ class QuantBlocks:
     num_warps: int = 4
     num_stages: int = 1  # the H100 sweep picked 1 stage in all four cases (int4/int8, M 1/16)
     dot_rows: int = 4
-    unit_codes: bool = True  # GEMV: codes decoded as 1 + c / 2^bits (integer shift-and-or, no float op per
-    # weight; the offset comes back once per group from sum(x)) instead of exact integers (one float sub more)
 
     def __post_init__(self):
         for name in ("block_n", "block_k"):
@@ -247,26 +245,8 @@ def _group_scales(s_ref, z_ref, gi, cols, c_ok, ok):
     return one(s_ref), None if z_ref is None else one(z_ref)
 
 
-_ONE = 0x3F800000  # f32 bit pattern of 1.0
-
-
-def _unit_tiles(w_ref, gi, cols, cmask, *, g, bits, sym):
-    """The codes c of group `gi` as f32 tiles 1 + c / 2^bits, exactly: c goes into the top mantissa bits of
-    1.0 (a shift, and an and-or: no float instruction per weight).  Same tiles as `_decode_tiles`."""
-    rows = g // 2 if bits == 4 else g
-    rr = gi * rows + jnp.arange(rows)
-    raw = _load(w_ref.at[rr[:, None], cols[None, :]], cmask, 0).astype(jnp.int32)
-    f = lambda bits_: lax.bitcast_convert_type(bits_, _F32)  # noqa: E731
-    if bits == 4:  # low nibble -> mantissa bits 19..22, high nibble likewise
-        return f(((raw << 19) & 0x00780000) | _ONE), f(((raw << 15) & 0x00780000) | _ONE)
-    u = raw + 128 if sym else raw  # int8 [-128, 127] -> [0, 255]
-    return (f((u << 15) | _ONE),)
-
-
-def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, per, ngroups, splits, unit):
-    """rows <= dot_rows: acc[r] += scale * sum_k x[r, k] * code[k, :] (+ zero * sum_k x[r, k]) per group.
-    unit: the tiles hold 1 + c / F (F = 2^bits, see `_unit_tiles`), so sum_k x c = F * (S - sum_k x) with
-    S = sum_k x * tile; S - sum_k x loses no bits that matter (|c / F| < 1 of |1|)."""
+def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, per, ngroups, splits):
+    """rows <= dot_rows: acc[r] += scale * sum_k x[r, k] * code[k, :] (+ zero * sum_k x[r, k]) per group."""
     j = pl.program_id(0)
     sp = pl.program_id(1)
     cols = j * bn + jnp.arange(bn)
@@ -278,8 +258,6 @@ def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, p
     nparts = 2 if bits == 4 else 1
     plen = g // nparts
     sym = z_ref is None
-    scale_f = float(1 << bits)
-    off = (8.0 if bits == 4 else 128.0) if sym else 0.0  # symmetric codes are q + off (int8: u = q + 128)
 
     def step(t, accs):
         loads = []
@@ -290,18 +268,14 @@ def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, p
             sc, zr = _group_scales(s_ref, z_ref, gi, cols, None if full else c_ok, ok)
             xs = [[plt.load(x_ref.at[r, gi * g + p * plen + jnp.arange(plen)]).astype(_F32) for p in range(nparts)]
                   for r in range(m)]
-            tiles = (_unit_tiles if unit else _decode_tiles)(w_ref, gi, cols, cmask, g=g, bits=bits, sym=sym)
-            loads.append((tiles, sc, zr, xs))
+            loads.append((_decode_tiles(w_ref, gi, cols, cmask, g=g, bits=bits, sym=sym), sc, zr, xs))
         accs = list(accs)
         for tiles, sc, zr, xs in loads:
             for r in range(m):
-                srow = jnp.sum(sum(xs[r][p][:, None] * tiles[p] for p in range(nparts)), axis=0)
-                sx = sum(jnp.sum(xp) for xp in xs[r]) if (unit or zr is not None) else None
-                if unit:  # sum_k x (c - off) = F (S - sx) - off sx
-                    srow = scale_f * (srow - sx) - off * sx if sym else scale_f * (srow - sx)
-                accs[r] = accs[r] + srow * sc
+                prod = sum(xs[r][p][:, None] * tiles[p] for p in range(nparts))
+                accs[r] = accs[r] + jnp.sum(prod, axis=0) * sc
                 if zr is not None:
-                    accs[r] = accs[r] + sx * zr
+                    accs[r] = accs[r] + sum(jnp.sum(xp) for xp in xs[r]) * zr
         return tuple(accs)
 
     nsteps = pl.cdiv(jnp.maximum(g1 - g0, 0), gps)
@@ -407,7 +381,7 @@ def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interp
     splits = p["splits"]
     common = dict(m=m, n=n, bn=p["bn"], g=group_size, bits=bits, gps=p["gps"], per=p["per"], ngroups=k // group_size,
                   splits=splits)
-    kern = (functools.partial(_gemv_kernel, unit=blocks.unit_codes, **common) if p["path"] == "gemv"
+    kern = (functools.partial(_gemv_kernel, **common) if p["path"] == "gemv"
             else functools.partial(_dot_kernel, bm=p["bm"], **common))
     args = [x, qweight, scale] + ([zero] if zero is not None else [])
     if zero is None:

@@ -72,10 +72,6 @@ PATH_CASES = [
     (8, False, 32, 16, 160, 40, qm.QuantBlocks(block_k=64, num_splits=3)),
     (4, True, 32, 16, 96, 72, qm.QuantBlocks(num_splits=2)),
     (4, False, 64, 3, 256, 20, qm.QuantBlocks(dot_rows=0)),
-    # the GEMV with exact-integer tiles instead of the default 1 + c / 2^bits ones (unit_codes=False)
-    (4, True, 64, 1, 320, 45, qm.QuantBlocks(unit_codes=False, block_k=128, num_splits=2)),
-    (4, False, 32, 3, 160, 72, qm.QuantBlocks(unit_codes=False, block_k=64)),
-    (8, True, 64, 1, 192, 33, qm.QuantBlocks(unit_codes=False, num_splits=2)),
 ]
 
 

@@ -49,6 +49,8 @@ class Tiles:
 
 GATE_UP_TILES = Tiles()  # swiglu_mosaic's tiles: (128x64 + 2 x 64x128) * 2 B * 4 stages + 32 KiB out = 224 KiB
 DOWN_TILES = Tiles()
+DH_TILES = Tiles()  # backward, one pair: (128x64 + 128x64) * 2 B * 4 stages + 32 KiB = 160 KiB
+DX_TILES = Tiles(stages=3)  # backward, two pairs: 2 x (128x64 + 128x64) * 2 B * 3 stages + 32 KiB = 224 KiB
 # Lowers for CUDA (tests export it) but has not run on a GPU yet: an explicit request raises until
 # `experiments/bench_moe.py --mode check` passes on the H100 and this flips (or with
 # IVA_KERNELS_ALLOW_UNVALIDATED=1, which the benchmark sets).
@@ -143,23 +145,33 @@ def _transforms(plgpu, cols: int, dtype):
     return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
 
 
-def _grouped_call(lhs, rhs: Sequence[jnp.ndarray], tile_group, tiles: Tiles, epilogue, n_out: int):
-    """Persistent grouped kernel: row tile i uses rhs[j][tile_group[i]] for every j (one wgmma
-    accumulator each); `epilogue(accs)` maps the f32 accumulators to `n_out` [tile_m, tile_n]
-    values stored (in lhs.dtype) to the n_out outputs [P, N]."""
+def _grouped_call(lhs: Sequence[jnp.ndarray], rhs: Sequence[jnp.ndarray], tile_group, tiles: Tiles, epilogue,
+                  n_out: int, *, accumulate: bool = False, transpose_rhs: bool = False):
+    """Persistent grouped kernel over row tiles i with e = tile_group[i] (tiles with e = E skipped).
+
+    accumulate=False: one lhs, one wgmma accumulator per rhs j: acc_j = lhs @ rhs[j][e].
+    accumulate=True: pairs (lhs[j], rhs[j]) summed into ONE accumulator: acc = sum_j lhs[j] @ rhs[j][e].
+    transpose_rhs: rhs stored [E, N, K] (the SMEM tile [N, K] is handed to wgmma transposed), else [E, K, N].
+    `epilogue(accs)` maps the f32 accumulators to `n_out` [tile_m, tile_n] values stored (in lhs.dtype)
+    to the n_out outputs [P, N]."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    p, k = lhs.shape
-    num_groups, _, n = rhs[0].shape
-    dtype = lhs.dtype
+    p, k = lhs[0].shape
+    n = rhs[0].shape[1] if transpose_rhs else rhs[0].shape[2]
+    dtype = lhs[0].dtype
     tm, tn, tk = tiles.tile_m, tiles.tile_n, tiles.tile_k
     em, en = tiles.epi_m, tiles.epi_n
     cta_n = 2 * tn
     m_iters, n_iters, k_iters = p // tm, n // cta_n, k // tk
-    in_tr = _transforms(plgpu, tk, dtype)
-    w_tr = _transforms(plgpu, tk, dtype)
+    num_groups = rhs[0].shape[0]
+    in_tr = w_tr = _transforms(plgpu, tk, dtype)  # 128 B swizzle at tile_k = 64 (bf16), either rhs layout
     out_tr = _transforms(plgpu, en, dtype)
-    n_rhs = len(rhs)
+    n_lhs, n_rhs = len(lhs), len(rhs)
+    n_acc = 1 if accumulate else n_rhs
+    if transpose_rhs:
+        w_spec = plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=w_tr, memory_space=plgpu.SMEM)
+    else:
+        w_spec = plgpu.BlockSpec((tk, cta_n), lambda kk: (kk, 0), transforms=w_tr, memory_space=plgpu.SMEM)
 
     def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -167,19 +179,22 @@ def _grouped_call(lhs, rhs: Sequence[jnp.ndarray], tile_group, tiles: Tiles, epi
             grid=(k_iters,),
             memory_registers=40,
             in_specs=[plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=in_tr, memory_space=plgpu.SMEM)]
-            + [plgpu.BlockSpec((tk, cta_n), lambda kk: (kk, 0), transforms=w_tr, memory_space=plgpu.SMEM)] * n_rhs,
+            * n_lhs + [w_spec] * n_rhs,
             wg_axis="wg",
             num_compute_wgs=2,
             max_concurrent_steps=tiles.stages,
             compute_context=context,
         )
 
-    def kernel(tg_gmem, x_gmem, *refs):
-        w_gmems, o_gmems = refs[:n_rhs], refs[n_rhs:]
+    def w_block(w, grp, n_sl):
+        return w.at[grp, n_sl, :] if transpose_rhs else w.at[grp, :, n_sl]
+
+    def kernel(tg_gmem, *refs):
+        x_gmems, w_gmems, o_gmems = refs[:n_lhs], refs[n_lhs:n_lhs + n_rhs], refs[n_lhs + n_rhs:]
         ignore = lambda *_, **__: None  # noqa: E731  (the body does not change the allocations)
 
         @functools.partial(pl.run_scoped,
-                           allocs=pipeline(ignore, ignore).get_allocations(x_gmem, *(w.at[0] for w in w_gmems)),
+                           allocs=pipeline(ignore, ignore).get_allocations(*x_gmems, *(w.at[0] for w in w_gmems)),
                            out_smem=plgpu.SMEM((2, 2, em, en), dtype, transforms=out_tr),
                            collective_axes="wg")
         def _scope(allocs, out_smem):
@@ -195,7 +210,7 @@ def _grouped_call(lhs, rhs: Sequence[jnp.ndarray], tile_group, tiles: Tiles, epi
                 wg_n = pl.ds(wg * tn, tn)
 
                 def context(run):
-                    @functools.partial(pl.run_scoped, accs=[plgpu.ACC((tm, tn), _F32)] * n_rhs)
+                    @functools.partial(pl.run_scoped, accs=[plgpu.ACC((tm, tn), _F32)] * n_acc)
                     def _accs(accs):
                         run(tuple(accs))
                         outs = epilogue([a[...] for a in accs])
@@ -214,17 +229,26 @@ def _grouped_call(lhs, rhs: Sequence[jnp.ndarray], tile_group, tiles: Tiles, epi
                                         out_smem.at[wg, slot],
                                         o_gmem.at[m_sl, n_sl].at[:, wg_n].at[pl.ds(ei * em, em), pl.ds(ej * en, en)])
 
-                def body(_, x_smem, *rest):
-                    w_smems, carry = rest[:n_rhs], rest[n_rhs]
-                    for acc, w_smem in zip(carry, w_smems):
-                        plgpu.wgmma(acc, x_smem, w_smem.at[:, wg_n])
+                def wg_rhs(w_smem):  # this warpgroup's [tk, tn] view of the rhs tile
+                    if transpose_rhs:
+                        return plgpu.transpose_ref(w_smem.at[wg_n, :], (1, 0))
+                    return w_smem.at[:, wg_n]
+
+                def body(_, *smems):
+                    x_smems, w_smems, carry = smems[:n_lhs], smems[n_lhs:n_lhs + n_rhs], smems[n_lhs + n_rhs]
+                    if accumulate:
+                        for x_smem, w_smem in zip(x_smems, w_smems):
+                            plgpu.wgmma(carry[0], x_smem, wg_rhs(w_smem))
+                    else:
+                        for acc, w_smem in zip(carry, w_smems):
+                            plgpu.wgmma(acc, x_smems[0], wg_rhs(w_smem))
                     plgpu.wgmma_wait(0)
                     return carry
 
                 @pl.when(grp < num_groups)
                 def _run():
-                    pipeline(body, context)(x_gmem.at[m_sl, :], *(w.at[grp, :, n_sl] for w in w_gmems),
-                                            allocations=allocs)
+                    pipeline(body, context)(*(x.at[m_sl, :] for x in x_gmems),
+                                            *(w_block(w, grp, n_sl) for w in w_gmems), allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -238,15 +262,17 @@ def _grouped_call(lhs, rhs: Sequence[jnp.ndarray], tile_group, tiles: Tiles, epi
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True,
                                              lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )(tile_group, lhs, *rhs)
+    )(tile_group, *lhs, *rhs)
 
 
-def _check_kernel_args(lhs, rhs, tile_group, tiles: Tiles, what: str):
+def _check_kernel_args(lhs, rhs, tile_group, tiles: Tiles, what: str, transpose_rhs: bool = False):
     p, k = lhs.shape
     for w in rhs:
-        if w.ndim != 3 or w.shape[1] != k or w.dtype != lhs.dtype:
-            raise ValueError(f"{what}: weights must be [E, {k}, N] {lhs.dtype}, got {w.dtype}{w.shape}")
-    n = rhs[0].shape[2]
+        kn = (w.shape[2], w.shape[1]) if transpose_rhs and w.ndim == 3 else w.shape[1:]
+        if w.ndim != 3 or kn[0] != k or w.shape != rhs[0].shape or w.dtype != lhs.dtype:
+            want = f"[E, N, {k}]" if transpose_rhs else f"[E, {k}, N]"
+            raise ValueError(f"{what}: weights must all be {want} {lhs.dtype}, got {w.dtype}{w.shape}")
+    n = rhs[0].shape[1 if transpose_rhs else 2]
     if p % tiles.tile_m or n % (2 * tiles.tile_n) or k % tiles.tile_k:
         raise ValueError(f"{what}: M={p} K={k} N={n} not a multiple of the tiles "
                          f"({tiles.tile_m}, {tiles.tile_k}, {2 * tiles.tile_n})")
@@ -267,7 +293,7 @@ def grouped_swiglu_fwd(xs_padded: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.nd
         h = g / (1.0 + jnp.exp(-g)) * u
         return [h, g, u] if save_products else [h]
 
-    outs = _grouped_call(xs_padded, (w_gate, w_up), tile_group.astype(jnp.int32), tiles, epilogue,
+    outs = _grouped_call((xs_padded,), (w_gate, w_up), tile_group.astype(jnp.int32), tiles, epilogue,
                          3 if save_products else 1)
     return tuple(outs) if save_products else outs[0]
 
@@ -276,7 +302,27 @@ def grouped_matmul_fwd(lhs_padded: jnp.ndarray, rhs: jnp.ndarray, tile_group: jn
                        *, tiles: Tiles = DOWN_TILES) -> jnp.ndarray:
     """out = lhs @ rhs[e] per row tile (e = tile_group[tile]); [P, K] x [E, K, N] -> [P, N]."""
     _check_kernel_args(lhs_padded, (rhs,), tile_group, tiles, "grouped_matmul_fwd")
-    return _grouped_call(lhs_padded, (rhs,), tile_group.astype(jnp.int32), tiles, lambda accs: accs, 1)[0]
+    return _grouped_call((lhs_padded,), (rhs,), tile_group.astype(jnp.int32), tiles, lambda accs: accs, 1)[0]
+
+
+def grouped_matmul_nt(lhs: Sequence[jnp.ndarray], rhs: Sequence[jnp.ndarray], tile_group: jnp.ndarray,
+                      *, tiles: Optional[Tiles] = None) -> jnp.ndarray:
+    """out = sum_j lhs[j] @ rhs[j][e].T per row tile (e = tile_group[tile]); lhs [P, K], rhs [E, N, K] -> [P, N].
+
+    One or two pairs summed in one f32 accumulator (the backward's dh = dy Wd^T, dx = dg Wg^T + du Wu^T);
+    rhs is read as stored (no transposed copy).  tiles None: DH_TILES for one pair, DX_TILES for two.
+    """
+    lhs, rhs = tuple(lhs), tuple(rhs)
+    if not 1 <= len(lhs) == len(rhs) <= 2:
+        raise ValueError(f"grouped_matmul_nt takes 1 or 2 (lhs, rhs) pairs, got {len(lhs)} lhs and {len(rhs)} rhs")
+    tiles = tiles or (DH_TILES if len(lhs) == 1 else DX_TILES)
+    p, k = lhs[0].shape
+    for a in lhs:
+        if a.shape != (p, k) or a.dtype != lhs[0].dtype:
+            raise ValueError(f"grouped_matmul_nt: every lhs must be {lhs[0].dtype}{(p, k)}, got {a.dtype}{a.shape}")
+    _check_kernel_args(lhs[0], rhs, tile_group, tiles, "grouped_matmul_nt", transpose_rhs=True)
+    return _grouped_call(lhs, rhs, tile_group.astype(jnp.int32), tiles, lambda accs: accs, 1,
+                         accumulate=True, transpose_rhs=True)[0]
 
 
 # ---------------------------------------------------------------------------------------------

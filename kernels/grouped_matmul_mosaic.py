@@ -1,8 +1,8 @@
-"""Mosaic GPU (Hopper) grouped matmuls for the dropless MoE forward, on a tile-padded row layout.
+"""Mosaic GPU (Hopper) grouped matmuls for the dropless MoE FFN, on a tile-padded row layout.
 
 Rows sorted by expert are placed so that every group starts at a multiple of `tile_m` (`padded_layout`):
 each row tile then belongs to exactly one expert (`tile_group[i]`; `E` marks the tiles past the used
-ones), pad rows are zero, and the kernels need no row masks.  Two persistent, warp-specialized kernels
+ones), pad rows are zero, and the kernels need no row masks.  Persistent, warp-specialized kernels
 in the shape of `kernels/swiglu_mosaic.py` (a memory warpgroup streams K-slices with TMA into a
 `stages`-deep SMEM ring; two compute warpgroups each own a [tile_m, tile_n] slice of a
 [tile_m, 2 * tile_n] CTA tile and accumulate with wgmma), reading the expert of each row tile from
@@ -10,12 +10,15 @@ in the shape of `kernels/swiglu_mosaic.py` (a memory warpgroup streams K-slices 
   grouped_swiglu_fwd   h = silu(x @ w_gate[e]) * (x @ w_up[e]), two accumulators from one x tile;
                        save_products=True also stores g and u (bf16) for the backward.
   grouped_matmul_fwd   out = lhs @ rhs[e] (the down projection).
+  grouped_matmul_nt    out = sum_j lhs_j @ rhs_j[e]^T, rhs stored [E, N, K] and handed to wgmma as a
+                       transposed SMEM view, one or two pairs in one accumulator (backward dh and dx).
 Tiles whose group is the sentinel are skipped: their output rows are undefined (no caller reads them;
 the backward masks them).  `grouped_swiglu_ffn` is the differentiable expert FFN (custom_vjp): Mosaic
-forward, backward on the Triton kernels of `kernels/grouped_matmul.py` with the padded group sizes (pad
-rows are zero, so they add nothing) and the silu backward in float32 from the saved g, u.  With
-`interpret=True` the forward is XLA (`jax.lax.ragged_dot`) and the backward runs in Pallas interpret
-mode: the CPU tests of the padding and the backward math.
+forward; backward dh = dy Wd^T and dx = dg Wg^T + du Wu^T on `grouped_matmul_nt`, the silu backward in
+float32 from the saved g, u, and the weight gradients on the Triton kernels of `kernels/grouped_matmul.py`
+with the padded group sizes (pad rows are zero, so they add nothing).  With `interpret=True` the Mosaic
+kernels are XLA stand-ins (`jax.lax.ragged_dot`; undefined rows NaN) and the Triton ones run in Pallas
+interpret mode: the CPU tests of the padding and the backward math.
 """
 
 from __future__ import annotations
@@ -116,14 +119,18 @@ def unpad_rows(out_padded: jnp.ndarray, layout: PaddedLayout) -> jnp.ndarray:
 # Mosaic GPU kernels
 # ---------------------------------------------------------------------------------------------
 def unsupported_reason(m_padded: int, d: int, f: int, dtype, gate_up: Tiles = GATE_UP_TILES,
-                       down: Tiles = DOWN_TILES) -> Optional[str]:
-    """Why the Mosaic grouped FFN may not take x [m_padded, d] with experts d -> f -> d (None if it can)."""
+                       down: Tiles = DOWN_TILES, backward: Sequence[Tiles] = (DH_TILES, DX_TILES)) -> Optional[str]:
+    """Why the Mosaic grouped FFN may not take x [m_padded, d] with experts d -> f -> d (None if it can);
+    `backward`: the (dh, dx) tiles of a Mosaic backward, () for the Triton one."""
     from kernels import dispatch
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype {jnp.dtype(dtype)} (Mosaic grouped matmul takes bf16/f16)"
-    if gate_up.tile_m != down.tile_m:
-        return f"gate/up tile_m={gate_up.tile_m} != down tile_m={down.tile_m}"
-    for name, t, k, n in (("gate/up", gate_up, d, f), ("down", down, f, d)):
+    for name, t in zip(("down", "dh", "dx"), (down,) + tuple(backward)):
+        if t.tile_m != gate_up.tile_m:
+            return f"gate/up tile_m={gate_up.tile_m} != {name} tile_m={t.tile_m}"
+    shapes = (("gate/up", gate_up, d, f), ("down", down, f, d))
+    shapes += tuple(zip(("dh", "dx"), backward, (d, f), (f, d)))
+    for name, t, k, n in shapes:
         if m_padded % t.tile_m or n % (2 * t.tile_n) or k % t.tile_k:
             return (f"{name}: shape M={m_padded} K={k} N={n} not a multiple of the tiles "
                     f"({t.tile_m}, {t.tile_k}, {2 * t.tile_n})")
@@ -334,7 +341,9 @@ class _Cfg(NamedTuple):
     gate_up: Tiles
     down: Tiles
     bwd_blocks: tuple  # (block_m, block_n, block_k, num_warps, num_stages) of the Triton backward
-    interpret: bool  # XLA forward + Pallas interpret backward (CPU tests)
+    interpret: bool  # XLA forward and dh / dx + Pallas interpret weight gradients (CPU tests)
+    dh: Optional[Tiles] = None  # tiles of the Mosaic dh / dx kernels; None: Triton dh / dx
+    dx: Optional[Tiles] = None
 
 
 def _ragged(a, w, gs):
@@ -356,6 +365,13 @@ def _down(h, wd, tile_group, gsp, cfg: _Cfg):
     return grouped_matmul_fwd(h, wd, tile_group, tiles=cfg.down)
 
 
+def _nt(lhs, rhs, tile_group, gsp, tiles: Tiles, cfg: _Cfg):
+    if cfg.interpret:  # the kernel's semantics in XLA; rows of skipped tiles (past sum(gsp)) NaN = undefined
+        acc = sum(_ragged(a, jnp.swapaxes(w, 1, 2), gsp) for a, w in zip(lhs, rhs))
+        return jnp.where((jnp.arange(acc.shape[0]) < jnp.sum(gsp))[:, None], acc, jnp.nan).astype(lhs[0].dtype)
+    return grouped_matmul_nt(lhs, rhs, tile_group, tiles=tiles)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _ffn(xs, tile_group, gsp, wg, wu, wd, cfg):
     return _down(_gate_up(xs, wg, wu, tile_group, gsp, cfg, False), wd, tile_group, gsp, cfg)
@@ -367,21 +383,26 @@ def _ffn_fwd(xs, tile_group, gsp, wg, wu, wd, cfg):
 
 
 def _ffn_bwd(cfg, res, dout):
-    xs, _, gsp, wg, wu, wd, h, g, u = res
+    xs, tile_group, gsp, wg, wu, wd, h, g, u = res
     dt = xs.dtype
     dout = dout.astype(dt)
     bm, bn, bk, nw, ns = cfg.bwd_blocks
     kw = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, interpret=cfg.interpret)
     gmm_t = lambda a, w: _gmm_pallas(a, w, gsp, dt, transpose_rhs=True, **kw)  # noqa: E731  a @ w[e].T
     tgmm = lambda a, b: _tgmm_pallas(a, b, gsp, dt, **kw)  # noqa: E731  per group a.T @ b
-    dh = gmm_t(dout, wd).astype(_F32)  # rows past sum(gsp) come back zero
-    # rows of skipped tiles hold whatever the forward kernel left in g, u: select, never multiply, them away
+    mosaic = cfg.dh is not None
+    # Triton: rows past sum(gsp) come back zero; Mosaic: rows of skipped tiles undefined
+    dh = (_nt((dout,), (wd,), tile_group, gsp, cfg.dh, cfg) if mosaic else gmm_t(dout, wd)).astype(_F32)
+    # rows of skipped tiles hold whatever the forward kernel left in g, u, dh: select, never multiply, them away
     valid = (jnp.arange(xs.shape[0]) < jnp.sum(gsp))[:, None]
     g32, u32 = g.astype(_F32), u.astype(_F32)
     s = jax.nn.sigmoid(g32)
     dg = jnp.where(valid, dh * u32 * s * (1.0 + g32 * (1.0 - s)), 0.0).astype(dt)
     du = jnp.where(valid, dh * g32 * s, 0.0).astype(dt)
-    dx = (gmm_t(dg, wg).astype(_F32) + gmm_t(du, wu).astype(_F32)).astype(dt)
+    if mosaic:  # one kernel, one f32 accumulator; rows of skipped tiles undefined (pad_rows' VJP drops them)
+        dx = _nt((dg, du), (wg, wu), tile_group, gsp, cfg.dx, cfg)
+    else:
+        dx = (gmm_t(dg, wg).astype(_F32) + gmm_t(du, wu).astype(_F32)).astype(dt)
     return dx, None, None, tgmm(xs, dg), tgmm(xs, du), tgmm(h, dout)
 
 
@@ -391,15 +412,17 @@ _ffn.defvjp(_ffn_fwd, _ffn_bwd)
 def grouped_swiglu_ffn(xs_padded: jnp.ndarray, tile_group: jnp.ndarray, group_sizes_padded: jnp.ndarray,
                        w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.ndarray, *,
                        gate_up_tiles: Tiles = GATE_UP_TILES, down_tiles: Tiles = DOWN_TILES,
+                       mosaic_backward: bool = True, dh_tiles: Tiles = DH_TILES, dx_tiles: Tiles = DX_TILES,
                        interpret: bool = False, block_m: Optional[int] = None, block_n: Optional[int] = None,
                        block_k: Optional[int] = None, num_warps: Optional[int] = None,
                        num_stages: Optional[int] = None) -> jnp.ndarray:
     """Expert SwiGLU FFN on the padded layout: [P, D] -> [P, D] in x's dtype, differentiable in x and weights.
 
     xs_padded, tile_group, group_sizes_padded come from `padded_layout` / `pad_rows` (pad rows must be zero).
-    Forward: the two Mosaic kernels (interpret=True: XLA); backward: the Triton grouped matmuls of
+    Forward: the two Mosaic kernels (interpret=True: XLA); backward: dh and dx on `grouped_matmul_nt`
+    (mosaic_backward=False: Triton), the weight gradients on the Triton grouped matmuls of
     `kernels.grouped_matmul` (block_* as there; None = its defaults) over `group_sizes_padded`.
-    Rows of tiles past the used ones are undefined in the output.
+    Rows of tiles past the used ones are undefined in the output and in its gradient in x.
     """
     if xs_padded.ndim != 2 or w_gate.ndim != 3 or w_gate.shape != w_up.shape or w_gate.shape[1] != xs_padded.shape[1]:
         raise ValueError(f"grouped_swiglu_ffn expects x [P, D], w_gate/w_up [E, D, F]; got {xs_padded.shape}, "
@@ -415,11 +438,13 @@ def grouped_swiglu_ffn(xs_padded: jnp.ndarray, tile_group: jnp.ndarray, group_si
     dt = xs_padded.dtype
     if not interpret:
         select_impl("grouped_swiglu_ffn", "mosaic", log=False,
-                    unsupported={"mosaic": unsupported_reason(p, d, f, dt, gate_up_tiles, down_tiles)})
+                    unsupported={"mosaic": unsupported_reason(p, d, f, dt, gate_up_tiles, down_tiles,
+                                                              (dh_tiles, dx_tiles) if mosaic_backward else ())})
     big_smem = device_info().compute_capability in ((8, 0), (9, 0))
     dflt = (INTERPRET_BLOCKS if interpret
             else GPU_BLOCKS if jnp.dtype(dt).itemsize <= 2 and big_smem else GPU_BLOCKS_SMALL)
     blocks = tuple(dv if v is None else v for v, dv in zip((block_m, block_n, block_k, num_warps, num_stages), dflt))
-    cfg = _Cfg(gate_up_tiles, down_tiles, blocks, interpret)
+    cfg = _Cfg(gate_up_tiles, down_tiles, blocks, interpret,
+               dh_tiles if mosaic_backward else None, dx_tiles if mosaic_backward else None)
     return _ffn(xs_padded, tile_group.astype(jnp.int32), group_sizes_padded.astype(jnp.int32),
                 w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt), cfg)

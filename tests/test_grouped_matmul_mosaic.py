@@ -1,7 +1,8 @@
 """kernels.grouped_matmul_mosaic: the tile-padded layout (against a numpy construction), the custom_vjp
-expert FFN with its XLA forward (interpret mode: padding + Triton backward math) against float64 numpy,
-the dropless MoE / layer wiring of impl "mosaic", and the Pallas -> Mosaic GPU lowering for CUDA
-(forward and forward+backward; the kernels cannot run on CPU, but they lower here)."""
+expert FFN with its XLA stand-ins for the Mosaic kernels (interpret mode: padding, backward math, Triton
+weight gradients) against float64 numpy, the dropless MoE / layer wiring of impl "mosaic", and the
+Pallas -> Mosaic GPU lowering for CUDA (forward, grouped_matmul_nt with one and two pairs, and
+forward+backward; the kernels cannot run on CPU, but they lower here)."""
 
 import re
 
@@ -116,14 +117,36 @@ def ffn_case():
     return xs, wg, wu, wd, dy
 
 
-def _mosaic_grouped(xs, wg, wu, wd, dtype=jnp.float32):
-    return dp.grouped_swiglu(xs, jnp.asarray(SIZES, jnp.int32), wg, wu, wd, impl="mosaic", dtype=dtype, **KW)
+def _mosaic_grouped(xs, wg, wu, wd, dtype=jnp.float32, **kw):
+    return dp.grouped_swiglu(xs, jnp.asarray(SIZES, jnp.int32), wg, wu, wd, impl="mosaic", dtype=dtype, **KW, **kw)
 
 
-def test_ffn_values_and_vjp_f32(ffn_case):
+def test_nt_standin_matches_numpy():
+    """The XLA stand-in of grouped_matmul_nt: per row tile sum_j lhs_j @ rhs_j[e].T, skipped tiles NaN."""
+    rng = np.random.default_rng(4)
+    sizes = jnp.asarray(SIZES, jnp.int32)
+    lay = gm.padded_layout(sizes, M, TM)
+    p, e = lay.tile_group.shape[0] * TM, len(SIZES)
+    lhs = rng.normal(size=(2, p, F))
+    rhs = rng.normal(size=(2, e, D, F))
+    used = int(lay.num_tiles) * TM
+    cfg = gm._Cfg(TILES, TILES, (16, 16, 16, 4, 2), True, TILES, TILES)
+    for npair in (1, 2):
+        got = gm._nt(tuple(jnp.asarray(lhs[:npair], jnp.float32)), tuple(jnp.asarray(rhs[:npair], jnp.float32)),
+                     lay.tile_group, lay.group_sizes, TILES, cfg)
+        want = np.zeros((used, D))
+        for i in range(used):
+            grp = int(lay.tile_group[i // TM])
+            want[i] = sum(lhs[j, i] @ rhs[j, grp].T for j in range(npair))
+        np.testing.assert_allclose(got[:used], want, rtol=1e-5, atol=1e-5)
+        assert bool(jnp.all(jnp.isnan(got[used:]))), "rows of skipped tiles must read as undefined"
+
+
+@pytest.mark.parametrize("mosaic_backward", [True, False])
+def test_ffn_values_and_vjp_f32(ffn_case, mosaic_backward):
     xs, wg, wu, wd, dy = ffn_case
     args = [jnp.asarray(v, jnp.float32) for v in (xs, wg, wu, wd)]
-    out, vjp = jax.vjp(_mosaic_grouped, *args)
+    out, vjp = jax.vjp(lambda *a: _mosaic_grouped(*a, mosaic_backward=mosaic_backward), *args)
     np.testing.assert_allclose(out, np_grouped_ffn(xs, SIZES, wg, wu, wd), rtol=1e-5, atol=1e-5)
     grads = vjp(jnp.asarray(dy, jnp.float32))
     want = np_grouped_ffn_vjp(xs, SIZES, wg, wu, wd, dy)
@@ -143,13 +166,14 @@ def test_ffn_bf16_close_to_f64(ffn_case):
 
 
 def test_backward_ignores_garbage_in_skipped_tiles(ffn_case):
-    """The Mosaic forward leaves rows of skipped tiles undefined: NaN there must not reach any gradient."""
+    """The Mosaic forward leaves rows of skipped tiles undefined: NaN there must not reach any weight gradient
+    nor the used rows of dx (Mosaic backward, whose stand-in also leaves NaN in dx past the used tiles)."""
     xs, wg, wu, wd, dy = ffn_case
     sizes = jnp.asarray(SIZES, jnp.int32)
     lay = gm.padded_layout(sizes, M, TM)
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
     xp = gm.pad_rows(f32(xs), lay)
-    cfg = gm._Cfg(TILES, TILES, (16, 16, 16, 4, 2), True)
+    cfg = gm._Cfg(TILES, TILES, (16, 16, 16, 4, 2), True, TILES, TILES)
     out, res = gm._ffn_fwd(xp, lay.tile_group, lay.group_sizes, f32(wg), f32(wu), f32(wd), cfg)
     dout = gm.pad_rows(f32(dy), lay)
     clean = gm._ffn_bwd(cfg, res, dout)
@@ -157,9 +181,11 @@ def test_backward_ignores_garbage_in_skipped_tiles(ffn_case):
     assert used < xp.shape[0], "the case must have skipped tiles"
     poisoned = tuple(v.at[used:].set(jnp.nan) if v.ndim == 2 and i >= 6 else v for i, v in enumerate(res))
     dirty = gm._ffn_bwd(cfg, poisoned, dout)
-    for a, b in zip(clean, dirty):
-        if a is not None:
-            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(clean[0][:used], dirty[0][:used])
+    assert bool(jnp.all(jnp.isfinite(dirty[0][:used])))
+    for a, b in zip(clean[3:], dirty[3:]):
+        assert bool(jnp.all(jnp.isfinite(b)))
+        np.testing.assert_array_equal(a, b)
 
 
 def test_dropless_moe_mosaic_matches_float64():
@@ -248,10 +274,45 @@ def test_mosaic_lowering_for_cuda(monkeypatch):
     args = (s((p, d), jnp.bfloat16), s((p // 128,), jnp.int32), s((e,), jnp.int32),
             s((e, d, f), jnp.bfloat16), s((e, d, f), jnp.bfloat16), s((e, f, d), jnp.bfloat16))
     fwd = gm.grouped_swiglu_ffn
-    loss = lambda x, tg, gs, *w: jnp.sum(fwd(x, tg, gs, *w).astype(jnp.float32) ** 2)  # noqa: E731
-    grad = jax.grad(loss, argnums=(0, 3, 4, 5))
-    for fn, n_mosaic, n_triton in ((fwd, 2, 0), (grad, 2, 6)):
+    fwd_tbwd = lambda *a: gm.grouped_swiglu_ffn(*a, mosaic_backward=False)  # noqa: E731
+    loss = lambda f: lambda x, tg, gs, *w: jnp.sum(f(x, tg, gs, *w).astype(jnp.float32) ** 2)  # noqa: E731
+    grad = jax.grad(loss(fwd), argnums=(0, 3, 4, 5))
+    grad_tbwd = jax.grad(loss(fwd_tbwd), argnums=(0, 3, 4, 5))
+    # grad: 2 forward + dh + dx Mosaic kernels, 3 Triton weight gradients; Triton backward: 6 Triton
+    for fn, n_mosaic, n_triton in ((fwd, 2, 0), (grad, 4, 3), (grad_tbwd, 2, 6)):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         calls = ["".join(c) for c in _custom_calls(text)]
         assert sum("mosaic_gpu" in c for c in calls) == n_mosaic, calls
         assert sum("triton" in c for c in calls) == n_triton, calls
+
+
+@pytest.mark.parametrize("pairs", [1, 2])
+def test_grouped_matmul_nt_lowering_for_cuda(monkeypatch, pairs):
+    """grouped_matmul_nt alone (dh: one pair, dx: two pairs; rhs [E, N, K]) lowers for an H100, within its SMEM."""
+    h100 = kd.DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 132)
+    monkeypatch.setattr(gm, "device_info", lambda: h100)
+    e, k, n, p = 3, 640, 256, 5 * 128
+    s = jax.ShapeDtypeStruct
+    args = ([s((p, k), jnp.bfloat16)] * pairs, [s((e, n, k), jnp.bfloat16)] * pairs, s((p // 128,), jnp.int32))
+    lowered = jax.jit(gm.grouped_matmul_nt).trace(*args).lower(lowering_platforms=("cuda",))
+    calls = ["".join(c) for c in _custom_calls(lowered.as_text())]
+    assert sum("mosaic_gpu" in c for c in calls) == 1, calls
+    assert lowered.out_info.shape == (p, n) and lowered.out_info.dtype == jnp.bfloat16
+    # too many stages must trip the SMEM check of the lowering (i.e. the check really runs here)
+    with pytest.raises(ValueError, match="shared memory"):
+        jax.jit(lambda *a: gm.grouped_matmul_nt(*a, tiles=gm.Tiles(stages=8))).trace(*args).lower(
+            lowering_platforms=("cuda",))
+
+
+def test_grouped_matmul_nt_bad_input():
+    x = jnp.zeros((256, 128), jnp.bfloat16)
+    w = jnp.zeros((2, 128, 128), jnp.bfloat16)
+    tg = jnp.zeros((2,), jnp.int32)
+    with pytest.raises(ValueError, match="1 or 2"):
+        gm.grouped_matmul_nt([x] * 3, [w] * 3, tg)
+    with pytest.raises(ValueError, match=r"\[E, N, 128\]"):
+        gm.grouped_matmul_nt([x], [jnp.zeros((2, 128, 64), jnp.bfloat16)], tg)
+    with pytest.raises(ValueError, match="every lhs"):
+        gm.grouped_matmul_nt([x, x[:, :64]], [w, w], tg)
+    with pytest.raises(ValueError, match="tile_group"):
+        gm.grouped_matmul_nt([x], [w], jnp.zeros((3,), jnp.int32))

@@ -3,15 +3,17 @@
 layer mode (one GPU): an MoE FFN layer (router + dispatch + SwiGLU experts + combine), 8 experts top-2,
 hidden 2048, expert ffn 5632, 16k tokens, bf16, forward and forward+backward:
   pallas          dropless, kernels.grouped_matmul (Triton Pallas)
-  mosaic          dropless, kernels.grouped_matmul_mosaic (Mosaic GPU forward on a tile-padded layout,
-                  Triton backward); mosaic_dn128 / mosaic_s3: the same with other tiles (MOSAIC_VARIANTS)
+  mosaic          dropless, kernels.grouped_matmul_mosaic (Mosaic GPU forward and backward dh / dx on a
+                  tile-padded layout, Triton weight gradients); mosaic_tbwd: the same with the all-Triton
+                  backward; mosaic_dh6 / mosaic_dn128 / mosaic_s3: other tiles (mosaic_variants)
   ragged_mgpu     anchor: dropless with jax's example kernel pallas/ops/gpu/ragged_dot_mgpu.ragged_dot
                   (forward only: it has no VJP; skipped if its API does not match)
   ragged          dropless, jax.lax.ragged_dot (XLA)
   capacity        capacity 1.25, index gather/scatter dispatch
   capacity_einsum capacity 1.25, GShard one-hot einsum dispatch
   dense           a dense SwiGLU FFN with the same active FLOPs (ffn = top_k * expert ffn), the anchor
-check mode (H100): the Mosaic grouped kernels and the dropless "mosaic" layer (outputs and all gradients)
+check mode (H100): the Mosaic grouped kernels (forward h, g, u, down; backward grouped_matmul_nt with one
+pair (dh) and two pairs (dx)) and the dropless "mosaic" layer (outputs and all gradients)
 against the float32 XLA reference on a few shapes (balanced, skewed with empty experts); PASS/FAIL and the
 max relative errors go to the JSON.
 ep mode (2+ GPUs): tokens/s per GPU at the same per-GPU load for EP=1 (one GPU, all experts), DP=n
@@ -20,7 +22,7 @@ Median of --iters timed runs after --warmup runs; inputs random; prints a table,
 
   python experiments/bench_moe.py --out results/bench_moe_layer.json                 # H100
   python experiments/bench_moe.py --mode ep --out results/bench_moe_ep.json          # 2 x H200
-  python experiments/bench_moe.py --mode check,layer --impls dense,pallas,mosaic,ragged_mgpu   # H100, Mosaic
+  python experiments/bench_moe.py --mode check,layer --impls dense,pallas,mosaic,mosaic_tbwd   # H100, Mosaic
   python experiments/bench_moe.py --tiny                                             # CPU smoke run
 """
 
@@ -75,7 +77,9 @@ def make_inputs(key, t, d, f, e, dtype):
 def mosaic_variants() -> dict:
     """Mosaic tile variants timed as separate layer rows (kernels.grouped_matmul_mosaic.Tiles)."""
     from kernels.grouped_matmul_mosaic import Tiles
-    return {"mosaic": {}, "mosaic_dn128": dict(down_tiles=Tiles(tile_n=128)),
+    return {"mosaic": {}, "mosaic_tbwd": dict(mosaic_backward=False),
+            "mosaic_dh6": dict(dh_tiles=Tiles(stages=6)),
+            "mosaic_dn128": dict(down_tiles=Tiles(tile_n=128)),
             "mosaic_s3": dict(gate_up_tiles=Tiles(stages=3), down_tiles=Tiles(stages=3))}
 
 
@@ -263,6 +267,18 @@ def run_check(a) -> dict:
                 res.update(kernel_h=_rel(h[:used], rh[:used]), kernel_g=_rel(g[:used], rg[:used]),
                            kernel_u=_rel(u[:used], ru[:used]), kernel_down=_rel(out[:used], rout[:used]),
                            used_tiles=int(lay.num_tiles), tiles=lay.tile_group.shape[0])
+                # backward kernel: dh = dy @ wd[e]^T (one pair), dx = dg @ wg[e]^T + du @ wu[e]^T (two pairs)
+                kb = jax.random.split(jax.random.PRNGKey(9), 3)
+                dy = jax.random.normal(kb[0], (xp.shape[0], d), dtype)
+                dg = jax.random.normal(kb[1], (xp.shape[0], f), dtype)
+                du = jax.random.normal(kb[2], (xp.shape[0], f), dtype)
+                nt = jax.jit(gmm_m.grouped_matmul_nt)
+                dh = nt([dy], [wd], lay.tile_group)
+                dxk = nt([dg, du], [wg, wu], lay.tile_group)
+                rt = lambda v, w: jax.lax.ragged_dot(f32(v), jnp.swapaxes(f32(w), 1, 2), gsp,  # noqa: E731
+                                                     precision=jax.lax.Precision.HIGHEST)
+                res.update(kernel_nt_dh=_rel(dh[:used], rt(dy, wd)[:used]),
+                           kernel_nt_dx=_rel(dxk[:used], (rt(dg, wg) + rt(du, wu))[:used]))
                 pad = (lay.source[:used] == t * k)[:, None]
                 res["pad_rows_zero"] = bool(jnp.all(jnp.where(pad, out[:used], 0) == 0)
                                             and jnp.all(jnp.where(pad, h[:used], 0) == 0))

@@ -17,7 +17,7 @@ from iva_jax.moe import dispatch as dp
 
 TM = 16  # tile_m of the CPU tests
 TILES = gm.Tiles(tile_m=TM)
-KW = dict(interpret=True, gate_up_tiles=TILES, down_tiles=TILES, block_m=16, block_n=16, block_k=16,
+KW = dict(interpret=True, gate_up_tiles=TILES, down_tiles=TILES, dh_tiles=TILES, dx_tiles=TILES, block_m=16, block_n=16, block_k=16,
           num_warps=4, num_stages=2)
 
 
@@ -241,6 +241,10 @@ def test_unsupported_reasons_and_bad_input(monkeypatch):
     assert "dtype float32" in gm.unsupported_reason(256, 2048, 5632, jnp.float32)
     assert "not a multiple" in gm.unsupported_reason(256, 2048, 5600, jnp.bfloat16)
     assert "epilogue" in gm.unsupported_reason(256, 2048, 5632, jnp.bfloat16, gate_up=gm.Tiles(epi_m=32))
+    assert "dx tile_m" in gm.unsupported_reason(256, 2048, 5632, jnp.bfloat16, backward=(gm.DH_TILES, TILES))
+    assert "dh: shape" in gm.unsupported_reason(256, 2048, 5632, jnp.bfloat16, backward=(gm.Tiles(tile_k=96),
+                                                                                         gm.DX_TILES))
+    assert gm.unsupported_reason(256, 2048, 5632, jnp.bfloat16, backward=()) is None  # Triton backward
     monkeypatch.delenv("IVA_KERNELS_ALLOW_UNVALIDATED")
     if not gm.VALIDATED:
         assert "not yet validated" in gm.unsupported_reason(256, 2048, 5632, jnp.bfloat16)

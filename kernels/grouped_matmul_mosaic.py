@@ -12,6 +12,8 @@ in the shape of `kernels/swiglu_mosaic.py` (a memory warpgroup streams K-slices 
   grouped_matmul_fwd   out = lhs @ rhs[e] (the down projection).
   grouped_matmul_nt    out = sum_j lhs_j @ rhs_j[e]^T, rhs stored [E, N, K] and handed to wgmma as a
                        transposed SMEM view, one or two pairs in one accumulator (backward dh and dx).
+  grouped_swiglu_bwd   dh = dy @ w_down[e]^T with the silu backward in the epilogue (g, u tiles
+                       TMA-prefetched during the K loop): dg, du without dh in memory.
 Tiles whose group is the sentinel are skipped: their output rows are undefined (no caller reads them;
 the backward masks them).  `grouped_swiglu_ffn` is the differentiable expert FFN (custom_vjp): Mosaic
 forward; backward dh = dy Wd^T and dx = dg Wg^T + du Wu^T on `grouped_matmul_nt`, the silu backward in
@@ -153,14 +155,16 @@ def _transforms(plgpu, cols: int, dtype):
 
 
 def _grouped_call(lhs: Sequence[jnp.ndarray], rhs: Sequence[jnp.ndarray], tile_group, tiles: Tiles, epilogue,
-                  n_out: int, *, accumulate: bool = False, transpose_rhs: bool = False):
+                  n_out: int, *, accumulate: bool = False, transpose_rhs: bool = False,
+                  aux: Sequence[jnp.ndarray] = ()):
     """Persistent grouped kernel over row tiles i with e = tile_group[i] (tiles with e = E skipped).
 
     accumulate=False: one lhs, one wgmma accumulator per rhs j: acc_j = lhs @ rhs[j][e].
     accumulate=True: pairs (lhs[j], rhs[j]) summed into ONE accumulator: acc = sum_j lhs[j] @ rhs[j][e].
     transpose_rhs: rhs stored [E, N, K] (the SMEM tile [N, K] is handed to wgmma transposed), else [E, K, N].
-    `epilogue(accs)` maps the f32 accumulators to `n_out` [tile_m, tile_n] values stored (in lhs.dtype)
-    to the n_out outputs [P, N]."""
+    `epilogue(accs, *aux_tiles)` maps the f32 accumulators (and the [tile_m, tile_n] tiles of the aux
+    [P, N] inputs at the output tile, TMA-prefetched while the K loop runs) to `n_out` [tile_m, tile_n]
+    values stored (in lhs.dtype) to the n_out outputs [P, N]."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     p, k = lhs[0].shape
@@ -173,7 +177,8 @@ def _grouped_call(lhs: Sequence[jnp.ndarray], rhs: Sequence[jnp.ndarray], tile_g
     num_groups = rhs[0].shape[0]
     in_tr = w_tr = _transforms(plgpu, tk, dtype)  # 128 B swizzle at tile_k = 64 (bf16), either rhs layout
     out_tr = _transforms(plgpu, en, dtype)
-    n_lhs, n_rhs = len(lhs), len(rhs)
+    aux_tr = _transforms(plgpu, tn, dtype)
+    n_lhs, n_rhs, n_aux = len(lhs), len(rhs), len(aux)
     n_acc = 1 if accumulate else n_rhs
     if transpose_rhs:
         w_spec = plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=w_tr, memory_space=plgpu.SMEM)
@@ -197,14 +202,17 @@ def _grouped_call(lhs: Sequence[jnp.ndarray], rhs: Sequence[jnp.ndarray], tile_g
         return w.at[grp, n_sl, :] if transpose_rhs else w.at[grp, :, n_sl]
 
     def kernel(tg_gmem, *refs):
-        x_gmems, w_gmems, o_gmems = refs[:n_lhs], refs[n_lhs:n_lhs + n_rhs], refs[n_lhs + n_rhs:]
+        x_gmems, w_gmems = refs[:n_lhs], refs[n_lhs:n_lhs + n_rhs]
+        aux_gmems, o_gmems = refs[n_lhs + n_rhs:n_lhs + n_rhs + n_aux], refs[n_lhs + n_rhs + n_aux:]
         ignore = lambda *_, **__: None  # noqa: E731  (the body does not change the allocations)
+        aux_scratch = dict(aux_smem=plgpu.SMEM((2, n_aux, tm, tn), dtype, transforms=aux_tr),
+                           aux_bar=plgpu.Barrier(num_barriers=2 * n_aux)) if n_aux else {}
 
         @functools.partial(pl.run_scoped,
                            allocs=pipeline(ignore, ignore).get_allocations(*x_gmems, *(w.at[0] for w in w_gmems)),
                            out_smem=plgpu.SMEM((2, 2, em, en), dtype, transforms=out_tr),
-                           collective_axes="wg")
-        def _scope(allocs, out_smem):
+                           **aux_scratch, collective_axes="wg")
+        def _scope(allocs, out_smem, aux_smem=None, aux_bar=None):
             wg = lax.axis_index("wg")
 
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
@@ -219,8 +227,13 @@ def _grouped_call(lhs: Sequence[jnp.ndarray], rhs: Sequence[jnp.ndarray], tile_g
                 def context(run):
                     @functools.partial(pl.run_scoped, accs=[plgpu.ACC((tm, tn), _F32)] * n_acc)
                     def _accs(accs):
+                        for j, a_gmem in enumerate(aux_gmems):  # this warpgroup's aux tiles, during the K loop
+                            plgpu.copy_gmem_to_smem(a_gmem.at[m_sl, n_sl].at[:, wg_n], aux_smem.at[wg, j],
+                                                    aux_bar.at[wg * n_aux + j])
                         run(tuple(accs))
-                        outs = epilogue([a[...] for a in accs])
+                        for j in range(n_aux):
+                            plgpu.barrier_wait(aux_bar.at[wg * n_aux + j])
+                        outs = epilogue([a[...] for a in accs], *(aux_smem[wg, j] for j in range(n_aux)))
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         c = 0
                         for o_val, o_gmem in zip(outs, o_gmems):
@@ -269,7 +282,7 @@ def _grouped_call(lhs: Sequence[jnp.ndarray], rhs: Sequence[jnp.ndarray], tile_g
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True,
                                              lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )(tile_group, *lhs, *rhs)
+    )(tile_group, *lhs, *rhs, *aux)
 
 
 def _check_kernel_args(lhs, rhs, tile_group, tiles: Tiles, what: str, transpose_rhs: bool = False):
@@ -332,6 +345,33 @@ def grouped_matmul_nt(lhs: Sequence[jnp.ndarray], rhs: Sequence[jnp.ndarray], ti
                          accumulate=True, transpose_rhs=True)[0]
 
 
+def _silu_mul_bwd(dh, g, u):
+    """(dg, du) of h = silu(g) * u given dh, all float32."""
+    s = jax.nn.sigmoid(g)
+    return dh * u * s * (1.0 + g * (1.0 - s)), dh * g * s
+
+
+def grouped_swiglu_bwd(dy: jnp.ndarray, w_down: jnp.ndarray, g: jnp.ndarray, u: jnp.ndarray,
+                       tile_group: jnp.ndarray, *, tiles: Tiles = DH_TILES):
+    """(dg, du) of h = silu(g) * u for dh = dy @ w_down[e].T per row tile, the silu backward in the epilogue.
+
+    dy [P, D], w_down [E, F, D], g, u [P, F] (the forward's saved products) -> dg, du [P, F] in dy's dtype;
+    dh never goes to memory.  Rows of skipped tiles are undefined.
+    """
+    _check_kernel_args(dy, (w_down,), tile_group, tiles, "grouped_swiglu_bwd", transpose_rhs=True)
+    want = (dy.shape[0], w_down.shape[1])
+    if g.shape != want or u.shape != want or g.dtype != dy.dtype or u.dtype != dy.dtype:
+        raise ValueError(f"grouped_swiglu_bwd: g, u must be {dy.dtype}{want}, got {g.dtype}{g.shape}, "
+                         f"{u.dtype}{u.shape}")
+
+    def epilogue(accs, g_tile, u_tile):
+        return list(_silu_mul_bwd(accs[0], g_tile.astype(_F32), u_tile.astype(_F32)))
+
+    dg, du = _grouped_call((dy,), (w_down,), tile_group.astype(jnp.int32), tiles, epilogue, 2,
+                           accumulate=True, transpose_rhs=True, aux=(g, u))
+    return dg, du
+
+
 # ---------------------------------------------------------------------------------------------
 # differentiable expert FFN
 # ---------------------------------------------------------------------------------------------
@@ -344,6 +384,7 @@ class _Cfg(NamedTuple):
     interpret: bool  # XLA forward and dh / dx + Pallas interpret weight gradients (CPU tests)
     dh: Optional[Tiles] = None  # tiles of the Mosaic dh / dx kernels; None: Triton dh / dx
     dx: Optional[Tiles] = None
+    fuse_silu_bwd: bool = False  # Mosaic dh kernel with the silu backward in its epilogue (dg, du out)
 
 
 def _ragged(a, w, gs):
@@ -365,11 +406,23 @@ def _down(h, wd, tile_group, gsp, cfg: _Cfg):
     return grouped_matmul_fwd(h, wd, tile_group, tiles=cfg.down)
 
 
+def _undefined_past(v, gsp):
+    """The stand-ins' rows of skipped tiles (past sum(gsp)): NaN, i.e. undefined."""
+    return jnp.where((jnp.arange(v.shape[0]) < jnp.sum(gsp))[:, None], v, jnp.nan)
+
+
 def _nt(lhs, rhs, tile_group, gsp, tiles: Tiles, cfg: _Cfg):
-    if cfg.interpret:  # the kernel's semantics in XLA; rows of skipped tiles (past sum(gsp)) NaN = undefined
+    if cfg.interpret:  # the kernel's semantics in XLA
         acc = sum(_ragged(a, jnp.swapaxes(w, 1, 2), gsp) for a, w in zip(lhs, rhs))
-        return jnp.where((jnp.arange(acc.shape[0]) < jnp.sum(gsp))[:, None], acc, jnp.nan).astype(lhs[0].dtype)
+        return _undefined_past(acc, gsp).astype(lhs[0].dtype)
     return grouped_matmul_nt(lhs, rhs, tile_group, tiles=tiles)
+
+
+def _dh_silu(dout, wd, g, u, tile_group, gsp, cfg: _Cfg):
+    if cfg.interpret:
+        dg, du = _silu_mul_bwd(_ragged(dout, jnp.swapaxes(wd, 1, 2), gsp), g.astype(_F32), u.astype(_F32))
+        return tuple(_undefined_past(v, gsp).astype(dout.dtype) for v in (dg, du))
+    return grouped_swiglu_bwd(dout, wd, g, u, tile_group, tiles=cfg.dh)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -391,14 +444,14 @@ def _ffn_bwd(cfg, res, dout):
     gmm_t = lambda a, w: _gmm_pallas(a, w, gsp, dt, transpose_rhs=True, **kw)  # noqa: E731  a @ w[e].T
     tgmm = lambda a, b: _tgmm_pallas(a, b, gsp, dt, **kw)  # noqa: E731  per group a.T @ b
     mosaic = cfg.dh is not None
-    # Triton: rows past sum(gsp) come back zero; Mosaic: rows of skipped tiles undefined
-    dh = (_nt((dout,), (wd,), tile_group, gsp, cfg.dh, cfg) if mosaic else gmm_t(dout, wd)).astype(_F32)
-    # rows of skipped tiles hold whatever the forward kernel left in g, u, dh: select, never multiply, them away
-    valid = (jnp.arange(xs.shape[0]) < jnp.sum(gsp))[:, None]
-    g32, u32 = g.astype(_F32), u.astype(_F32)
-    s = jax.nn.sigmoid(g32)
-    dg = jnp.where(valid, dh * u32 * s * (1.0 + g32 * (1.0 - s)), 0.0).astype(dt)
-    du = jnp.where(valid, dh * g32 * s, 0.0).astype(dt)
+    if mosaic and cfg.fuse_silu_bwd:  # rows of skipped tiles undefined in dg, du: the kernels below skip them
+        dg, du = _dh_silu(dout, wd, g, u, tile_group, gsp, cfg)
+    else:
+        # Triton: rows past sum(gsp) come back zero; Mosaic: rows of skipped tiles undefined
+        dh = (_nt((dout,), (wd,), tile_group, gsp, cfg.dh, cfg) if mosaic else gmm_t(dout, wd)).astype(_F32)
+        # rows of skipped tiles hold whatever the forward kernel left in g, u, dh: select, never multiply, them away
+        valid = (jnp.arange(xs.shape[0]) < jnp.sum(gsp))[:, None]
+        dg, du = (jnp.where(valid, v, 0.0).astype(dt) for v in _silu_mul_bwd(dh, g.astype(_F32), u.astype(_F32)))
     if mosaic:  # one kernel, one f32 accumulator; rows of skipped tiles undefined (pad_rows' VJP drops them)
         dx = _nt((dg, du), (wg, wu), tile_group, gsp, cfg.dx, cfg)
     else:
@@ -413,15 +466,17 @@ def grouped_swiglu_ffn(xs_padded: jnp.ndarray, tile_group: jnp.ndarray, group_si
                        w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.ndarray, *,
                        gate_up_tiles: Tiles = GATE_UP_TILES, down_tiles: Tiles = DOWN_TILES,
                        mosaic_backward: bool = True, dh_tiles: Tiles = DH_TILES, dx_tiles: Tiles = DX_TILES,
+                       fuse_silu_bwd: bool = False,
                        interpret: bool = False, block_m: Optional[int] = None, block_n: Optional[int] = None,
                        block_k: Optional[int] = None, num_warps: Optional[int] = None,
                        num_stages: Optional[int] = None) -> jnp.ndarray:
     """Expert SwiGLU FFN on the padded layout: [P, D] -> [P, D] in x's dtype, differentiable in x and weights.
 
     xs_padded, tile_group, group_sizes_padded come from `padded_layout` / `pad_rows` (pad rows must be zero).
-    Forward: the two Mosaic kernels (interpret=True: XLA); backward: dh and dx on `grouped_matmul_nt`
-    (mosaic_backward=False: Triton), the weight gradients on the Triton grouped matmuls of
-    `kernels.grouped_matmul` (block_* as there; None = its defaults) over `group_sizes_padded`.
+    Forward: the two Mosaic kernels (interpret=True: XLA stand-ins); backward: dh and dx on
+    `grouped_matmul_nt` (mosaic_backward=False: Triton; fuse_silu_bwd: dh straight to dg, du in
+    `grouped_swiglu_bwd`), the weight gradients on the Triton grouped matmuls of `kernels.grouped_matmul`
+    (block_* as there; None = its defaults) over `group_sizes_padded`.
     Rows of tiles past the used ones are undefined in the output and in its gradient in x.
     """
     if xs_padded.ndim != 2 or w_gate.ndim != 3 or w_gate.shape != w_up.shape or w_gate.shape[1] != xs_padded.shape[1]:
@@ -445,6 +500,6 @@ def grouped_swiglu_ffn(xs_padded: jnp.ndarray, tile_group: jnp.ndarray, group_si
             else GPU_BLOCKS if jnp.dtype(dt).itemsize <= 2 and big_smem else GPU_BLOCKS_SMALL)
     blocks = tuple(dv if v is None else v for v, dv in zip((block_m, block_n, block_k, num_warps, num_stages), dflt))
     cfg = _Cfg(gate_up_tiles, down_tiles, blocks, interpret,
-               dh_tiles if mosaic_backward else None, dx_tiles if mosaic_backward else None)
+               dh_tiles if mosaic_backward else None, dx_tiles if mosaic_backward else None, fuse_silu_bwd)
     return _ffn(xs_padded, tile_group.astype(jnp.int32), group_sizes_padded.astype(jnp.int32),
                 w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt), cfg)

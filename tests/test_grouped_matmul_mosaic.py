@@ -142,11 +142,12 @@ def test_nt_standin_matches_numpy():
         assert bool(jnp.all(jnp.isnan(got[used:]))), "rows of skipped tiles must read as undefined"
 
 
-@pytest.mark.parametrize("mosaic_backward", [True, False])
-def test_ffn_values_and_vjp_f32(ffn_case, mosaic_backward):
+@pytest.mark.parametrize("bwd", [dict(), dict(fuse_silu_bwd=True), dict(mosaic_backward=False)],
+                         ids=["mosaic", "mosaic_fused", "triton"])
+def test_ffn_values_and_vjp_f32(ffn_case, bwd):
     xs, wg, wu, wd, dy = ffn_case
     args = [jnp.asarray(v, jnp.float32) for v in (xs, wg, wu, wd)]
-    out, vjp = jax.vjp(lambda *a: _mosaic_grouped(*a, mosaic_backward=mosaic_backward), *args)
+    out, vjp = jax.vjp(lambda *a: _mosaic_grouped(*a, **bwd), *args)
     np.testing.assert_allclose(out, np_grouped_ffn(xs, SIZES, wg, wu, wd), rtol=1e-5, atol=1e-5)
     grads = vjp(jnp.asarray(dy, jnp.float32))
     want = np_grouped_ffn_vjp(xs, SIZES, wg, wu, wd, dy)
@@ -165,7 +166,8 @@ def test_ffn_bf16_close_to_f64(ffn_case):
         assert np.abs(np.asarray(got, np.float64) - exp).max() <= 3e-2 * np.abs(exp).max()
 
 
-def test_backward_ignores_garbage_in_skipped_tiles(ffn_case):
+@pytest.mark.parametrize("fused", [False, True])
+def test_backward_ignores_garbage_in_skipped_tiles(ffn_case, fused):
     """The Mosaic forward leaves rows of skipped tiles undefined: NaN there must not reach any weight gradient
     nor the used rows of dx (Mosaic backward, whose stand-in also leaves NaN in dx past the used tiles)."""
     xs, wg, wu, wd, dy = ffn_case
@@ -173,7 +175,7 @@ def test_backward_ignores_garbage_in_skipped_tiles(ffn_case):
     lay = gm.padded_layout(sizes, M, TM)
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
     xp = gm.pad_rows(f32(xs), lay)
-    cfg = gm._Cfg(TILES, TILES, (16, 16, 16, 4, 2), True, TILES, TILES)
+    cfg = gm._Cfg(TILES, TILES, (16, 16, 16, 4, 2), True, TILES, TILES, fused)
     out, res = gm._ffn_fwd(xp, lay.tile_group, lay.group_sizes, f32(wg), f32(wu), f32(wd), cfg)
     dout = gm.pad_rows(f32(dy), lay)
     clean = gm._ffn_bwd(cfg, res, dout)
@@ -282,30 +284,40 @@ def test_mosaic_lowering_for_cuda(monkeypatch):
     loss = lambda f: lambda x, tg, gs, *w: jnp.sum(f(x, tg, gs, *w).astype(jnp.float32) ** 2)  # noqa: E731
     grad = jax.grad(loss(fwd), argnums=(0, 3, 4, 5))
     grad_tbwd = jax.grad(loss(fwd_tbwd), argnums=(0, 3, 4, 5))
-    # grad: 2 forward + dh + dx Mosaic kernels, 3 Triton weight gradients; Triton backward: 6 Triton
-    for fn, n_mosaic, n_triton in ((fwd, 2, 0), (grad, 4, 3), (grad_tbwd, 2, 6)):
+    grad_fused = jax.grad(loss(lambda *a: gm.grouped_swiglu_ffn(*a, fuse_silu_bwd=True)), argnums=(0, 3, 4, 5))
+    # grad: 2 forward + dh (fused: dh + silu backward) + dx Mosaic kernels, 3 Triton weight gradients;
+    # Triton backward: 6 Triton
+    for fn, n_mosaic, n_triton in ((fwd, 2, 0), (grad, 4, 3), (grad_fused, 4, 3), (grad_tbwd, 2, 6)):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         calls = ["".join(c) for c in _custom_calls(text)]
         assert sum("mosaic_gpu" in c for c in calls) == n_mosaic, calls
         assert sum("triton" in c for c in calls) == n_triton, calls
 
 
-@pytest.mark.parametrize("pairs", [1, 2])
-def test_grouped_matmul_nt_lowering_for_cuda(monkeypatch, pairs):
-    """grouped_matmul_nt alone (dh: one pair, dx: two pairs; rhs [E, N, K]) lowers for an H100, within its SMEM."""
+@pytest.mark.parametrize("kind", ["dh", "dx", "dh_silu"])
+def test_backward_kernels_lowering_for_cuda(monkeypatch, kind):
+    """grouped_matmul_nt alone (dh: one pair, dx: two pairs; rhs [E, N, K]) and grouped_swiglu_bwd (dh with the
+    silu backward in the epilogue) lower for an H100, within its SMEM."""
     h100 = kd.DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 132)
     monkeypatch.setattr(gm, "device_info", lambda: h100)
     e, k, n, p = 3, 640, 256, 5 * 128
     s = jax.ShapeDtypeStruct
-    args = ([s((p, k), jnp.bfloat16)] * pairs, [s((e, n, k), jnp.bfloat16)] * pairs, s((p // 128,), jnp.int32))
-    lowered = jax.jit(gm.grouped_matmul_nt).trace(*args).lower(lowering_platforms=("cuda",))
+    bf = jnp.bfloat16
+    if kind == "dh_silu":
+        args = (s((p, k), bf), s((e, n, k), bf), s((p, n), bf), s((p, n), bf), s((p // 128,), jnp.int32))
+        fn = gm.grouped_swiglu_bwd
+    else:
+        pairs = 1 if kind == "dh" else 2
+        args = ([s((p, k), bf)] * pairs, [s((e, n, k), bf)] * pairs, s((p // 128,), jnp.int32))
+        fn = gm.grouped_matmul_nt
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     calls = ["".join(c) for c in _custom_calls(lowered.as_text())]
     assert sum("mosaic_gpu" in c for c in calls) == 1, calls
-    assert lowered.out_info.shape == (p, n) and lowered.out_info.dtype == jnp.bfloat16
+    outs = lowered.out_info if kind == "dh_silu" else (lowered.out_info,)
+    assert [(o.shape, o.dtype) for o in outs] == [((p, n), bf)] * len(outs)
     # too many stages must trip the SMEM check of the lowering (i.e. the check really runs here)
     with pytest.raises(ValueError, match="shared memory"):
-        jax.jit(lambda *a: gm.grouped_matmul_nt(*a, tiles=gm.Tiles(stages=8))).trace(*args).lower(
-            lowering_platforms=("cuda",))
+        jax.jit(lambda *a: fn(*a, tiles=gm.Tiles(stages=8))).trace(*args).lower(lowering_platforms=("cuda",))
 
 
 def test_grouped_matmul_nt_bad_input():
@@ -320,3 +332,5 @@ def test_grouped_matmul_nt_bad_input():
         gm.grouped_matmul_nt([x, x[:, :64]], [w, w], tg)
     with pytest.raises(ValueError, match="tile_group"):
         gm.grouped_matmul_nt([x], [w], jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match="g, u must be"):
+        gm.grouped_swiglu_bwd(x, w, x, x[:, :64], tg)

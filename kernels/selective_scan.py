@@ -162,6 +162,9 @@ class ScanBlockConfig:
     prefetch: bool = True  # H100 sweep (B8 L4096 D2048 N16 bf16): 1.90 ms vs 3.98 ms for chunk 8 without
     group_loads: bool = False
     time_splits: int = 1
+    dim_lanes: bool = False
+    pingpong: bool = False
+    bc_f32: bool = False
 
     def __post_init__(self):
         for f in ("block_d", "num_warps", "chunk", "ckpt_chunk", "bwd_chunk", "block_d_bwd", "num_warps_bwd",
@@ -173,7 +176,7 @@ class ScanBlockConfig:
                 raise ValueError(f"ScanBlockConfig.{f}={v!r} must be a positive power of two")
         if self.num_stages < 1:
             raise ValueError(f"ScanBlockConfig.num_stages={self.num_stages!r} must be >= 1")
-        for f in ("prefetch", "group_loads"):
+        for f in ("prefetch", "group_loads", "dim_lanes", "pingpong", "bc_f32"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ScanBlockConfig.{f}={getattr(self, f)!r} must be a bool")
 
@@ -201,6 +204,9 @@ class _Static:
     interpret: bool
     prefetch: bool = False
     group_loads: bool = False
+    dim_lanes: bool = False
+    pingpong: bool = False
+    bc_f32: bool = False
     P: int = 1  # forward time segments (the forward kernels then see seqlen L / P and batch * P)
 
     @property
@@ -224,7 +230,9 @@ def _make_static(l, g, dg, n, cfg: ScanBlockConfig, **flags) -> _Static:
         p *= 2
     return _Static(L=l, G=g, Dgp=-(-dg // step) * step, Np=np_, BD=bd, BDb=bdb, Kf=min(cfg.chunk, k1), K1=k1,
                    Kb=min(cfg.bwd_chunk, k1), nw=cfg.num_warps, nwb=cfg.num_warps_bwd, num_stages=cfg.num_stages,
-                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, P=p, **flags)
+                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, dim_lanes=cfg.dim_lanes,
+                   pingpong=cfg.pingpong and cfg.prefetch, bc_f32=cfg.bc_f32, P=p,
+                   **flags)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -259,13 +267,19 @@ def _atomic_add(ref, idx, val):
 class _Prog:
     """Per-program constants: which (batch, group, dim block) this program owns, and its parameters."""
 
-    def __init__(self, st: _Static, r: dict, bd: int):
+    def __init__(self, st: _Static, r: dict, bd: int, dim_lanes: bool = False):
         from jax.experimental import pallas as pl
 
         f32 = jnp.float32
         self.b, self.g, self.j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         self.dsl = pl.ds(pl.multiple_of(self.g * st.Dgp + self.j * bd, bd), bd)
-        self.A = r["A"][self.dsl, :].astype(f32)
+        self.dim_lanes = dim_lanes  # state tiles [dstate, bd] (the forward's dim_lanes option)
+        if dim_lanes:  # A^T from its columns (1-D loads): a 2-D load's coalesced layout would become the state's
+            rows = jax.lax.broadcasted_iota(jnp.int32, (st.Np, bd), 0)
+            self.A = functools.reduce(lambda acc, n: jnp.where(rows == n, r["A"][self.dsl, n].astype(f32)[None, :],
+                                                               acc), range(st.Np), jnp.zeros((st.Np, bd), f32))
+        else:
+            self.A = r["A"][self.dsl, :].astype(f32)
         self.A2 = self.A * LOG2E  # exp(dt A) = exp2(dt A log2 e)
         self.D = r["D"][self.dsl].astype(f32) if st.has_D else None
         self.bias = r["bias"][self.dsl].astype(f32) if st.has_bias else None
@@ -293,8 +307,18 @@ class _Prog:
         valid = (t_raw < st.L) if partial else None
         return (t, valid) + self.prep(st, lambda i: self.load(r, t, (("dt", "u", "B")[i],))[0], valid)
 
+    def tile(self, x):
+        """A [bd, dstate] array as this program's state tiles hold it (transposed with dim_lanes; self-inverse)."""
+        return x.T if self.dim_lanes else x
+
     def step(self, h, dt, u, bt):
+        if self.dim_lanes:
+            return jnp.exp2(dt[None, :] * self.A2) * h + (dt * u)[None, :] * bt[:, None]
         return jnp.exp2(dt[:, None] * self.A2) * h + (dt * u)[:, None] * bt[None, :]
+
+    def y(self, h, ct):
+        """<h, C_t> over dstate: [bd]."""
+        return jnp.sum(h * ct[:, None], axis=0) if self.dim_lanes else jnp.sum(h * ct[None, :], axis=1)
 
 
 def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = False):
@@ -312,7 +336,7 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
     assert len(refs) == len(names)
     r = dict(zip(names, refs))
     f32 = jnp.float32
-    P = _Prog(st, r, st.BD)
+    P = _Prog(st, r, st.BD, st.dim_lanes)
     Kf, K1 = st.Kf, st.K1
     partial = st.L % Kf != 0  # the last sub-chunk runs past seqlen: mask it
     clamp = partial or st.prefetch  # prefetch also loads (and drops) the sub-chunk after the last one
@@ -339,7 +363,7 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
             if state_only:
                 sdt = sdt + dt
                 continue
-            y = jnp.sum(h * ct[None, :], axis=1)
+            y = P.y(h, ct)
             if st.has_D:
                 y = y + P.D * u
             if st.has_z:
@@ -348,7 +372,8 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
             _store(r["out"], (P.b, t, P.dsl), y.astype(r["out"].dtype), valid)
         return (h, sdt) if state_only else h
 
-    h = jnp.zeros((st.BD, st.Np), f32) if state_only or st.P == 1 else r["h0"][P.b, P.dsl, :]
+    shape = (st.Np, st.BD) if st.dim_lanes else (st.BD, st.Np)
+    h = jnp.zeros(shape, f32) if state_only or st.P == 1 else P.tile(r["h0"][P.b, P.dsl, :])
     acc = (h, jnp.zeros((st.BD,), f32)) if state_only else h
     if not st.prefetch:
         def trip(t0, acc):  # one sub-chunk (group_loads: all its loads first)
@@ -356,7 +381,7 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
 
         def chunk(c1, acc):
             if save_ckpt:
-                r["ckpt"][P.b, c1, P.dsl, :] = acc
+                r["ckpt"][P.b, c1, P.dsl, :] = P.tile(acc)
             n_sub = jnp.minimum(K1 // Kf, (st.L - c1 * K1 + Kf - 1) // Kf)
             return lax.fori_loop(0, n_sub, lambda s, a: trip(c1 * K1 + s * Kf, a), acc)
 
@@ -368,16 +393,22 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
             if save_ckpt:
                 @pl.when(lax.rem(s, K1 // Kf) == 0)
                 def _():
-                    r["ckpt"][P.b, lax.div(s, K1 // Kf), P.dsl, :] = acc
+                    r["ckpt"][P.b, lax.div(s, K1 // Kf), P.dsl, :] = P.tile(acc)
 
             nxt = load((s + 1) * Kf)  # issued before this sub-chunk's recurrence
             return sub_chunk(s * Kf, acc, rows), nxt
 
-        acc, _ = lax.fori_loop(0, -(-st.L // Kf), trip, (acc, load(0)))
+        n_trips = -(-st.L // Kf)
+        if not st.pingpong:
+            acc, _ = lax.fori_loop(0, n_trips, trip, (acc, load(0)))
+        else:  # two trips per loop iteration: the rows a trip loads land in the registers its predecessor's rows
+            # just freed, so the loop carries them without a register copy per value at every back edge
+            carry = lax.fori_loop(0, n_trips // 2, lambda i, c: trip(2 * i + 1, trip(2 * i, c)), (acc, load(0)))
+            acc = trip(n_trips - 1, carry)[0] if n_trips % 2 else carry[0]
     if state_only:
-        r["last"][P.b, P.dsl, :], r["sumdt"][P.b, P.dsl] = acc
+        r["last"][P.b, P.dsl, :], r["sumdt"][P.b, P.dsl] = P.tile(acc[0]), acc[1]
     else:
-        r["last"][P.b, P.dsl, :] = acc
+        r["last"][P.b, P.dsl, :] = P.tile(acc)
 
 
 def _bwd_kernel(*refs, st: _Static):
@@ -501,6 +532,8 @@ def _call_fwd(st: _Static, args, save_ckpt: bool):
     sds = jax.ShapeDtypeStruct
     P = st.P
     seg = dataclasses.replace(st, L=L // P)  # P * K1 divides L (_make_static)
+    if st.bc_f32:  # B, C in f32 for the forward kernels (a small XLA convert: [batch, L, groups, dstate])
+        args = [a.astype(f32) if k in ("B", "C") else a for k, a in zip(_in_names(st), args)]
     if P > 1:  # u, dt, B, C, z: [bsz, L, ...] -> [bsz * P, L / P, ...]
         args = [a.reshape((bsz * P, L // P) + a.shape[2:]) if k in ("u", "dt", "B", "C", "z") else a
                 for k, a in zip(_in_names(st), args)]

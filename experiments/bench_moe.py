@@ -5,7 +5,8 @@ hidden 2048, expert ffn 5632, 16k tokens, bf16, forward and forward+backward:
   pallas          dropless, kernels.grouped_matmul (Triton Pallas)
   mosaic          dropless, kernels.grouped_matmul_mosaic (Mosaic GPU forward and backward dh / dx on a
                   tile-padded layout, Triton weight gradients); mosaic_tbwd: the same with the all-Triton
-                  backward; mosaic_dh6 / mosaic_dn128 / mosaic_s3: other tiles (mosaic_variants)
+                  backward; mosaic_fused: silu backward in the dh kernel's epilogue (grouped_swiglu_bwd);
+                  mosaic_dh6 / mosaic_dn128 / mosaic_s3: other tiles (mosaic_variants)
   ragged_mgpu     anchor: dropless with jax's example kernel pallas/ops/gpu/ragged_dot_mgpu.ragged_dot
                   (forward only: it has no VJP; skipped if its API does not match)
   ragged          dropless, jax.lax.ragged_dot (XLA)
@@ -13,7 +14,8 @@ hidden 2048, expert ffn 5632, 16k tokens, bf16, forward and forward+backward:
   capacity_einsum capacity 1.25, GShard one-hot einsum dispatch
   dense           a dense SwiGLU FFN with the same active FLOPs (ffn = top_k * expert ffn), the anchor
 check mode (H100): the Mosaic grouped kernels (forward h, g, u, down; backward grouped_matmul_nt with one
-pair (dh) and two pairs (dx)) and the dropless "mosaic" layer (outputs and all gradients)
+pair (dh) and two pairs (dx), grouped_swiglu_bwd) and the dropless "mosaic" layer (outputs and all gradients,
+also with the fused backward: fused_*)
 against the float32 XLA reference on a few shapes (balanced, skewed with empty experts); PASS/FAIL and the
 max relative errors go to the JSON.
 ep mode (2+ GPUs): tokens/s per GPU at the same per-GPU load for EP=1 (one GPU, all experts), DP=n
@@ -22,7 +24,7 @@ Median of --iters timed runs after --warmup runs; inputs random; prints a table,
 
   python experiments/bench_moe.py --out results/bench_moe_layer.json                 # H100
   python experiments/bench_moe.py --mode ep --out results/bench_moe_ep.json          # 2 x H200
-  python experiments/bench_moe.py --mode check,layer --impls dense,pallas,mosaic,mosaic_tbwd   # H100, Mosaic
+  python experiments/bench_moe.py --mode check,layer --impls dense,pallas,mosaic,mosaic_fused,mosaic_tbwd  # H100
   python experiments/bench_moe.py --tiny                                             # CPU smoke run
 """
 
@@ -77,7 +79,7 @@ def make_inputs(key, t, d, f, e, dtype):
 def mosaic_variants() -> dict:
     """Mosaic tile variants timed as separate layer rows (kernels.grouped_matmul_mosaic.Tiles)."""
     from kernels.grouped_matmul_mosaic import Tiles
-    return {"mosaic": {}, "mosaic_tbwd": dict(mosaic_backward=False),
+    return {"mosaic": {}, "mosaic_tbwd": dict(mosaic_backward=False), "mosaic_fused": dict(fuse_silu_bwd=True),
             "mosaic_dh6": dict(dh_tiles=Tiles(stages=6)),
             "mosaic_dn128": dict(down_tiles=Tiles(tile_n=128)),
             "mosaic_s3": dict(gate_up_tiles=Tiles(stages=3), down_tiles=Tiles(stages=3))}
@@ -250,6 +252,10 @@ def run_check(a) -> dict:
             g_r = jax.jit(jax.grad(loss("ragged", jnp.float32), argnums=range(5)))(f32(x), gw, f32(wg), f32(wu), f32(wd))
             for gname, gm_, gr_ in zip(("dx", "dgate_weights", "dw_gate", "dw_up", "dw_down"), g_m, g_r):
                 res[gname] = _rel(gm_, gr_)
+            g_f = jax.jit(jax.grad(loss("mosaic", dtype, fuse_silu_bwd=True, **interp), argnums=range(5)))(
+                x, gw, wg, wu, wd)
+            for gname, gf_, gr_ in zip(("dx", "dgate_weights", "dw_gate", "dw_up", "dw_down"), g_f, g_r):
+                res["fused_" + gname] = _rel(gf_, gr_)
             # the kernels alone on the padded layout: h, g, u and the down projection; pad rows exactly zero
             if not a.interpret:
                 order, sizes = dp.sort_by_expert(ei, e)
@@ -279,10 +285,16 @@ def run_check(a) -> dict:
                                                      precision=jax.lax.Precision.HIGHEST)
                 res.update(kernel_nt_dh=_rel(dh[:used], rt(dy, wd)[:used]),
                            kernel_nt_dx=_rel(dxk[:used], (rt(dg, wg) + rt(du, wu))[:used]))
+                # dh with the silu backward in the epilogue, from the kernel's own g, u
+                kdg, kdu = jax.jit(gmm_m.grouped_swiglu_bwd)(dy, wd, g, u, lay.tile_group)
+                rdh, sg = rt(dy, wd), jax.nn.sigmoid(f32(g))
+                res.update(kernel_bwd_dg=_rel(kdg[:used], (rdh * f32(u) * sg * (1 + f32(g) * (1 - sg)))[:used]),
+                           kernel_bwd_du=_rel(kdu[:used], (rdh * f32(g) * sg)[:used]))
                 pad = (lay.source[:used] == t * k)[:, None]
                 res["pad_rows_zero"] = bool(jnp.all(jnp.where(pad, out[:used], 0) == 0)
                                             and jnp.all(jnp.where(pad, h[:used], 0) == 0))
-            errs = [v for kk, v in res.items() if kk in ("y", "dx", "dgate_weights", "dw_gate", "dw_up", "dw_down")
+            errs = [v for kk, v in res.items() if kk.removeprefix("fused_") in ("y", "dx", "dgate_weights", "dw_gate",
+                                                                                  "dw_up", "dw_down")
                     or kk.startswith("kernel_")]
             res["max_rel_err"] = max(errs)
             res["status"] = "PASS" if max(errs) <= tol and res.get("pad_rows_zero", True) else "FAIL"

@@ -162,9 +162,9 @@ def _grouped_call(lhs: Sequence[jnp.ndarray], rhs: Sequence[jnp.ndarray], tile_g
     accumulate=False: one lhs, one wgmma accumulator per rhs j: acc_j = lhs @ rhs[j][e].
     accumulate=True: pairs (lhs[j], rhs[j]) summed into ONE accumulator: acc = sum_j lhs[j] @ rhs[j][e].
     transpose_rhs: rhs stored [E, N, K] (the SMEM tile [N, K] is handed to wgmma transposed), else [E, K, N].
-    `epilogue(accs, *aux_tiles)` maps the f32 accumulators (and the [tile_m, tile_n] tiles of the aux
-    [P, N] inputs at the output tile, TMA-prefetched while the K loop runs) to `n_out` [tile_m, tile_n]
-    values stored (in lhs.dtype) to the n_out outputs [P, N]."""
+    `epilogue(accs, *aux)` maps [epi_m, epi_n] chunks of the f32 accumulators (and of the aux [P, N]
+    inputs at the output tile, TMA-prefetched while the K loop runs) elementwise to `n_out` chunks stored
+    (in lhs.dtype) to the n_out outputs [P, N]."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     p, k = lhs[0].shape
@@ -233,21 +233,22 @@ def _grouped_call(lhs: Sequence[jnp.ndarray], rhs: Sequence[jnp.ndarray], tile_g
                         run(tuple(accs))
                         for j in range(n_aux):
                             plgpu.barrier_wait(aux_bar.at[wg * n_aux + j])
-                        outs = epilogue([a[...] for a in accs], *(aux_smem[wg, j] for j in range(n_aux)))
+                        acc_vals = [a[...] for a in accs]
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         c = 0
-                        for o_val, o_gmem in zip(outs, o_gmems):
-                            o_val = o_val.astype(dtype)
-                            for ei in range(tm // em):
-                                for ej in range(tn // en):
+                        for ei in range(tm // em):  # the epilogue chunk by chunk: fewer live registers
+                            for ej in range(tn // en):
+                                rows, cols = pl.ds(ei * em, em), pl.ds(ej * en, en)
+                                outs = epilogue([v[ei * em:(ei + 1) * em, ej * en:(ej + 1) * en] for v in acc_vals],
+                                                *(aux_smem.at[wg, j].at[rows, cols][...] for j in range(n_aux)))
+                                for o_val, o_gmem in zip(outs, o_gmems):
                                     slot = c % 2
                                     c += 1
                                     plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                                    out_smem[wg, slot] = o_val[ei * em:(ei + 1) * em, ej * en:(ej + 1) * en]
+                                    out_smem[wg, slot] = o_val.astype(dtype)
                                     plgpu.commit_smem()
-                                    plgpu.copy_smem_to_gmem(
-                                        out_smem.at[wg, slot],
-                                        o_gmem.at[m_sl, n_sl].at[:, wg_n].at[pl.ds(ei * em, em), pl.ds(ej * en, en)])
+                                    plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
+                                                            o_gmem.at[m_sl, n_sl].at[:, wg_n].at[rows, cols])
 
                 def wg_rhs(w_smem):  # this warpgroup's [tk, tn] view of the rhs tile
                     if transpose_rhs:

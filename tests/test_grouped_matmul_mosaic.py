@@ -17,8 +17,8 @@ from iva_jax.moe import dispatch as dp
 
 TM = 16  # tile_m of the CPU tests
 TILES = gm.Tiles(tile_m=TM)
-KW = dict(interpret=True, gate_up_tiles=TILES, down_tiles=TILES, dh_tiles=TILES, dx_tiles=TILES, block_m=16, block_n=16, block_k=16,
-          num_warps=4, num_stages=2)
+KW = dict(interpret=True, gate_up_tiles=TILES, down_tiles=TILES, dh_tiles=TILES, dx_tiles=TILES,
+          block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
 
 
 def np_layout(sizes, m, tm):

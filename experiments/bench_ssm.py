@@ -1,7 +1,7 @@
 """Issue 6 measurements: the selective-scan kernel against XLA scans and the copy bandwidth, and SSD TFLOP/s.
 
 1. check   : the Pallas kernel vs the chunked XLA scan on the GPU (values and VJPs, f32 and bf16, grouped B/C,
-             odd sizes): max |err| / max |ref| per output, PASS/FAIL against 2e-4 (f32) / 2.5e-2 (bf16).
+             odd sizes; the default config and --check-configs): max |err| / max |ref| per output, PASS/FAIL against 2e-4 (f32) / 2.5e-2 (bf16).
 2. copy    : jnp `x + 1` over 512 MiB bf16 (read + write): the bandwidth ceiling of this run.
 3. scan    : batch 8, seqlen 4096, dim 2048, dstate 16 (Mamba's shape: z gate, D, delta_bias, softplus),
              f32 and bf16, forward and forward+backward: pallas (channels-last, as the Mamba block calls it),
@@ -10,7 +10,8 @@
 4. ssd     : Mamba-2 chunked SSD at batch 8, seqlen 4096, 32 heads x 64, dstate 128, chunk 256, forward and
              forward+backward (f32 and bf16 matmul operands): TFLOP/s of its matmuls (mamba2.ssd_flops; x3 for
              forward+backward).
-5. sweep   : (--sweep) kernel configs at the scan shape, bf16 (`sweep_configs`): forward (chunk, load schedule
+5. sweep   : (--sweep) kernel configs at the scan shape, bf16 (--sweep-dtypes) (`sweep_configs`, or --sweep-fwd /
+             --sweep-bwd lists): forward (chunk, load schedule
              group_loads / prefetch, time_splits, block_d x num_warps) and forward+backward (backward knobs, and the
              forward options under gradients); each row with its max error vs the default config.
 6. generate: greedy generation tokens/s of the hybrid (configs/model_hybrid.yaml scaled to ~230M params:
@@ -129,12 +130,14 @@ def rel(a, b) -> float:
 
 
 def check_kernel(interpret):
-    """Kernel vs chunked XLA scan on this device: values and all VJPs."""
+    """Kernel vs chunked XLA scan on this device: values and all VJPs (the default config, then --check-configs)."""
     shapes = [(2, 1000, 384, 16, 1), (1, 777, 300, 16, 2), (2, 257, 96, 4, 3)] if not ARGS.tiny else \
         [(1, 37, 12, 3, 2)]
-    cfg = K.ScanBlockConfig(chunk=4, ckpt_chunk=8, bwd_chunk=2) if interpret else None
+    base = dict(chunk=4, ckpt_chunk=8, bwd_chunk=2) if interpret else {}
+    configs = [None] + [kw for kw in json.loads(ARGS.check_configs or "[]") if kw]
     ok = True
-    for (b, l, d, n, g) in shapes:
+    for kw, (b, l, d, n, g) in [(kw, s) for kw in configs for s in shapes]:
+        cfg = K.ScanBlockConfig(**{**base, **(kw or {})}) if (base or kw) else None
         for dtype in (jnp.float32, jnp.bfloat16):
             a = scan_inputs(1, b, l, d, n, g, dtype)
             ct = jnp.asarray(np.random.default_rng(2).standard_normal((b, l, d)), jnp.float32)
@@ -148,8 +151,8 @@ def check_kernel(interpret):
             tol = 2e-4 if dtype == jnp.float32 else 2.5e-2
             passed = all(e <= tol for e in errs.values())  # NaN fails
             ok &= passed
-            row("check", f"pallas vs chunked b{b} l{l} d{d} n{n} g{g} {jnp.dtype(dtype).name}",
-                status="PASS" if passed else "FAIL", max_err=f"{max(errs.values()):.2e}",
+            row("check", f"pallas{'' if kw is None else ' ' + json.dumps(kw)} vs chunked b{b} l{l} d{d} n{n} g{g} "
+                f"{jnp.dtype(dtype).name}", status="PASS" if passed else "FAIL", config=kw, max_err=f"{max(errs.values()):.2e}",
                 errs={k: float(f"{v:.3e}") for k, v in errs.items()})
     return ok
 
@@ -241,13 +244,21 @@ def sweep_configs():
 def bench_sweep(copy_gbs, interpret):
     """Rows carry err_vs_default (max |x - x_default| / max |x_default| over out, or over every gradient; bf16
     outputs: ~1e-2 is rounding, time_splits reassociates the decay product) so that a wrong config cannot win."""
+    for dn in ARGS.sweep_dtypes.split(","):
+        _bench_sweep(copy_gbs, interpret, dn)
+
+
+def _bench_sweep(copy_gbs, interpret, dn):
     b, l, d, n = (8, 4096, 2048, 16) if not ARGS.tiny else (1, 64, 32, 4)
-    a = scan_inputs(0, b, l, d, n, 1, jnp.bfloat16)
+    dtype = jnp.dtype(dn)
+    a = scan_inputs(0, b, l, d, n, 1, dtype)
     g = jnp.asarray(np.random.default_rng(3).standard_normal((b, l, d)), jnp.float32)
     fwd_cfgs, bwd_cfgs = sweep_configs()
     if ARGS.sweep_fwd is not None:  # e.g. '[{"chunk": 2}, {"block_d": 16}]' (the default config always first)
         fwd_cfgs, bwd_cfgs = [{}] + [kw for kw in json.loads(ARGS.sweep_fwd) if kw], bwd_cfgs[:1]
-    nbytes = K.copy_bytes(b, l, d, n, 1, 2, True, False)
+    if ARGS.sweep_bwd is not None:
+        bwd_cfgs = [{}] + [kw for kw in json.loads(ARGS.sweep_bwd) if kw]
+    nbytes = K.copy_bytes(b, l, d, n, 1, dtype.itemsize, True, False)
     ref = {}
     err = jax.jit(lambda x, y: jnp.max(jnp.abs(x.astype(jnp.float32) - y)) / jnp.max(jnp.abs(y)))
     for kw in fwd_cfgs:
@@ -257,11 +268,11 @@ def bench_sweep(copy_gbs, interpret):
             out = fwd(a)
             ref.setdefault("out", out.astype(jnp.float32))  # the first config is the default
             ms = time_jax(fwd, (a,))
-            return row("sweep", f"fwd bf16 {kw or 'default'}", ms, GBps=round(nbytes / ms / 1e6, 1),
-                       pct_copy=round(100 * nbytes / ms / 1e6 / copy_gbs, 1), config=kw,
+            return row("sweep", f"fwd {dn} {kw or 'default'}", ms, GBps=round(nbytes / ms / 1e6, 1),
+                       pct_copy=round(100 * nbytes / ms / 1e6 / copy_gbs, 1), config=kw, dtype=dn,
                        err_vs_default=float(f"{float(err(out, ref['out'])):.2e}"))
 
-        guard(f"sweep fwd {kw}", one)
+        guard(f"sweep fwd {dn} {kw}", one)
     for kw in bwd_cfgs:
         _, fb = scan_fn("pallas", K.ScanBlockConfig(**kw), interpret)
 
@@ -269,10 +280,10 @@ def bench_sweep(copy_gbs, interpret):
             grads = fb(a, g)
             ref.setdefault("grads", {k: v.astype(jnp.float32) for k, v in grads.items()})  # the default's
             e = max(float(err(grads[k], ref["grads"][k])) for k in grads)
-            return row("sweep", f"fwd+bwd bf16 {kw or 'default'}", time_jax(fb, (a, g)), config=kw,
+            return row("sweep", f"fwd+bwd {dn} {kw or 'default'}", time_jax(fb, (a, g)), config=kw, dtype=dn,
                        err_vs_default=float(f"{e:.2e}"))
 
-        guard(f"sweep fwd+bwd {kw}", one_fb)
+        guard(f"sweep fwd+bwd {dn} {kw}", one_fb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +420,11 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel block configs")
     ap.add_argument("--sweep-fwd", default=None, help="JSON list of forward ScanBlockConfig overrides to sweep "
                     "instead of the built-in list (plus the default; forward+backward: the default only)")
+    ap.add_argument("--sweep-bwd", default=None, help="JSON list of ScanBlockConfig overrides to time forward+"
+                    "backward (plus the default)")
+    ap.add_argument("--sweep-dtypes", default="bfloat16", help="comma list of activation dtypes for the sweep")
+    ap.add_argument("--check-configs", default=None, help="JSON list of ScanBlockConfig overrides to check (values "
+                    "and VJPs) besides the default")
     ap.add_argument("--skip-slow", action="store_true", help="skip lax.scan and chunked rows")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--only", default=None, help=f"comma-separated sections to run, of {','.join(SECTIONS)} "

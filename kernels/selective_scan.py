@@ -165,6 +165,7 @@ class ScanBlockConfig:
     dim_lanes: bool = False
     pingpong: bool = False
     bc_f32: bool = False
+    lookahead: int = 1
 
     def __post_init__(self):
         for f in ("block_d", "num_warps", "chunk", "ckpt_chunk", "bwd_chunk", "block_d_bwd", "num_warps_bwd",
@@ -174,6 +175,8 @@ class ScanBlockConfig:
                 continue
             if not (isinstance(v, int) and v > 0 and v & (v - 1) == 0):
                 raise ValueError(f"ScanBlockConfig.{f}={v!r} must be a positive power of two")
+        if not (isinstance(self.lookahead, int) and self.lookahead >= 1):
+            raise ValueError(f"ScanBlockConfig.lookahead={self.lookahead!r} must be an int >= 1")
         if self.num_stages < 1:
             raise ValueError(f"ScanBlockConfig.num_stages={self.num_stages!r} must be >= 1")
         for f in ("prefetch", "group_loads", "dim_lanes", "pingpong", "bc_f32"):
@@ -207,6 +210,7 @@ class _Static:
     dim_lanes: bool = False
     pingpong: bool = False
     bc_f32: bool = False
+    lookahead: int = 1
     P: int = 1  # forward time segments (the forward kernels then see seqlen L / P and batch * P)
 
     @property
@@ -231,7 +235,8 @@ def _make_static(l, g, dg, n, cfg: ScanBlockConfig, **flags) -> _Static:
     return _Static(L=l, G=g, Dgp=-(-dg // step) * step, Np=np_, BD=bd, BDb=bdb, Kf=min(cfg.chunk, k1), K1=k1,
                    Kb=min(cfg.bwd_chunk, k1), nw=cfg.num_warps, nwb=cfg.num_warps_bwd, num_stages=cfg.num_stages,
                    prefetch=cfg.prefetch, group_loads=cfg.group_loads, dim_lanes=cfg.dim_lanes,
-                   pingpong=cfg.pingpong and cfg.prefetch, bc_f32=cfg.bc_f32, P=p,
+                   pingpong=cfg.pingpong and cfg.prefetch, bc_f32=cfg.bc_f32,
+                   lookahead=cfg.lookahead if cfg.prefetch else 1, P=p,
                    **flags)
 
 
@@ -274,12 +279,7 @@ class _Prog:
         self.b, self.g, self.j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         self.dsl = pl.ds(pl.multiple_of(self.g * st.Dgp + self.j * bd, bd), bd)
         self.dim_lanes = dim_lanes  # state tiles [dstate, bd] (the forward's dim_lanes option)
-        if dim_lanes:  # A^T from its columns (1-D loads): a 2-D load's coalesced layout would become the state's
-            rows = jax.lax.broadcasted_iota(jnp.int32, (st.Np, bd), 0)
-            self.A = functools.reduce(lambda acc, n: jnp.where(rows == n, r["A"][self.dsl, n].astype(f32)[None, :],
-                                                               acc), range(st.Np), jnp.zeros((st.Np, bd), f32))
-        else:
-            self.A = r["A"][self.dsl, :].astype(f32)
+        self.A = self.load_tile(r["A"], (), st.Np, bd).astype(f32)
         self.A2 = self.A * LOG2E  # exp(dt A) = exp2(dt A log2 e)
         self.D = r["D"][self.dsl].astype(f32) if st.has_D else None
         self.bias = r["bias"][self.dsl].astype(f32) if st.has_bias else None
@@ -306,6 +306,16 @@ class _Prog:
         t = jnp.minimum(t_raw, st.L - 1) if partial else t_raw
         valid = (t_raw < st.L) if partial else None
         return (t, valid) + self.prep(st, lambda i: self.load(r, t, (("dt", "u", "B")[i],))[0], valid)
+
+    def load_tile(self, ref, lead: tuple, n: int, bd: int):
+        """ref[*lead, this block's dims, :] ([bd, n]) as a state tile.  With dim_lanes, [n, bd] from n column loads
+        (1-D): a 2-D load's coalesced layout would become the state's (Triton's layout propagation), 4 states x 4 dims
+        a thread instead of one dim a thread."""
+        if not self.dim_lanes:
+            return ref[lead + (self.dsl, slice(None))]
+        rows = jax.lax.broadcasted_iota(jnp.int32, (n, bd), 0)
+        return functools.reduce(lambda acc, i: jnp.where(rows == i, ref[lead + (self.dsl, i)][None, :], acc),
+                                range(n), jnp.zeros((n, bd), ref.dtype))
 
     def tile(self, x):
         """A [bd, dstate] array as this program's state tiles hold it (transposed with dim_lanes; self-inverse)."""
@@ -343,8 +353,8 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
     fields = ("dt", "u", "B") if state_only else ("dt", "u", "B", "C") + (("z",) if st.has_z else ())
     tclamp = lambda t: jnp.minimum(t, st.L - 1) if clamp else t  # noqa: E731
 
-    def load(t0):  # one sub-chunk's raw rows: Kf tuples of `fields`
-        return tuple(P.load(r, tclamp(t0 + k), fields) for k in range(Kf))
+    def load(t0, names=fields):  # one sub-chunk's raw rows: Kf tuples of `names`
+        return tuple(P.load(r, tclamp(t0 + k), names) for k in range(Kf))
 
     def sub_chunk(t0, acc, rows=None):
         """Kf steps from t0.  rows: their raw rows, loaded ahead; None: each step loads its own rows, after the
@@ -373,7 +383,7 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
         return (h, sdt) if state_only else h
 
     shape = (st.Np, st.BD) if st.dim_lanes else (st.BD, st.Np)
-    h = jnp.zeros(shape, f32) if state_only or st.P == 1 else P.tile(r["h0"][P.b, P.dsl, :])
+    h = jnp.zeros(shape, f32) if state_only or st.P == 1 else P.load_tile(r["h0"], (P.b,), st.Np, st.BD)
     acc = (h, jnp.zeros((st.BD,), f32)) if state_only else h
     if not st.prefetch:
         def trip(t0, acc):  # one sub-chunk (group_loads: all its loads first)
@@ -389,21 +399,29 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
     else:  # software pipelining over one flat loop (rows carried through nested loops get a layout of their own
         # in Triton, with a shared-memory convert at every use)
         def trip(s, carry):  # sub-chunk s, its rows loaded by the previous trip
-            acc, rows = carry
+            acc, rows, queue = carry  # queue (lookahead > 1): the far rows of trips s .. s + lookahead - 1
             if save_ckpt:
                 @pl.when(lax.rem(s, K1 // Kf) == 0)
                 def _():
                     r["ckpt"][P.b, lax.div(s, K1 // Kf), P.dsl, :] = P.tile(acc)
 
-            nxt = load((s + 1) * Kf)  # issued before this sub-chunk's recurrence
-            return sub_chunk(s * Kf, acc, rows), nxt
+            nxt = load((s + 1) * Kf, near)  # issued before this sub-chunk's recurrence
+            if far:
+                queue += (load((s + la) * Kf, far),)
+                rows = tuple(tuple(queue[0][k][far.index(f)] if f in far else rows[k][near.index(f)] for f in fields)
+                             for k in range(Kf))
+            return sub_chunk(s * Kf, acc, rows), nxt, queue[1:]
 
+        la = st.lookahead  # the per-dim rows (dt, u, z: a register each per thread) are loaded la trips ahead
+        far = tuple(f for f in fields if f not in ("B", "C")) if la > 1 else ()
+        near = tuple(f for f in fields if f not in far)
+        carry = (acc, load(0, near), tuple(load(i * Kf, far) for i in range(la)) if far else ())
         n_trips = -(-st.L // Kf)
         if not st.pingpong:
-            acc, _ = lax.fori_loop(0, n_trips, trip, (acc, load(0)))
+            acc = lax.fori_loop(0, n_trips, trip, carry)[0]
         else:  # two trips per loop iteration: the rows a trip loads land in the registers its predecessor's rows
             # just freed, so the loop carries them without a register copy per value at every back edge
-            carry = lax.fori_loop(0, n_trips // 2, lambda i, c: trip(2 * i + 1, trip(2 * i, c)), (acc, load(0)))
+            carry = lax.fori_loop(0, n_trips // 2, lambda i, c: trip(2 * i + 1, trip(2 * i, c)), carry)
             acc = trip(n_trips - 1, carry)[0] if n_trips % 2 else carry[0]
     if state_only:
         r["last"][P.b, P.dsl, :], r["sumdt"][P.b, P.dsl] = P.tile(acc[0]), acc[1]

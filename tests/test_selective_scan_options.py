@@ -1,5 +1,5 @@
-"""The selective-scan kernel's forward options (group_loads, prefetch, time_splits, dim_lanes, pingpong, bc_f32) in
-interpret mode: values and VJPs vs float64 references, the time-split plan, and Triton lowering of the new kernels
+"""The selective-scan kernel's forward options (group_loads, prefetch, time_splits, dim_lanes, pingpong, bc_f32,
+lookahead) in interpret mode: values and VJPs vs float64 references, the time-split plan, and Triton lowering of the new kernels
 for CUDA."""
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ CONFIGS = {  # name -> (seqlen, config)
     "splits4": (96, K.ScanBlockConfig(**SPLIT, time_splits=4)),
     # time_splits 8 -> 4 (96 is not a multiple of 8 * 8); prefetch's flat loop saves every other trip's state
     "splits8_prefetch": (96, K.ScanBlockConfig(**{**SPLIT, "block_d": 4}, time_splits=8, prefetch=True)),
-    # 13 trips of 8: pingpong's odd last trip, past seqlen masked; B/C converted to f32 (a no-op in f32)
-    "pingpong": (100, K.ScanBlockConfig(**BASE, prefetch=True, pingpong=True, bc_f32=True)),
+    # 13 trips of 8: pingpong's odd last trip, past seqlen masked; B/C converted to f32 (a no-op in f32);
+    # dt, u, z loaded 2 trips ahead (clamped loads past the end)
+    "pingpong": (100, K.ScanBlockConfig(**BASE, prefetch=True, pingpong=True, bc_f32=True, lookahead=2)),
     # state tiles [dstate, block_d]: 12 trips (pingpong's pairs only); checkpoints stored transposed back
-    "lanes_pingpong": (96, K.ScanBlockConfig(**BASE, dim_lanes=True, prefetch=True, pingpong=True)),
+    "lanes_pingpong": (96, K.ScanBlockConfig(**BASE, dim_lanes=True, prefetch=True, pingpong=True, lookahead=3)),
     # dim_lanes through the nested loops (group_loads), the state pass and the segment start states h0
     "lanes_splits_loads": (96, K.ScanBlockConfig(**SPLIT, dim_lanes=True, time_splits=4, prefetch=False,
                                                  group_loads=True)),
@@ -41,7 +42,7 @@ CONFIGS = {  # name -> (seqlen, config)
 # bf16 activations through every option that handles them: time splits, prefetched (pingpong) rows carried in bf16,
 # B/C converted to f32 before the kernel, state tiles [dstate, block_d]
 BF16_CONFIG = K.ScanBlockConfig(**{**SPLIT, "block_d": 4}, time_splits=8, prefetch=True, pingpong=True, bc_f32=True,
-                                dim_lanes=True)
+                                dim_lanes=True, lookahead=2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +84,7 @@ def test_options_values_and_vjps_bf16():
 
 
 def test_load_schedules_are_the_same_arithmetic():
-    """group_loads, prefetch and pingpong only move loads (and bc_f32 converts f32 to f32): values and gradients are
+    """group_loads, prefetch, pingpong and lookahead only move loads (and bc_f32 converts f32 to f32): values and gradients are
     bit-identical to the default's (pingpong: to an ulp, XLA:CPU contracts its twice-unrolled body differently)."""
     jargs, _, _, ct, _ = _case(100)
     out0, last0, grads0 = run(jargs, True, "pallas", ct, interpret=True, config=K.ScanBlockConfig(**BASE))
@@ -113,6 +114,8 @@ def test_time_split_plan():
     assert splits(10, ckpt_chunk=64, time_splits=8) == 1
     with pytest.raises(ValueError, match="time_splits"):
         K.ScanBlockConfig(time_splits=3)
+    with pytest.raises(ValueError, match="lookahead"):
+        K.ScanBlockConfig(lookahead=0)
     for flag in ("prefetch", "group_loads", "dim_lanes", "pingpong", "bc_f32"):
         with pytest.raises(ValueError, match=flag):
             K.ScanBlockConfig(**{flag: 1})
@@ -122,7 +125,7 @@ def test_time_split_plan():
     (52, dict(prefetch=True), ("selective_scan_fwd", "selective_scan_bwd")),  # 52 = 3 * 16 + 4: masked tail
     (96, dict(prefetch=True, time_splits=4), ("selective_scan_state", "selective_scan_fwd", "selective_scan_bwd")),
     (96, dict(group_loads=True, time_splits=2), ("selective_scan_state", "selective_scan_fwd", "selective_scan_bwd")),
-    (52, dict(dim_lanes=True, block_d=32, chunk=2, pingpong=True, bc_f32=True),
+    (52, dict(dim_lanes=True, block_d=32, chunk=2, pingpong=True, bc_f32=True, lookahead=2),
      ("selective_scan_fwd", "selective_scan_bwd")),  # 26 trips: pingpong pairs; block_d 32 > dim 12: one block
     (96, dict(dim_lanes=True, time_splits=2, chunk=8, pingpong=True),
      ("selective_scan_state", "selective_scan_fwd", "selective_scan_bwd")),

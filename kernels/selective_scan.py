@@ -100,6 +100,15 @@ def softplus(x: jax.Array) -> jax.Array:
     return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
 
 
+def _softplus_fast(x: jax.Array) -> jax.Array:
+    """softplus without libdevice's log1pf (its special-case branch splits the kernel's loop body): w = 2^(x log2 e);
+    log1p(w) by its series to w^6 below w = 1/8 (truncation < 2e-7 relative), else log(1 + w) (relative error
+    ~1e-6 at w = 1/8, less above)."""
+    w = jnp.exp2(jnp.minimum(x, SOFTPLUS_THRESHOLD) * LOG2E)
+    series = w * (1 - w * (1 / 2 - w * (1 / 3 - w * (1 / 4 - w * (1 / 5 - w * (1 / 6))))))
+    return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.where(w < 0.125, series, jnp.log(1 + w)))
+
+
 # ---------------------------------------------------------------------------------------------
 # reference: plain lax.scan over time, f32 state, the definition of correct
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +175,7 @@ class ScanBlockConfig:
     pingpong: bool = False
     bc_f32: bool = False
     lookahead: int = 1
+    fast_math: bool = False
 
     def __post_init__(self):
         for f in ("block_d", "num_warps", "chunk", "ckpt_chunk", "bwd_chunk", "block_d_bwd", "num_warps_bwd",
@@ -179,7 +189,7 @@ class ScanBlockConfig:
             raise ValueError(f"ScanBlockConfig.lookahead={self.lookahead!r} must be an int >= 1")
         if self.num_stages < 1:
             raise ValueError(f"ScanBlockConfig.num_stages={self.num_stages!r} must be >= 1")
-        for f in ("prefetch", "group_loads", "dim_lanes", "pingpong", "bc_f32"):
+        for f in ("prefetch", "group_loads", "dim_lanes", "pingpong", "bc_f32", "fast_math"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ScanBlockConfig.{f}={getattr(self, f)!r} must be a bool")
 
@@ -211,6 +221,7 @@ class _Static:
     pingpong: bool = False
     bc_f32: bool = False
     lookahead: int = 1
+    fast_math: bool = False
     P: int = 1  # forward time segments (the forward kernels then see seqlen L / P and batch * P)
 
     @property
@@ -236,7 +247,7 @@ def _make_static(l, g, dg, n, cfg: ScanBlockConfig, **flags) -> _Static:
                    Kb=min(cfg.bwd_chunk, k1), nw=cfg.num_warps, nwb=cfg.num_warps_bwd, num_stages=cfg.num_stages,
                    prefetch=cfg.prefetch, group_loads=cfg.group_loads, dim_lanes=cfg.dim_lanes,
                    pingpong=cfg.pingpong and cfg.prefetch, bc_f32=cfg.bc_f32,
-                   lookahead=cfg.lookahead if cfg.prefetch else 1, P=p,
+                   lookahead=cfg.lookahead if cfg.prefetch else 1, fast_math=cfg.fast_math, P=p,
                    **flags)
 
 
@@ -272,13 +283,14 @@ def _atomic_add(ref, idx, val):
 class _Prog:
     """Per-program constants: which (batch, group, dim block) this program owns, and its parameters."""
 
-    def __init__(self, st: _Static, r: dict, bd: int, dim_lanes: bool = False):
+    def __init__(self, st: _Static, r: dict, bd: int, dim_lanes: bool = False, fast_math: bool = False):
         from jax.experimental import pallas as pl
 
         f32 = jnp.float32
         self.b, self.g, self.j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         self.dsl = pl.ds(pl.multiple_of(self.g * st.Dgp + self.j * bd, bd), bd)
         self.dim_lanes = dim_lanes  # state tiles [dstate, bd] (the forward's dim_lanes option)
+        self.fast_math = fast_math  # the forward's fast_math option
         self.A = self.load_tile(r["A"], (), st.Np, bd).astype(f32)
         self.A2 = self.A * LOG2E  # exp(dt A) = exp2(dt A log2 e)
         self.D = r["D"][self.dsl].astype(f32) if st.has_D else None
@@ -295,7 +307,7 @@ class _Prog:
         x = row(0).astype(f32)
         if st.has_bias:
             x = x + self.bias
-        dt = softplus(x) if st.softplus else x
+        dt = (_softplus_fast(x) if self.fast_math else softplus(x)) if st.softplus else x
         u, bt = row(1).astype(f32), row(2).astype(f32)
         if valid is not None:
             dt, u = jnp.where(valid, dt, 0.0), jnp.where(valid, u, 0.0)
@@ -346,7 +358,7 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
     assert len(refs) == len(names)
     r = dict(zip(names, refs))
     f32 = jnp.float32
-    P = _Prog(st, r, st.BD, st.dim_lanes)
+    P = _Prog(st, r, st.BD, st.dim_lanes, st.fast_math)
     Kf, K1 = st.Kf, st.K1
     partial = st.L % Kf != 0  # the last sub-chunk runs past seqlen: mask it
     clamp = partial or st.prefetch  # prefetch also loads (and drops) the sub-chunk after the last one
@@ -378,7 +390,7 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
                 y = y + P.D * u
             if st.has_z:
                 zt = get(4).astype(f32)
-                y = y * (zt * jax.nn.sigmoid(zt))
+                y = y * (zt / (1 + jnp.exp2(-LOG2E * zt)) if st.fast_math else zt * jax.nn.sigmoid(zt))
             _store(r["out"], (P.b, t, P.dsl), y.astype(r["out"].dtype), valid)
         return (h, sdt) if state_only else h
 

@@ -34,7 +34,9 @@ CONFIGS = {  # name -> (seqlen, config)
     # dt, u, z loaded 2 trips ahead (clamped loads past the end)
     "pingpong": (100, K.ScanBlockConfig(**BASE, prefetch=True, pingpong=True, bc_f32=True, lookahead=2)),
     # state tiles [dstate, block_d]: 12 trips (pingpong's pairs only); checkpoints stored transposed back
-    "lanes_pingpong": (96, K.ScanBlockConfig(**BASE, dim_lanes=True, prefetch=True, pingpong=True, lookahead=3)),
+    # (and fast_math: softplus and silu without libdevice's log1pf and division)
+    "lanes_pingpong": (96, K.ScanBlockConfig(**BASE, dim_lanes=True, prefetch=True, pingpong=True, lookahead=3,
+                                             fast_math=True)),
     # dim_lanes through the nested loops (group_loads), the state pass and the segment start states h0
     "lanes_splits_loads": (96, K.ScanBlockConfig(**SPLIT, dim_lanes=True, time_splits=4, prefetch=False,
                                                  group_loads=True)),
@@ -42,7 +44,7 @@ CONFIGS = {  # name -> (seqlen, config)
 # bf16 activations through every option that handles them: time splits, prefetched (pingpong) rows carried in bf16,
 # B/C converted to f32 before the kernel, state tiles [dstate, block_d]
 BF16_CONFIG = K.ScanBlockConfig(**{**SPLIT, "block_d": 4}, time_splits=8, prefetch=True, pingpong=True, bc_f32=True,
-                                dim_lanes=True, lookahead=2)
+                                dim_lanes=True, lookahead=2, fast_math=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,6 +100,16 @@ def test_load_schedules_are_the_same_arithmetic():
             same(grads[k], grads0[k], err_msg=f"{name} d{k}")
 
 
+def test_fast_softplus_matches_float64():
+    """fast_math's softplus to 2e-6 relative over Mamba's range and beyond: the series / log switch at w = 1/8
+    (x = -ln 8), both sides of the threshold 20, and far below (w underflows to 0: softplus ~ e^x)."""
+    x = np.concatenate([np.linspace(-30, 30, 4001), -np.log(8) + np.linspace(-1e-3, 1e-3, 101), [19.99, 20.0, 20.01]])
+    got = np.asarray(jax.jit(K._softplus_fast)(jnp.asarray(x, jnp.float32)), np.float64)
+    xf = np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # the f32 inputs the kernel sees
+    ref = np.where(xf > 20, xf, np.log1p(np.exp(np.minimum(xf, 20))))
+    assert np.max(np.abs(got - ref) / ref) < 2e-6
+
+
 def test_time_split_plan():
     """Segments are whole checkpoint chunks: time_splits drops to the largest power of two that allows it."""
     def splits(l, **kw):
@@ -116,7 +128,7 @@ def test_time_split_plan():
         K.ScanBlockConfig(time_splits=3)
     with pytest.raises(ValueError, match="lookahead"):
         K.ScanBlockConfig(lookahead=0)
-    for flag in ("prefetch", "group_loads", "dim_lanes", "pingpong", "bc_f32"):
+    for flag in ("prefetch", "group_loads", "dim_lanes", "pingpong", "bc_f32", "fast_math"):
         with pytest.raises(ValueError, match=flag):
             K.ScanBlockConfig(**{flag: 1})
 

@@ -44,6 +44,30 @@ Registers and Triton compile times (Triton 3.6, sm90, bf16, dstate 16, block_d 8
 default 60; group_loads 90 (chunk 4: 63, chunk 16: 154); prefetch chunk 4: 96, chunk 8: 166 (and ~30 s to
 compile); time_splits: state pass 64, forward 61.  At 2048 one-warp programs (B8 D2048) more than ~120
 registers cost a second wave (65536 registers per SM).
+
+With the loads pipelined the forward is issue-bound: experiments/triton_offline.py (Triton 3.6, sm90, offline)
+counts the SASS of the time loop.  The default spends 132 (bf16) / 120 (f32) instructions per step per warp on 8
+dims: each per-dim value (softplus, silu, the store's row) is computed by the 4 threads of its dim, the dstate
+reduction takes 2 shuffles + a third for the store's layout, bf16 B/C are unpacked by every thread, and the
+carried rows are register-copied at each back edge (55 MOVs a trip in f32).  ~4 such warps share an SM
+sub-partition: ~530 issue cycles per step, 4096 steps, ~1.2 ms at full issue.  Options against each:
+  dim_lanes    state tiles [dstate, block_d]: Triton's default layout then gives each thread one dim's whole
+               state (block_d 32 per warp), the reduction is in-thread (no shuffles), per-dim math runs once per
+               dim, and the row loads/stores land in the state's layout (their converts are no-ops).  A and h0 are
+               loaded by columns, since a 2-D load's coalesced layout would otherwise become the state's.  B/C
+               rows are broadcast loads (every thread reads the 16 values: L2 hits).  512 warps at B8 D2048.
+  pingpong     two prefetch trips per loop iteration, so the next rows load into the registers the current ones
+               free: no register copies at the back edge.
+  bc_f32       B and C converted to f32 in XLA before the forward (2 MB at the benchmark shape): no per-thread
+               bf16 unpacking of the broadcast rows.
+  lookahead    dt, u, z (one register each per thread with dim_lanes) loaded that many trips ahead; B/C one.
+  fast_math    softplus by its series below w = e^x = 1/8 and log(1 + w) above (< 1e-6 relative; libdevice's
+               log1pf has a special-case branch that splits the loop body), silu as z / (1 + 2^(-z log2 e)).
+               The backward's recomputation keeps the libdevice softplus (its states differ by ~1e-7 relative).
+  Per step per warp (bf16 / f32; regs): default 132 / 120 (96 / 123) on 8 dims; dim_lanes block_d 32 chunk 2
+  pingpong bc_f32 173 / 169 (213 / 214) on 32 dims, + lookahead 2 176 / 172, + fast_math ~155 (168), i.e. ~2.9x
+  fewer instructions per dim; no barriers, shuffles or shared memory in the loop.  The floor of this form is the
+  MUFU: 19 per step (16 exp2, 3 for softplus/silu) at 16 lanes/clk/SM is 152 cycles per 32-dim step.
 """
 
 from __future__ import annotations
@@ -158,6 +182,11 @@ class ScanBlockConfig:
     prefetch: forward software pipelining: each trip loads the next trip's rows before its own math.
     time_splits: forward time segments run in parallel (two passes); lowered to the largest power of two with
         seqlen a multiple of time_splits * ckpt_chunk (1 if none).
+    dim_lanes: forward state tiles [dstate, block_d], one dim per thread (use block_d = 32 * num_warps).
+    pingpong: (prefetch) two trips per loop iteration: no register copies of the carried rows.
+    bc_f32: B and C converted to f32 before the forward kernels.
+    lookahead: (prefetch) trips ahead that dt, u and z are loaded.
+    fast_math: forward softplus / silu without libdevice's log1pf and exact division (see the module docstring).
     """
 
     block_d: Optional[int] = None

@@ -136,24 +136,25 @@ def check_kernel(interpret):
     base = dict(chunk=4, ckpt_chunk=8, bwd_chunk=2) if interpret else {}
     configs = [None] + [kw for kw in json.loads(ARGS.check_configs or "[]") if kw]
     ok = True
-    for kw, (b, l, d, n, g) in [(kw, s) for kw in configs for s in shapes]:
-        cfg = K.ScanBlockConfig(**{**base, **(kw or {})}) if (base or kw) else None
+    ref_f, ref_fb = scan_fn("chunked")  # compiled once per shape, shared by the configs
+    for (b, l, d, n, g) in shapes:
         for dtype in (jnp.float32, jnp.bfloat16):
             a = scan_inputs(1, b, l, d, n, g, dtype)
             ct = jnp.asarray(np.random.default_rng(2).standard_normal((b, l, d)), jnp.float32)
-            ref_f, ref_fb = scan_fn("chunked")
-            k_f, k_fb = scan_fn("pallas", cfg, interpret)
-            # the reference in f32 from the same (rounded) inputs
-            a32 = {k: v.astype(jnp.float32) for k, v in a.items()}
-            errs = {"out": rel(k_f(a), ref_f(a32))}
-            gk, gr = k_fb(a, ct), ref_fb(a32, ct)
-            errs.update({f"d{k}": rel(gk[k], gr[k]) for k in a})
-            tol = 2e-4 if dtype == jnp.float32 else 2.5e-2
-            passed = all(e <= tol for e in errs.values())  # NaN fails
-            ok &= passed
-            row("check", f"pallas{'' if kw is None else ' ' + json.dumps(kw)} vs chunked b{b} l{l} d{d} n{n} g{g} "
-                f"{jnp.dtype(dtype).name}", status="PASS" if passed else "FAIL", config=kw, max_err=f"{max(errs.values()):.2e}",
-                errs={k: float(f"{v:.3e}") for k, v in errs.items()})
+            a32 = {k: v.astype(jnp.float32) for k, v in a.items()}  # the reference in f32 from the rounded inputs
+            r_out, r_grads = ref_f(a32), ref_fb(a32, ct)
+            for kw in configs:
+                cfg = K.ScanBlockConfig(**{**base, **(kw or {})}) if (base or kw) else None
+                k_f, k_fb = scan_fn("pallas", cfg, interpret)
+                errs = {"out": rel(k_f(a), r_out)}
+                gk = k_fb(a, ct)
+                errs.update({f"d{k}": rel(gk[k], r_grads[k]) for k in a})
+                tol = 2e-4 if dtype == jnp.float32 else 2.5e-2
+                passed = all(e <= tol for e in errs.values())  # NaN fails
+                ok &= passed
+                row("check", f"pallas{'' if kw is None else ' ' + json.dumps(kw)} vs chunked b{b} l{l} d{d} n{n} "
+                    f"g{g} {jnp.dtype(dtype).name}", status="PASS" if passed else "FAIL", config=kw,
+                    max_err=f"{max(errs.values()):.2e}", errs={k: float(f"{v:.3e}") for k, v in errs.items()})
     return ok
 
 

@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kernel_times beside this script
 from iva_jax.moe import dispatch as dp  # noqa: E402
 from iva_jax.moe.expert_parallel import expert_parallel_moe, shard_map  # noqa: E402
 from iva_jax.moe.losses import routing_metrics  # noqa: E402
@@ -80,6 +81,7 @@ def mosaic_variants() -> dict:
     """Mosaic tile variants timed as separate layer rows (kernels.grouped_matmul_mosaic.Tiles)."""
     from kernels.grouped_matmul_mosaic import Tiles
     return {"mosaic": {}, "mosaic_tbwd": dict(mosaic_backward=False), "mosaic_fused": dict(fuse_silu_bwd=True),
+            "mosaic_fused_tdx": dict(fuse_silu_bwd=True, dx_tiles=None), "mosaic_tdx": dict(dx_tiles=None),
             "mosaic_dh6": dict(dh_tiles=Tiles(stages=6)),
             "mosaic_dn128": dict(down_tiles=Tiles(tile_n=128)),
             "mosaic_s3": dict(gate_up_tiles=Tiles(stages=3), down_tiles=Tiles(stages=3))}
@@ -184,6 +186,11 @@ def run_layer(a) -> dict:
             rows.append(dict(impl=kind, fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=active_flops / t_f / 1e9,
                              fwd_bwd_tflops=3 * active_flops / t_fb / 1e9, tokens_per_s=t / t_f * 1e3,
                              rel_err=err, rel_err_vs=None if ref is None or err is None else ref[0]))
+            if a.profile and not no_bwd:  # GPU time per kernel of the forward+backward (CUPTI via torch)
+                from kernel_times import kernel_table, print_table
+                tab = kernel_table(fwd_bwd(fn, len(args)), args, iters=5)
+                print_table(f"{kind} fwd+bwd", tab, top=14)
+                rows[-1]["kernels_fwd_bwd"] = tab
         except Exception as ex:  # keep going: one failing impl should not hide the others
             rows.append(dict(impl=kind, error=f"{type(ex).__name__}: {str(ex)[:300]}"))
     dense = next((r_ for r_ in rows if r_["impl"] == "dense" and "error" not in r_), None)
@@ -461,6 +468,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--fwd-only", action="store_true")
+    p.add_argument("--profile", action="store_true", help="layer mode: GPU time per kernel of each fwd+bwd (needs torch)")
     p.add_argument("--check-tol", type=float, default=3e-2, help="check mode: max error relative to max |ref|")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, CPU smoke run (Pallas in interpret mode)")
     p.add_argument("--out", default=None, help="write results JSON here")

@@ -444,16 +444,16 @@ def _ffn_bwd(cfg, res, dout):
     kw = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, interpret=cfg.interpret)
     gmm_t = lambda a, w: _gmm_pallas(a, w, gsp, dt, transpose_rhs=True, **kw)  # noqa: E731  a @ w[e].T
     tgmm = lambda a, b: _tgmm_pallas(a, b, gsp, dt, **kw)  # noqa: E731  per group a.T @ b
-    mosaic = cfg.dh is not None
-    if mosaic and cfg.fuse_silu_bwd:  # rows of skipped tiles undefined in dg, du: the kernels below skip them
-        dg, du = _dh_silu(dout, wd, g, u, tile_group, gsp, cfg)
+    if cfg.dh is not None and cfg.fuse_silu_bwd:  # rows of skipped tiles undefined in dg, du: the grouped
+        dg, du = _dh_silu(dout, wd, g, u, tile_group, gsp, cfg)  # kernels below read only rows of groups
     else:
         # Triton: rows past sum(gsp) come back zero; Mosaic: rows of skipped tiles undefined
-        dh = (_nt((dout,), (wd,), tile_group, gsp, cfg.dh, cfg) if mosaic else gmm_t(dout, wd)).astype(_F32)
+        dh = (_nt((dout,), (wd,), tile_group, gsp, cfg.dh, cfg) if cfg.dh is not None
+              else gmm_t(dout, wd)).astype(_F32)
         # rows of skipped tiles hold whatever the forward kernel left in g, u, dh: select, never multiply, them away
         valid = (jnp.arange(xs.shape[0]) < jnp.sum(gsp))[:, None]
         dg, du = (jnp.where(valid, v, 0.0).astype(dt) for v in _silu_mul_bwd(dh, g.astype(_F32), u.astype(_F32)))
-    if mosaic:  # one kernel, one f32 accumulator; rows of skipped tiles undefined (pad_rows' VJP drops them)
+    if cfg.dx is not None:  # one kernel, one f32 accumulator; rows of skipped tiles undefined (pad_rows' VJP drops them)
         dx = _nt((dg, du), (wg, wu), tile_group, gsp, cfg.dx, cfg)
     else:
         dx = (gmm_t(dg, wg).astype(_F32) + gmm_t(du, wu).astype(_F32)).astype(dt)
@@ -466,7 +466,8 @@ _ffn.defvjp(_ffn_fwd, _ffn_bwd)
 def grouped_swiglu_ffn(xs_padded: jnp.ndarray, tile_group: jnp.ndarray, group_sizes_padded: jnp.ndarray,
                        w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.ndarray, *,
                        gate_up_tiles: Tiles = GATE_UP_TILES, down_tiles: Tiles = DOWN_TILES,
-                       mosaic_backward: bool = True, dh_tiles: Tiles = DH_TILES, dx_tiles: Tiles = DX_TILES,
+                       mosaic_backward: bool = True, dh_tiles: Optional[Tiles] = DH_TILES,
+                       dx_tiles: Optional[Tiles] = DX_TILES,
                        fuse_silu_bwd: bool = False,
                        interpret: bool = False, block_m: Optional[int] = None, block_n: Optional[int] = None,
                        block_k: Optional[int] = None, num_warps: Optional[int] = None,
@@ -476,7 +477,7 @@ def grouped_swiglu_ffn(xs_padded: jnp.ndarray, tile_group: jnp.ndarray, group_si
     xs_padded, tile_group, group_sizes_padded come from `padded_layout` / `pad_rows` (pad rows must be zero).
     Forward: the two Mosaic kernels (interpret=True: XLA stand-ins); backward: dh and dx on
     `grouped_matmul_nt` (mosaic_backward=False: Triton; fuse_silu_bwd: dh straight to dg, du in
-    `grouped_swiglu_bwd`), the weight gradients on the Triton grouped matmuls of `kernels.grouped_matmul`
+    `grouped_swiglu_bwd`; dh_tiles / dx_tiles None: that one on Triton), the weight gradients on the Triton grouped matmuls of `kernels.grouped_matmul`
     (block_* as there; None = its defaults) over `group_sizes_padded`.
     Rows of tiles past the used ones are undefined in the output and in its gradient in x.
     """
@@ -494,8 +495,9 @@ def grouped_swiglu_ffn(xs_padded: jnp.ndarray, tile_group: jnp.ndarray, group_si
     dt = xs_padded.dtype
     if not interpret:
         select_impl("grouped_swiglu_ffn", "mosaic", log=False,
-                    unsupported={"mosaic": unsupported_reason(p, d, f, dt, gate_up_tiles, down_tiles,
-                                                              (dh_tiles, dx_tiles) if mosaic_backward else ())})
+                    unsupported={"mosaic": unsupported_reason(
+                        p, d, f, dt, gate_up_tiles, down_tiles,
+                        tuple(t_ for t_ in (dh_tiles, dx_tiles) if t_ is not None) if mosaic_backward else ())})
     big_smem = device_info().compute_capability in ((8, 0), (9, 0))
     dflt = (INTERPRET_BLOCKS if interpret
             else GPU_BLOCKS if jnp.dtype(dt).itemsize <= 2 and big_smem else GPU_BLOCKS_SMALL)

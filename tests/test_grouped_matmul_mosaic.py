@@ -118,7 +118,7 @@ def ffn_case():
 
 
 def _mosaic_grouped(xs, wg, wu, wd, dtype=jnp.float32, **kw):
-    return dp.grouped_swiglu(xs, jnp.asarray(SIZES, jnp.int32), wg, wu, wd, impl="mosaic", dtype=dtype, **KW, **kw)
+    return dp.grouped_swiglu(xs, jnp.asarray(SIZES, jnp.int32), wg, wu, wd, impl="mosaic", dtype=dtype, **(KW | kw))
 
 
 def test_nt_standin_matches_numpy():
@@ -142,8 +142,9 @@ def test_nt_standin_matches_numpy():
         assert bool(jnp.all(jnp.isnan(got[used:]))), "rows of skipped tiles must read as undefined"
 
 
-@pytest.mark.parametrize("bwd", [dict(), dict(fuse_silu_bwd=True), dict(mosaic_backward=False)],
-                         ids=["mosaic", "mosaic_fused", "triton"])
+@pytest.mark.parametrize("bwd", [dict(), dict(fuse_silu_bwd=True), dict(mosaic_backward=False),
+                                 dict(fuse_silu_bwd=True, dx_tiles=None)],
+                         ids=["mosaic", "mosaic_fused", "triton", "mosaic_fused_dh_triton_dx"])
 def test_ffn_values_and_vjp_f32(ffn_case, bwd):
     xs, wg, wu, wd, dy = ffn_case
     args = [jnp.asarray(v, jnp.float32) for v in (xs, wg, wu, wd)]
@@ -166,8 +167,8 @@ def test_ffn_bf16_close_to_f64(ffn_case):
         assert np.abs(np.asarray(got, np.float64) - exp).max() <= 3e-2 * np.abs(exp).max()
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_backward_ignores_garbage_in_skipped_tiles(ffn_case, fused):
+@pytest.mark.parametrize("fused,triton_dx", [(False, False), (True, False), (True, True)])
+def test_backward_ignores_garbage_in_skipped_tiles(ffn_case, fused, triton_dx):
     """The Mosaic forward leaves rows of skipped tiles undefined: NaN there must not reach any weight gradient
     nor the used rows of dx (Mosaic backward, whose stand-in also leaves NaN in dx past the used tiles)."""
     xs, wg, wu, wd, dy = ffn_case
@@ -175,7 +176,7 @@ def test_backward_ignores_garbage_in_skipped_tiles(ffn_case, fused):
     lay = gm.padded_layout(sizes, M, TM)
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
     xp = gm.pad_rows(f32(xs), lay)
-    cfg = gm._Cfg(TILES, TILES, (16, 16, 16, 4, 2), True, TILES, TILES, fused)
+    cfg = gm._Cfg(TILES, TILES, (16, 16, 16, 4, 2), True, TILES, None if triton_dx else TILES, fused)
     out, res = gm._ffn_fwd(xp, lay.tile_group, lay.group_sizes, f32(wg), f32(wu), f32(wd), cfg)
     dout = gm.pad_rows(f32(dy), lay)
     clean = gm._ffn_bwd(cfg, res, dout)

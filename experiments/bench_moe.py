@@ -167,6 +167,7 @@ def run_layer(a) -> dict:
               (jax.random.normal(kd[1], (d, k * f), jnp.float32) * d ** -0.5).astype(dtype), \
               (jax.random.normal(kd[2], (k * f, d), jnp.float32) * (k * f) ** -0.5).astype(dtype)
     ref = None
+    to_profile = []
     for kind in kinds:
         try:
             if kind == "dense":
@@ -186,13 +187,14 @@ def run_layer(a) -> dict:
             rows.append(dict(impl=kind, fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=active_flops / t_f / 1e9,
                              fwd_bwd_tflops=3 * active_flops / t_fb / 1e9, tokens_per_s=t / t_f * 1e3,
                              rel_err=err, rel_err_vs=None if ref is None or err is None else ref[0]))
-            if a.profile and not no_bwd:  # GPU time per kernel of the forward+backward (CUPTI via torch)
-                from kernel_times import kernel_table, print_table
-                tab = kernel_table(fwd_bwd(fn, len(args)), args, iters=5)
-                print_table(f"{kind} fwd+bwd", tab, top=14)
-                rows[-1]["kernels_fwd_bwd"] = tab
+            if a.profile and not no_bwd:  # profiled after every impl is timed (CUPTI slows what runs after it)
+                to_profile.append((rows[-1], fn, args))
         except Exception as ex:  # keep going: one failing impl should not hide the others
             rows.append(dict(impl=kind, error=f"{type(ex).__name__}: {str(ex)[:300]}"))
+    for r_, fn, args in to_profile:  # GPU time per kernel of the forward+backward (CUPTI via torch)
+        from kernel_times import kernel_table, print_table
+        r_["kernels_fwd_bwd"] = tab = kernel_table(fwd_bwd(fn, len(args)), args, iters=5)
+        print_table(f"{r_['impl']} fwd+bwd", tab, top=14)
     dense = next((r_ for r_ in rows if r_["impl"] == "dense" and "error" not in r_), None)
     for r_ in rows:
         if dense and "error" not in r_:

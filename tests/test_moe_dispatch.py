@@ -152,3 +152,29 @@ def test_sort_by_expert():
     np.testing.assert_array_equal(np.asarray([[2, 0], [1, 2], [0, 1]]).ravel()[np.asarray(order)],
                                   [0, 0, 1, 1, 2, 2])
     np.testing.assert_array_equal(order, [1, 4, 2, 5, 0, 3])  # stable within an expert
+
+
+def test_gather_rows_gradient_is_the_scatter_add():
+    """gather_rows' gather-based backward equals autodiff of jnp.take (a scatter-add), in f32 and bf16:
+    sources used twice (top-2), once, never, and fill rows (index out of range)."""
+    rng = np.random.default_rng(5)
+    s, d = 7, 5
+    idx = np.array([3, 0, 9, 3, 5, 0, 1, 9, 6])  # 9: out of range -> a zero row
+    inv = np.full((s, 2), idx.size)  # the positions reading each source row (idx.size = none)
+    for j, i in enumerate(idx):
+        if i < s:
+            inv[i, np.argmax(inv[i] == idx.size)] = j
+    src = rng.normal(size=(s, d))
+    dy = rng.normal(size=(idx.size, d))
+    for dt, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+        x = jnp.asarray(src, dt)
+        y, vjp = jax.vjp(lambda a: dp.gather_rows(a, jnp.asarray(idx), jnp.asarray(inv)), x)
+        y_ref, vjp_ref = jax.vjp(lambda a: jnp.take(a, jnp.asarray(idx), axis=0, mode="fill", fill_value=0), x)
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+        assert not np.any(np.asarray(y, np.float32)[idx >= s])
+        (g,), (g_ref,) = vjp(jnp.asarray(dy, dt)), vjp_ref(jnp.asarray(dy, dt))
+        assert g.dtype == dt
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=tol, atol=tol)
+    want = np.zeros((s, d))
+    np.add.at(want, idx[idx < s], dy[idx < s])
+    np.testing.assert_allclose(np.asarray(g_ref, np.float32), want, rtol=1e-2, atol=1e-2)

@@ -17,6 +17,7 @@ Dropless path: assignments are sorted by expert and multiplied with a grouped ma
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -188,6 +189,30 @@ def capacity_moe(x: jnp.ndarray, expert_index: jnp.ndarray, gate_weights: jnp.nd
 # ---------------------------------------------------------------------------------------------
 # dropless dispatch
 # ---------------------------------------------------------------------------------------------
+@jax.custom_vjp
+def gather_rows(src: jnp.ndarray, idx: jnp.ndarray, inv: jnp.ndarray) -> jnp.ndarray:
+    """src[idx] (rows; idx out of range gives zero rows), whose gradient is a gather too, not a scatter-add.
+
+    inv [S, r] lists, for each source row s, the r positions j with idx[j] == s (out of range where s has
+    fewer): the caller knows them (the dispatch's permutations), so the backward is
+    dsrc[s] = sum_r dy[inv[s, r]] in f32, with no atomics.  `inv` must be exactly that inverse.
+    """
+    return jnp.take(src, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_rows_fwd(src, idx, inv):
+    return gather_rows(src, idx, inv), (inv, jnp.zeros((0,), src.dtype))
+
+
+def _gather_rows_bwd(res, dy):
+    inv, like = res
+    d = jnp.take(dy.astype(jnp.float32), inv.reshape(-1), axis=0, mode="fill", fill_value=0)
+    return d.reshape(inv.shape + dy.shape[1:]).sum(axis=1).astype(like.dtype), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
 def sort_by_expert(expert_index: jnp.ndarray, num_experts: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """(order [T*k], group_sizes [E]): flat assignments sorted by expert (stable); token = order // k."""
     flat = expert_index.reshape(-1)
@@ -212,17 +237,19 @@ def dropless_moe(x: jnp.ndarray, expert_index: jnp.ndarray, gate_weights: jnp.nd
         from kernels import grouped_matmul_mosaic as gmm_mosaic
         dt = dtype or x.dtype
         lay = gmm_mosaic.padded_layout(sizes, t * k, _mosaic_tile_m(kernel_kw))
-        token = jnp.where(lay.source < t * k, order[jnp.minimum(lay.source, t * k - 1)] // k, t)  # t: a pad row
-        xp = jnp.take(x.astype(dt), token, axis=0, mode="fill", fill_value=0)
+        used = lay.source < t * k
+        assign = jnp.where(used, order[jnp.minimum(lay.source, t * k - 1)], t * k)  # of each padded row
+        token = jnp.where(used, assign // k, t)  # t: a pad row (zeros)
+        row = jnp.zeros_like(order).at[order].set(lay.row_index)  # padded row of each assignment
+        xp = gather_rows(x.astype(dt), token, row.reshape(t, k))
         out = gmm_mosaic.grouped_swiglu_ffn(xp, lay.tile_group, lay.group_sizes,
                                             *(w.astype(dt) for w in (w_gate, w_up, w_down)), **kernel_kw)
-        row = jnp.zeros_like(order).at[order].set(lay.row_index)  # padded row of each assignment
-        out = out[row].reshape(t, k, d)
+        out = gather_rows(out, row, assign[:, None]).reshape(t, k, d)
         return jnp.einsum("tk,tkd->td", gate_weights.astype(jnp.float32), out.astype(jnp.float32))
-    xs = x[order // k]
+    inv = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))  # sorted position of each
+    xs = gather_rows(x, order // k, inv.reshape(t, k))
     out = grouped_swiglu(xs, sizes, w_gate, w_up, w_down, impl=impl, dtype=dtype, **kernel_kw)
-    inv = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
-    out = out[inv].reshape(t, k, d)
+    out = gather_rows(out, inv, order[:, None]).reshape(t, k, d)
     return jnp.einsum("tk,tkd->td", gate_weights.astype(jnp.float32), out.astype(jnp.float32))
 
 

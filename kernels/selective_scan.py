@@ -60,7 +60,12 @@ sub-partition: ~530 issue cycles per step, 4096 steps, ~1.2 ms at full issue.  O
                free: no register copies at the back edge.
   bc_f32       B and C converted to f32 in XLA before the forward (2 MB at the benchmark shape): no per-thread
                bf16 unpacking of the broadcast rows.
-  lookahead    dt, u, z (one register each per thread with dim_lanes) loaded that many trips ahead; B/C one.
+  lookahead    dt, u, z (one register each per thread with dim_lanes) loaded that many trips ahead; B/C one (L2
+               hits: every program of a batch row reads them).  The bytes in flight bound the bandwidth (Little's
+               law): the default keeps 2048 warps x 4 steps x 3 rows x 16 B (bf16) = 0.4 MB in flight, ~0.4-0.6 TB/s
+               at ~0.7-1 us of loaded latency, close to the measured 257 (bf16) / 576 (f32) GB/s; 1.5 TB/s needs
+               ~1-1.5 MB, i.e. ~8 steps (f32) / ~16 steps (bf16) ahead at 512 warps of 32 dims.  Costs 3 registers
+               per step ahead, and register copies as the queue shifts (lookahead 8, chunk 2: 13 MOVs per step).
   fast_math    softplus by its series below w = e^x = 1/8 and log(1 + w) above (< 1e-6 relative; libdevice's
                log1pf has a special-case branch that splits the loop body), silu as z / (1 + 2^(-z log2 e)).
                The backward's recomputation keeps the libdevice softplus (its states differ by ~1e-7 relative).

@@ -143,7 +143,8 @@ def check_kernel(interpret):
             ct = jnp.asarray(np.random.default_rng(2).standard_normal((b, l, d)), jnp.float32)
             a32 = {k: v.astype(jnp.float32) for k, v in a.items()}  # the reference in f32 from the rounded inputs
             r_out, r_grads = ref_f(a32), ref_fb(a32, ct)
-            for kw in configs:
+            for kw in configs[:1] if (b, l, d, n, g) == shapes[0] and len(shapes) > 1 else configs:  # the extra
+                # configs on the odd shapes only (grouped B/C, padded dims, dstate 4): each is 3 kernel compiles
                 cfg = K.ScanBlockConfig(**{**base, **(kw or {})}) if (base or kw) else None
                 k_f, k_fb = scan_fn("pallas", cfg, interpret)
                 errs = {"out": rel(k_f(a), r_out)}

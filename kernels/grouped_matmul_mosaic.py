@@ -56,10 +56,10 @@ GATE_UP_TILES = Tiles()  # swiglu_mosaic's tiles: (128x64 + 2 x 64x128) * 2 B * 
 DOWN_TILES = Tiles()
 DH_TILES = Tiles()  # backward, one pair: (128x64 + 128x64) * 2 B * 4 stages + 32 KiB = 160 KiB
 DX_TILES = Tiles(stages=3)  # backward, two pairs: 2 x (128x64 + 128x64) * 2 B * 3 stages + 32 KiB = 224 KiB
-# Lowers for CUDA (tests export it) but has not run on a GPU yet: an explicit request raises until
-# `experiments/bench_moe.py --mode check` passes on the H100 and this flips (or with
-# IVA_KERNELS_ALLOW_UNVALIDATED=1, which the benchmark sets).
-VALIDATED = False
+# `experiments/bench_moe.py --mode check` passed on the H100 (jax 0.11.2, 2026-11-22): forward kernels, dh / dx
+# (one and two pairs), the fused dh + silu backward, and the dropless layer's output and all gradients vs f32
+# XLA on balanced, skewed (3 empty experts) and the benchmark's routing (experiments/results/moe_mosaic_bwd_*).
+VALIDATED = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +385,7 @@ class _Cfg(NamedTuple):
     interpret: bool  # XLA forward and dh / dx + Pallas interpret weight gradients (CPU tests)
     dh: Optional[Tiles] = None  # tiles of the Mosaic dh / dx kernels; None: Triton dh / dx
     dx: Optional[Tiles] = None
-    fuse_silu_bwd: bool = False  # Mosaic dh kernel with the silu backward in its epilogue (dg, du out)
+    fuse_silu_bwd: bool = True  # Mosaic dh kernel with the silu backward in its epilogue (dg, du out)
 
 
 def _ragged(a, w, gs):
@@ -468,7 +468,7 @@ def grouped_swiglu_ffn(xs_padded: jnp.ndarray, tile_group: jnp.ndarray, group_si
                        gate_up_tiles: Tiles = GATE_UP_TILES, down_tiles: Tiles = DOWN_TILES,
                        mosaic_backward: bool = True, dh_tiles: Optional[Tiles] = DH_TILES,
                        dx_tiles: Optional[Tiles] = DX_TILES,
-                       fuse_silu_bwd: bool = False,
+                       fuse_silu_bwd: bool = True,
                        interpret: bool = False, block_m: Optional[int] = None, block_n: Optional[int] = None,
                        block_k: Optional[int] = None, num_warps: Optional[int] = None,
                        num_stages: Optional[int] = None) -> jnp.ndarray:

@@ -335,3 +335,20 @@ def test_grouped_matmul_nt_bad_input():
         gm.grouped_matmul_nt([x], [w], jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match="g, u must be"):
         gm.grouped_swiglu_bwd(x, w, x, x[:, :64], tg)
+
+
+def test_dropless_auto_picks_by_device_dtype_and_shape(monkeypatch):
+    """dispatch "dropless_auto": Mosaic on Hopper for bf16 tile-aligned shapes, Pallas (Triton) on sm80+ or
+    where Mosaic cannot take the input, ragged_dot on CPU; explicit impls pass through."""
+    from iva_jax.moe.config import MoEConfig
+    assert MoEConfig().resolved_dispatch == "dropless_auto"
+    res = lambda dt, f=5632: dp.resolve_dropless_impl("auto", dt, 32768, 2048, f, 8)  # noqa: E731
+    assert res(jnp.bfloat16) == "ragged"  # this CPU
+    assert dp.resolve_dropless_impl("pallas", jnp.bfloat16, 32768, 2048, 5632, 8) == "pallas"
+    for cc, kind, want_bf16 in (((9, 0), "NVIDIA H100 80GB HBM3", "mosaic"), ((8, 0), "NVIDIA A100", "pallas")):
+        info = kd.DeviceInfo("cuda", kind, cc, 132)
+        monkeypatch.setattr(kd, "device_info", lambda info=info: info)
+        monkeypatch.setattr(gm, "device_info", lambda info=info: info)
+        assert res(jnp.bfloat16) == want_bf16
+        assert res(jnp.float32) == "pallas"  # Mosaic takes bf16 / f16 only
+        assert res(jnp.bfloat16, f=5600) == "pallas"  # not a multiple of the Mosaic tiles

@@ -283,7 +283,7 @@ def test_config_layer_pattern_and_yaml(tmp_path):
     with pytest.raises(ValueError, match="moe_layers"):
         c2.moe_layer_mask(4)
     assert MoEConfig(capacity_factor=1.25).resolved_dispatch == "capacity"
-    assert MoEConfig().resolved_dispatch == "dropless_ragged"
+    assert MoEConfig().resolved_dispatch == "dropless_auto"
     p = tmp_path / "moe.yaml"
     c.to_yaml(p)
     assert MoEConfig.from_yaml(p) == c

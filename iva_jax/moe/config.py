@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 from iva_jax.config import ConfigBase, check, check_choice, check_positive
 
 ROUTERS = ("softmax_topk", "switch", "hash", "sinkhorn", "bias_balanced")
-DISPATCHES = ("capacity", "dropless_ragged", "dropless_pallas", "dropless_mosaic", "auto")
+DISPATCHES = ("capacity", "dropless_ragged", "dropless_pallas", "dropless_mosaic", "dropless_auto", "auto")
 AUX_LOSS_FORMS = ("switch", "importance")
 
 
@@ -31,7 +31,9 @@ class MoEConfig(ConfigBase):
     capacity_factor: None = dropless; else capacity = ceil(tokens * k * capacity_factor / experts).
     dispatch: "capacity" (needs capacity_factor), "dropless_ragged" (jax.lax.ragged_dot),
       "dropless_pallas" (kernels.grouped_matmul), "dropless_mosaic" (kernels.grouped_matmul_mosaic: Hopper
-      forward, Triton backward), "auto" (capacity if capacity_factor else ragged).
+      wgmma kernels, Triton weight gradients), "dropless_auto" (the fastest of those the device, dtype and
+      shapes allow: Mosaic on sm90, Pallas on sm80+, ragged_dot elsewhere; logged once),
+      "auto" (capacity if capacity_factor else dropless_auto).
     aux_loss_form: "switch" = E * sum_e f_e P_e (HF load_balancing_loss_func), "importance" = sum_e p_e l_e.
     MoE layers: `moe_layers` (explicit indices) if given, else HF's rule: layer i is MoE when
       i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.
@@ -105,7 +107,7 @@ class MoEConfig(ConfigBase):
         """The dispatch actually used ("auto" resolved from capacity_factor)."""
         if self.dispatch != "auto":
             return self.dispatch
-        return "capacity" if self.capacity_factor is not None else "dropless_ragged"
+        return "capacity" if self.capacity_factor is not None else "dropless_auto"
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether decoder layer `layer` (0-based) uses the MoE FFN."""

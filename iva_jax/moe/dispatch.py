@@ -47,6 +47,26 @@ def swiglu_experts(xe: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_do
     return dot("ecf,efd->ecd", h, w_down)
 
 
+def resolve_dropless_impl(impl: str, dtype, num_rows: int, d: int, f: int, num_experts: int,
+                          kernel_kw: Optional[dict] = None) -> str:
+    """impl "auto" -> the fastest dropless implementation this device, dtype and shape allow ("mosaic" on
+    Hopper for bf16/f16 tile-aligned shapes, "pallas" on sm80+, else "ragged"; logged once); others unchanged.
+    num_rows = tokens * top_k (per device under a mesh)."""
+    if impl != "auto":
+        return impl
+    from kernels import dispatch as kd
+    from kernels import grouped_matmul_mosaic as gmm_mosaic
+    kw = kernel_kw or {}
+    if kw.get("interpret"):
+        return "pallas"
+    tm = _mosaic_tile_m(kw)
+    why = gmm_mosaic.unsupported_reason(gmm_mosaic.padded_rows(num_rows, num_experts, tm), d, f, dtype,
+                                        kw.get("gate_up_tiles", gmm_mosaic.GATE_UP_TILES),
+                                        kw.get("down_tiles", gmm_mosaic.DOWN_TILES))
+    choice = kd.select_impl("dropless_moe", "auto", unsupported={"mosaic": why}, preference=("mosaic", "triton"))
+    return {"mosaic": "mosaic", "triton": "pallas"}.get(choice, "ragged")
+
+
 def _mosaic_tile_m(kernel_kw) -> int:
     from kernels import grouped_matmul_mosaic as gmm_mosaic
     return kernel_kw.get("gate_up_tiles", gmm_mosaic.GATE_UP_TILES).tile_m

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from iva_jax.layers.linear import Linear
 from iva_jax.moe import losses as L
 from iva_jax.moe.config import MoEConfig
-from iva_jax.moe.dispatch import capacity_moe, dropless_moe
+from iva_jax.moe.dispatch import capacity_moe, dropless_moe, resolve_dropless_impl
 from iva_jax.moe.expert_parallel import expert_parallel_moe
 from iva_jax.moe.routing import jitter, route, update_expert_bias
 from iva_jax.parallel.kernel_sharding import per_shard
@@ -128,9 +128,13 @@ class MoeBlock(nn.Module):
                                 name="experts")()
         kind = c.resolved_dispatch
         cf = c.capacity_factor if kind == "capacity" else None
-        impl = {"dropless_pallas": "pallas", "dropless_mosaic": "mosaic"}.get(kind, "ragged")
+        impl = {"dropless_pallas": "pallas", "dropless_mosaic": "mosaic", "dropless_auto": "auto"}.get(kind, "ragged")
         gkw = dict(self.gmm_kw or {})
         xe = xt.astype(self.dtype)
+        if impl == "auto":  # per device: under an expert mesh each device holds E / ep experts
+            ep = self.mesh.shape.get("expert", 1) if self.mesh is not None else 1
+            impl = resolve_dropless_impl(impl, xe.dtype, t * c.top_k, d, c.moe_intermediate_size,
+                                         c.num_experts // ep, gkw)
         keep = None
         if self.mesh is not None and self.mesh.shape.get("expert", 1) > 1:
             y, keep = expert_parallel_moe(xe, r.expert_index, r.gate_weights, wg, wu, wd, mesh=self.mesh,

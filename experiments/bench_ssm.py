@@ -1,7 +1,8 @@
 """Issue 6 measurements: the selective-scan kernel against XLA scans and the copy bandwidth, and SSD TFLOP/s.
 
 1. check   : the Pallas kernel vs the chunked XLA scan on the GPU (values and VJPs, f32 and bf16, grouped B/C,
-             odd sizes; the default config and --check-configs): max |err| / max |ref| per output, PASS/FAIL against 2e-4 (f32) / 2.5e-2 (bf16).
+             odd sizes; the default config and --check-configs): max |err| / max |ref| per output, PASS/FAIL
+             against 2e-4 (f32) / 2.5e-2 (bf16).
 2. copy    : jnp `x + 1` over 512 MiB bf16 (read + write): the bandwidth ceiling of this run.
 3. scan    : batch 8, seqlen 4096, dim 2048, dstate 16 (Mamba's shape: z gate, D, delta_bias, softplus),
              f32 and bf16, forward and forward+backward: pallas (channels-last, as the Mamba block calls it),

@@ -1,6 +1,6 @@
 """The selective-scan kernel's forward options (group_loads, prefetch, time_splits, dim_lanes, pingpong, bc_f32,
-lookahead) in interpret mode: values and VJPs vs float64 references, the time-split plan, and Triton lowering of the new kernels
-for CUDA."""
+lookahead, fast_math) in interpret mode: values and VJPs vs float64 references, the time-split plan, and Triton
+lowering of the new kernels for CUDA."""
 
 from __future__ import annotations
 
@@ -86,8 +86,9 @@ def test_options_values_and_vjps_bf16():
 
 
 def test_load_schedules_are_the_same_arithmetic():
-    """group_loads, prefetch, pingpong and lookahead only move loads (and bc_f32 converts f32 to f32): values and gradients are
-    bit-identical to the default's (pingpong: to an ulp, XLA:CPU contracts its twice-unrolled body differently)."""
+    """group_loads, prefetch, pingpong and lookahead only move loads (and bc_f32 converts f32 to f32): values and
+    gradients are bit-identical to the default's (pingpong: to an ulp, XLA:CPU contracts its twice-unrolled body
+    differently)."""
     jargs, _, _, ct, _ = _case(100)
     out0, last0, grads0 = run(jargs, True, "pallas", ct, interpret=True, config=K.ScanBlockConfig(**BASE))
     for name in ("group_loads", "prefetch", "pingpong"):

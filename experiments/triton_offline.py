@@ -245,7 +245,7 @@ def main():
                 print(f"  FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
                 rows.append(dict(dtype=dtype, config=cfg, error=str(e)[:2000]))
                 continue
-            chunk = cfg.get("chunk", 4) * (2 if cfg.get("pingpong") and cfg.get("prefetch", True) else 1)
+            chunk = cfg.get("chunk", 4)
             res = [analyze(a, chunk if a["name"] in ("selective_scan_fwd", "selective_scan_state") else None)
                    for a in arts]
             report(res)

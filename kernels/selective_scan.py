@@ -44,35 +44,6 @@ Registers and Triton compile times (Triton 3.6, sm90, bf16, dstate 16, block_d 8
 default 60; group_loads 90 (chunk 4: 63, chunk 16: 154); prefetch chunk 4: 96, chunk 8: 166 (and ~30 s to
 compile); time_splits: state pass 64, forward 61.  At 2048 one-warp programs (B8 D2048) more than ~120
 registers cost a second wave (65536 registers per SM).
-
-With the loads pipelined the forward is issue-bound: experiments/triton_offline.py (Triton 3.6, sm90, offline)
-counts the SASS of the time loop.  The default spends 132 (bf16) / 120 (f32) instructions per step per warp on 8
-dims: each per-dim value (softplus, silu, the store's row) is computed by the 4 threads of its dim, the dstate
-reduction takes 2 shuffles + a third for the store's layout, bf16 B/C are unpacked by every thread, and the
-carried rows are register-copied at each back edge (55 MOVs a trip in f32).  ~4 such warps share an SM
-sub-partition: ~530 issue cycles per step, 4096 steps, ~1.2 ms at full issue.  Options against each:
-  dim_lanes    state tiles [dstate, block_d]: Triton's default layout then gives each thread one dim's whole
-               state (block_d 32 per warp), the reduction is in-thread (no shuffles), per-dim math runs once per
-               dim, and the row loads/stores land in the state's layout (their converts are no-ops).  A and h0 are
-               loaded by columns, since a 2-D load's coalesced layout would otherwise become the state's.  B/C
-               rows are broadcast loads (every thread reads the 16 values: L2 hits).  512 warps at B8 D2048.
-  pingpong     two prefetch trips per loop iteration, so the next rows load into the registers the current ones
-               free: no register copies at the back edge.
-  bc_f32       B and C converted to f32 in XLA before the forward (2 MB at the benchmark shape): no per-thread
-               bf16 unpacking of the broadcast rows.
-  lookahead    dt, u, z (one register each per thread with dim_lanes) loaded that many trips ahead; B/C one (L2
-               hits: every program of a batch row reads them).  The bytes in flight bound the bandwidth (Little's
-               law): the default keeps 2048 warps x 4 steps x 3 rows x 16 B (bf16) = 0.4 MB in flight, ~0.4-0.6 TB/s
-               at ~0.7-1 us of loaded latency, close to the measured 257 (bf16) / 576 (f32) GB/s; 1.5 TB/s needs
-               ~1-1.5 MB, i.e. ~8 steps (f32) / ~16 steps (bf16) ahead at 512 warps of 32 dims.  Costs 3 registers
-               per step ahead, and register copies as the queue shifts (lookahead 8, chunk 2: 13 MOVs per step).
-  fast_math    softplus by its series below w = e^x = 1/8 and log(1 + w) above (< 1e-6 relative; libdevice's
-               log1pf has a special-case branch that splits the loop body), silu as z / (1 + 2^(-z log2 e)).
-               The backward's recomputation keeps the libdevice softplus (its states differ by ~1e-7 relative).
-  Per step per warp (bf16 / f32; regs): default 132 / 120 (96 / 123) on 8 dims; dim_lanes block_d 32 chunk 2
-  pingpong bc_f32 173 / 169 (213 / 214) on 32 dims, + lookahead 2 176 / 172, + fast_math ~155 (168), i.e. ~2.9x
-  fewer instructions per dim; no barriers, shuffles or shared memory in the loop.  The floor of this form is the
-  MUFU: 19 per step (16 exp2, 3 for softplus/silu) at 16 lanes/clk/SM is 152 cycles per 32-dim step.
 """
 
 from __future__ import annotations
@@ -129,15 +100,6 @@ def softplus(x: jax.Array) -> jax.Array:
     return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
 
 
-def _softplus_fast(x: jax.Array) -> jax.Array:
-    """softplus without libdevice's log1pf (its special-case branch splits the kernel's loop body): w = 2^(x log2 e);
-    log1p(w) by its series to w^6 below w = 1/8 (truncation < 2e-7 relative), else log(1 + w) (relative error
-    ~1e-6 at w = 1/8, less above)."""
-    w = jnp.exp2(jnp.minimum(x, SOFTPLUS_THRESHOLD) * LOG2E)
-    series = w * (1 - w * (1 / 2 - w * (1 / 3 - w * (1 / 4 - w * (1 / 5 - w * (1 / 6))))))
-    return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.where(w < 0.125, series, jnp.log(1 + w)))
-
-
 # ---------------------------------------------------------------------------------------------
 # reference: plain lax.scan over time, f32 state, the definition of correct
 # ---------------------------------------------------------------------------------------------
@@ -187,11 +149,6 @@ class ScanBlockConfig:
     prefetch: forward software pipelining: each trip loads the next trip's rows before its own math.
     time_splits: forward time segments run in parallel (two passes); lowered to the largest power of two with
         seqlen a multiple of time_splits * ckpt_chunk (1 if none).
-    dim_lanes: forward state tiles [dstate, block_d], one dim per thread (use block_d = 32 * num_warps).
-    pingpong: (prefetch) two trips per loop iteration: no register copies of the carried rows.
-    bc_f32: B and C converted to f32 before the forward kernels.
-    lookahead: (prefetch) trips ahead that dt, u and z are loaded.
-    fast_math: forward softplus / silu without libdevice's log1pf and exact division (see the module docstring).
     """
 
     block_d: Optional[int] = None
@@ -205,11 +162,6 @@ class ScanBlockConfig:
     prefetch: bool = True  # H100 sweep (B8 L4096 D2048 N16 bf16): 1.90 ms vs 3.98 ms for chunk 8 without
     group_loads: bool = False
     time_splits: int = 1
-    dim_lanes: bool = False
-    pingpong: bool = False
-    bc_f32: bool = False
-    lookahead: int = 1
-    fast_math: bool = False
 
     def __post_init__(self):
         for f in ("block_d", "num_warps", "chunk", "ckpt_chunk", "bwd_chunk", "block_d_bwd", "num_warps_bwd",
@@ -219,11 +171,9 @@ class ScanBlockConfig:
                 continue
             if not (isinstance(v, int) and v > 0 and v & (v - 1) == 0):
                 raise ValueError(f"ScanBlockConfig.{f}={v!r} must be a positive power of two")
-        if not (isinstance(self.lookahead, int) and self.lookahead >= 1):
-            raise ValueError(f"ScanBlockConfig.lookahead={self.lookahead!r} must be an int >= 1")
         if self.num_stages < 1:
             raise ValueError(f"ScanBlockConfig.num_stages={self.num_stages!r} must be >= 1")
-        for f in ("prefetch", "group_loads", "dim_lanes", "pingpong", "bc_f32", "fast_math"):
+        for f in ("prefetch", "group_loads"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ScanBlockConfig.{f}={getattr(self, f)!r} must be a bool")
 
@@ -251,11 +201,6 @@ class _Static:
     interpret: bool
     prefetch: bool = False
     group_loads: bool = False
-    dim_lanes: bool = False
-    pingpong: bool = False
-    bc_f32: bool = False
-    lookahead: int = 1
-    fast_math: bool = False
     P: int = 1  # forward time segments (the forward kernels then see seqlen L / P and batch * P)
 
     @property
@@ -279,10 +224,7 @@ def _make_static(l, g, dg, n, cfg: ScanBlockConfig, **flags) -> _Static:
         p *= 2
     return _Static(L=l, G=g, Dgp=-(-dg // step) * step, Np=np_, BD=bd, BDb=bdb, Kf=min(cfg.chunk, k1), K1=k1,
                    Kb=min(cfg.bwd_chunk, k1), nw=cfg.num_warps, nwb=cfg.num_warps_bwd, num_stages=cfg.num_stages,
-                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, dim_lanes=cfg.dim_lanes,
-                   pingpong=cfg.pingpong and cfg.prefetch, bc_f32=cfg.bc_f32,
-                   lookahead=cfg.lookahead if cfg.prefetch else 1, fast_math=cfg.fast_math, P=p,
-                   **flags)
+                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, P=p, **flags)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -317,15 +259,13 @@ def _atomic_add(ref, idx, val):
 class _Prog:
     """Per-program constants: which (batch, group, dim block) this program owns, and its parameters."""
 
-    def __init__(self, st: _Static, r: dict, bd: int, dim_lanes: bool = False, fast_math: bool = False):
+    def __init__(self, st: _Static, r: dict, bd: int):
         from jax.experimental import pallas as pl
 
         f32 = jnp.float32
         self.b, self.g, self.j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         self.dsl = pl.ds(pl.multiple_of(self.g * st.Dgp + self.j * bd, bd), bd)
-        self.dim_lanes = dim_lanes  # state tiles [dstate, bd] (the forward's dim_lanes option)
-        self.fast_math = fast_math  # the forward's fast_math option
-        self.A = self.load_tile(r["A"], (), st.Np, bd).astype(f32)
+        self.A = r["A"][self.dsl, :].astype(f32)
         self.A2 = self.A * LOG2E  # exp(dt A) = exp2(dt A log2 e)
         self.D = r["D"][self.dsl].astype(f32) if st.has_D else None
         self.bias = r["bias"][self.dsl].astype(f32) if st.has_bias else None
@@ -341,7 +281,7 @@ class _Prog:
         x = row(0).astype(f32)
         if st.has_bias:
             x = x + self.bias
-        dt = (_softplus_fast(x) if self.fast_math else softplus(x)) if st.softplus else x
+        dt = softplus(x) if st.softplus else x
         u, bt = row(1).astype(f32), row(2).astype(f32)
         if valid is not None:
             dt, u = jnp.where(valid, dt, 0.0), jnp.where(valid, u, 0.0)
@@ -353,28 +293,8 @@ class _Prog:
         valid = (t_raw < st.L) if partial else None
         return (t, valid) + self.prep(st, lambda i: self.load(r, t, (("dt", "u", "B")[i],))[0], valid)
 
-    def load_tile(self, ref, lead: tuple, n: int, bd: int):
-        """ref[*lead, this block's dims, :] ([bd, n]) as a state tile.  With dim_lanes, [n, bd] from n column loads
-        (1-D): a 2-D load's coalesced layout would become the state's (Triton's layout propagation), 4 states x 4 dims
-        a thread instead of one dim a thread."""
-        if not self.dim_lanes:
-            return ref[lead + (self.dsl, slice(None))]
-        rows = jax.lax.broadcasted_iota(jnp.int32, (n, bd), 0)
-        return functools.reduce(lambda acc, i: jnp.where(rows == i, ref[lead + (self.dsl, i)][None, :], acc),
-                                range(n), jnp.zeros((n, bd), ref.dtype))
-
-    def tile(self, x):
-        """A [bd, dstate] array as this program's state tiles hold it (transposed with dim_lanes; self-inverse)."""
-        return x.T if self.dim_lanes else x
-
     def step(self, h, dt, u, bt):
-        if self.dim_lanes:
-            return jnp.exp2(dt[None, :] * self.A2) * h + (dt * u)[None, :] * bt[:, None]
         return jnp.exp2(dt[:, None] * self.A2) * h + (dt * u)[:, None] * bt[None, :]
-
-    def y(self, h, ct):
-        """<h, C_t> over dstate: [bd]."""
-        return jnp.sum(h * ct[:, None], axis=0) if self.dim_lanes else jnp.sum(h * ct[None, :], axis=1)
 
 
 def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = False):
@@ -392,15 +312,15 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
     assert len(refs) == len(names)
     r = dict(zip(names, refs))
     f32 = jnp.float32
-    P = _Prog(st, r, st.BD, st.dim_lanes, st.fast_math)
+    P = _Prog(st, r, st.BD)
     Kf, K1 = st.Kf, st.K1
     partial = st.L % Kf != 0  # the last sub-chunk runs past seqlen: mask it
     clamp = partial or st.prefetch  # prefetch also loads (and drops) the sub-chunk after the last one
     fields = ("dt", "u", "B") if state_only else ("dt", "u", "B", "C") + (("z",) if st.has_z else ())
     tclamp = lambda t: jnp.minimum(t, st.L - 1) if clamp else t  # noqa: E731
 
-    def load(t0, names=fields):  # one sub-chunk's raw rows: Kf tuples of `names`
-        return tuple(P.load(r, tclamp(t0 + k), names) for k in range(Kf))
+    def load(t0):  # one sub-chunk's raw rows: Kf tuples of `fields`
+        return tuple(P.load(r, tclamp(t0 + k), fields) for k in range(Kf))
 
     def sub_chunk(t0, acc, rows=None):
         """Kf steps from t0.  rows: their raw rows, loaded ahead; None: each step loads its own rows, after the
@@ -419,17 +339,16 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
             if state_only:
                 sdt = sdt + dt
                 continue
-            y = P.y(h, ct)
+            y = jnp.sum(h * ct[None, :], axis=1)
             if st.has_D:
                 y = y + P.D * u
             if st.has_z:
                 zt = get(4).astype(f32)
-                y = y * (zt / (1 + jnp.exp2(-LOG2E * zt)) if st.fast_math else zt * jax.nn.sigmoid(zt))
+                y = y * (zt * jax.nn.sigmoid(zt))
             _store(r["out"], (P.b, t, P.dsl), y.astype(r["out"].dtype), valid)
         return (h, sdt) if state_only else h
 
-    shape = (st.Np, st.BD) if st.dim_lanes else (st.BD, st.Np)
-    h = jnp.zeros(shape, f32) if state_only or st.P == 1 else P.load_tile(r["h0"], (P.b,), st.Np, st.BD)
+    h = jnp.zeros((st.BD, st.Np), f32) if state_only or st.P == 1 else r["h0"][P.b, P.dsl, :]
     acc = (h, jnp.zeros((st.BD,), f32)) if state_only else h
     if not st.prefetch:
         def trip(t0, acc):  # one sub-chunk (group_loads: all its loads first)
@@ -437,7 +356,7 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
 
         def chunk(c1, acc):
             if save_ckpt:
-                r["ckpt"][P.b, c1, P.dsl, :] = P.tile(acc)
+                r["ckpt"][P.b, c1, P.dsl, :] = acc
             n_sub = jnp.minimum(K1 // Kf, (st.L - c1 * K1 + Kf - 1) // Kf)
             return lax.fori_loop(0, n_sub, lambda s, a: trip(c1 * K1 + s * Kf, a), acc)
 
@@ -445,34 +364,20 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
     else:  # software pipelining over one flat loop (rows carried through nested loops get a layout of their own
         # in Triton, with a shared-memory convert at every use)
         def trip(s, carry):  # sub-chunk s, its rows loaded by the previous trip
-            acc, rows, queue = carry  # queue (lookahead > 1): the far rows of trips s .. s + lookahead - 1
+            acc, rows = carry
             if save_ckpt:
                 @pl.when(lax.rem(s, K1 // Kf) == 0)
                 def _():
-                    r["ckpt"][P.b, lax.div(s, K1 // Kf), P.dsl, :] = P.tile(acc)
+                    r["ckpt"][P.b, lax.div(s, K1 // Kf), P.dsl, :] = acc
 
-            nxt = load((s + 1) * Kf, near)  # issued before this sub-chunk's recurrence
-            if far:
-                queue += (load((s + la) * Kf, far),)
-                rows = tuple(tuple(queue[0][k][far.index(f)] if f in far else rows[k][near.index(f)] for f in fields)
-                             for k in range(Kf))
-            return sub_chunk(s * Kf, acc, rows), nxt, queue[1:]
+            nxt = load((s + 1) * Kf)  # issued before this sub-chunk's recurrence
+            return sub_chunk(s * Kf, acc, rows), nxt
 
-        la = st.lookahead  # the per-dim rows (dt, u, z: a register each per thread) are loaded la trips ahead
-        far = tuple(f for f in fields if f not in ("B", "C")) if la > 1 else ()
-        near = tuple(f for f in fields if f not in far)
-        carry = (acc, load(0, near), tuple(load(i * Kf, far) for i in range(la)) if far else ())
-        n_trips = -(-st.L // Kf)
-        if not st.pingpong:
-            acc = lax.fori_loop(0, n_trips, trip, carry)[0]
-        else:  # two trips per loop iteration: the rows a trip loads land in the registers its predecessor's rows
-            # just freed, so the loop carries them without a register copy per value at every back edge
-            carry = lax.fori_loop(0, n_trips // 2, lambda i, c: trip(2 * i + 1, trip(2 * i, c)), carry)
-            acc = trip(n_trips - 1, carry)[0] if n_trips % 2 else carry[0]
+        acc, _ = lax.fori_loop(0, -(-st.L // Kf), trip, (acc, load(0)))
     if state_only:
-        r["last"][P.b, P.dsl, :], r["sumdt"][P.b, P.dsl] = P.tile(acc[0]), acc[1]
+        r["last"][P.b, P.dsl, :], r["sumdt"][P.b, P.dsl] = acc
     else:
-        r["last"][P.b, P.dsl, :] = P.tile(acc)
+        r["last"][P.b, P.dsl, :] = acc
 
 
 def _bwd_kernel(*refs, st: _Static):
@@ -596,8 +501,6 @@ def _call_fwd(st: _Static, args, save_ckpt: bool):
     sds = jax.ShapeDtypeStruct
     P = st.P
     seg = dataclasses.replace(st, L=L // P)  # P * K1 divides L (_make_static)
-    if st.bc_f32:  # B, C in f32 for the forward kernels (a small XLA convert: [batch, L, groups, dstate])
-        args = [a.astype(f32) if k in ("B", "C") else a for k, a in zip(_in_names(st), args)]
     if P > 1:  # u, dt, B, C, z: [bsz, L, ...] -> [bsz * P, L / P, ...]
         args = [a.reshape((bsz * P, L // P) + a.shape[2:]) if k in ("u", "dt", "B", "C", "z") else a
                 for k, a in zip(_in_names(st), args)]

@@ -153,19 +153,8 @@ ATTN_CASES = [
 # warpgroups, and fused with per-warpgroup partials; the one equal to the default is not run twice
 _MOSAIC_BWD = {"mosaic:2k": dict(fused_dq=False), "mosaic:fdq": dict(fused_dq=True, dq_split=True),
                "mosaic:pwg": dict(fused_dq=True, dq_split=False)}
-# Mosaic forward variants: FA3's intra-warpgroup overlap (softmax of tile j while P V of tile j-1 runs) with
-# 128-key tiles and with 64-key tiles in a 3-deep ring (each row runs the forward and the default backward)
-_MOSAIC_FWD = {"mosaic:ov": dict(fwd_overlap=True), "mosaic:ov64": dict(fwd_overlap=True, block_kv=64, fwd_stages=3)}
-# CHECK_ATTN_IMPLS=mosaic (comma list) runs only those attention implementations (a short GPU run); "mosaic"
-# alone also runs every variant above, naming variants (e.g. "mosaic:ov,mosaic:ov64") runs just those
+# CHECK_ATTN_IMPLS=mosaic (comma list) runs only those attention implementations (a short GPU run)
 _ATTN_IMPLS = [s for s in os.environ.get("CHECK_ATTN_IMPLS", "").split(",") if s]
-
-
-def _want(label: str) -> bool:
-    if not _ATTN_IMPLS or label in _ATTN_IMPLS:
-        return True
-    named = [s for s in _ATTN_IMPLS if s.startswith("mosaic:")]
-    return label.startswith("mosaic:") and not named and "mosaic" in _ATTN_IMPLS
 
 
 def check_attention(rng):
@@ -199,17 +188,18 @@ def check_attention(rng):
 
             for impl in impls_for(lambda i: fa._choose(i, dtype, d, True, False, log=False, causal=causal,
                                                        q_offset=q_off)):
-                if _want(impl):
-                    run_case("flash_attention", name, impl, dtype, lambda q, k, v, impl=impl: impl_fn(q, k, v, impl),
-                             ref_fn, [q, k, v], (do, dlse), ["dq", "dk", "dv"], ["o", "lse"])
+                if _ATTN_IMPLS and impl not in _ATTN_IMPLS:
+                    continue
+                run_case("flash_attention", name, impl, dtype, lambda q, k, v, impl=impl: impl_fn(q, k, v, impl),
+                         ref_fn, [q, k, v], (do, dlse), ["dq", "dk", "dv"], ["o", "lse"])
                 if impl != "mosaic":
                     continue
                 fam = importlib.import_module("kernels.flash_attention_mosaic")
-                for label, flags in {**_MOSAIC_BWD, **_MOSAIC_FWD}.items():
-                    if not _want(label) or all(getattr(fam.TILES, f) == x for f, x in flags.items()):
-                        continue  # not asked for, or that is the default, run above
+                for label, flags in _MOSAIC_BWD.items():
+                    if all(getattr(fam.TILES, f) == x for f, x in flags.items()):
+                        continue  # that is the default, run above
                     saved, fam.TILES = fam.TILES, dataclasses.replace(fam.TILES, **flags)
-                    try:  # forward/backward(tiles=None) read fam.TILES when traced, inside run_case
+                    try:  # backward(tiles=None) reads fam.TILES when the VJP is traced, inside run_case
                         run_case("flash_attention", name, label, dtype, lambda q, k, v: impl_fn(q, k, v, "mosaic"),
                                  ref_fn, [q, k, v], (do, dlse), ["dq", "dk", "dv"], ["o", "lse"])
                     finally:

@@ -326,18 +326,12 @@ def bench_attention(torch_ok, peak, sweep, which="all"):
             scale2 = d ** -0.5 * 1.4426950408889634
             fwd_tiles = ((fam.Tiles(block_kv=128), fam.Tiles(block_kv=64)) if d > 64 else
                          (fam.Tiles(block_kv=128), fam.Tiles(block_kv=256), fam.Tiles(block_kv=128, stages=3)))
-            # FA3's intra-warpgroup overlap (softmax of tile j while P V of tile j-1 runs), 128- and 64-key tiles
-            fwd_tiles += (fam.Tiles(fwd_overlap=True), fam.Tiles(fwd_overlap=True, block_kv=64),
-                          fam.Tiles(fwd_overlap=True, block_kv=64, fwd_stages=3))
-
-            def fwd_label(t):
-                st = t.fwd_stages or t.stages
-                return f"mosaic fwd{' overlap' if t.fwd_overlap else ''} bq={t.block_q} bk={t.block_kv} st={st}"
             for tiles in fwd_tiles:
                 f = jax.jit(lambda q, k, v, t=tiles: fam.forward(q, k, v, None, None, scale2=scale2, causal=True,
                                                                  window=None, q_offset=0, tiles=t))
                 guard(f"sweep fwd {tiles}", lambda f=f, tiles=tiles: rec(
-                    "sweep", fwd_label(tiles), time_jax(f, [(q, k, v)], reps=20), 1))
+                    "sweep", f"mosaic fwd bq={tiles.block_q} bk={tiles.block_kv} st={tiles.stages}",
+                    time_jax(f, [(q, k, v)], reps=10), 1))
             o, lse = fa.flash_attention_with_lse(q, k, v, impl="auto")
             lse2 = lse * 1.4426950408889634
             delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))

@@ -79,9 +79,8 @@ class Tiles:
         """(compute, memory) warpgroup register counts of the forward (`setmaxnreg`)."""
         comp = self.fwd_regs if self.fwd_regs is not None else (240 if self.fwd_overlap else 232)
         mem = 504 - 2 * comp
-        if comp % 8 or mem < 24 or comp > 256:
-            raise ValueError(f"fwd_regs={comp}: needs a multiple of 8 <= 240 (leaves 504 - 2 x {comp} = {mem} < 24 "
-                             "for the memory warpgroup)" if mem < 24 else f"fwd_regs={comp}: not a multiple of 8")
+        if comp % 8 or mem % 8 or mem < 24 or comp > 256:
+            raise ValueError(f"fwd_regs={comp}: needs a multiple of 8 in [232, 240] (memory warpgroup {mem})")
         return comp, mem
 
 

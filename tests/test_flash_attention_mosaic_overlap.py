@@ -48,8 +48,7 @@ def _export(tiles, *, grad, b, sq, skv, hq, hkv, d, window=None, q_offset=0, seg
         fn = jax.grad(lambda *a: jnp.sum(attend(*a).astype(jnp.float32)), argnums=(0, 1, 2))
     saved, fam.TILES = fam.TILES, tiles  # forward(tiles=None) and backward(tiles=None) read it at trace time
     try:
-        args = _spec(b, sq, skv, hq, hkv, d, segments)
-        return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+        return jax.export.export(jax.jit(fn), platforms=["cuda"])(*_spec(b, sq, skv, hq, hkv, d, segments)).mlir_module()
     finally:
         fam.TILES = saved
 

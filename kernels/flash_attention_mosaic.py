@@ -66,22 +66,6 @@ class Tiles:
     # SMEM of the fused dK/dV/dQ kernel at D=128, bq = bk = 64 (sm90 allows 227 KiB): K, V 2 x 32 KiB,
     # Q/dO ring stages x 32 KiB, dS^T 2 x 16 KiB, f32 dQ staging 2 x 16 KiB (split; 2 x 32 per-warpgroup),
     # lse/delta stages x 0.5 KiB: 193 KiB at 2 stages, ~226 KiB at 3 (at the limit)
-    # forward, FA3's intra-warpgroup overlap: each compute warpgroup issues tile j's S = Q K^T and tile j-1's
-    # O += P V back to back and runs tile j's softmax while P V is in flight (two S-sized tiles live: S_j in
-    # f32 and P_{j-1} in bf16, +96 registers/thread at block_kv=128).  Off until timed on the H100.
-    fwd_overlap: bool = False
-    fwd_stages: int | None = None  # K/V ring depth of the forward (None: `stages`)
-    # registers per compute thread in the forward (None: 232, 240 with overlap); the memory warpgroup gets
-    # 504 - 2 x that (a CTA of 3 x 128 threads starts with 168 registers each: 232/40, 240/24)
-    fwd_regs: int | None = None
-
-    def forward_regs(self) -> tuple[int, int]:
-        """(compute, memory) warpgroup register counts of the forward (`setmaxnreg`)."""
-        comp = self.fwd_regs if self.fwd_regs is not None else (240 if self.fwd_overlap else 232)
-        mem = 504 - 2 * comp
-        if comp % 8 or mem % 8 or mem < 24 or comp > 256:
-            raise ValueError(f"fwd_regs={comp}: needs a multiple of 8 in [232, 240] (memory warpgroup {mem})")
-        return comp, mem
 
 
 TILES = Tiles()
@@ -215,9 +199,8 @@ def _smem_transforms(head_dim, dtype):
 
 # ============================================================================ forward
 
-def forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles: Tiles | None = None):
-    """(out [B, Sq, Hq, D], lse2 [B, Hq, Sq] in log2 units); `tiles=None` reads the module's `TILES` at call time."""
-    tiles = TILES if tiles is None else tiles
+def forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles: Tiles = TILES):
+    """(out [B, Sq, Hq, D], lse2 [B, Hq, Sq] in log2 units)."""
     sq, skv = q.shape[1], k.shape[1]
     if sq % 8 or skv % 8:
         o, lse2 = _forward(_pad_seq(q), _pad_seq(k), _pad_seq(v), qs, ks, scale2=scale2, causal=causal,
@@ -233,10 +216,7 @@ def _forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles, sq, sk
     hkv = k.shape[2]
     g = hq // hkv
     dtype = q.dtype
-    bq, bk = tiles.block_q, tiles.block_kv
-    stages = tiles.fwd_stages if tiles.fwd_stages is not None else tiles.stages
-    regs, mem_regs = tiles.forward_regs()
-    overlap = tiles.fwd_overlap
+    bq, bk, stages = tiles.block_q, tiles.block_kv, tiles.stages
     seg = qs is not None
     n_q_tiles = _cdiv(sq, 2 * bq)
     sq_pad = n_q_tiles * 2 * bq
@@ -261,7 +241,7 @@ def _forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles, sq, sk
 
         @pl.when(wg < 2)
         def _compute():
-            plgpu.set_max_registers(regs, action="increase")
+            plgpu.set_max_registers(232, action="increase")
             qo_smem = qo_smem2.at[wg]
             q0 = cta_q0 + wg * bq
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0, bq), h], qo_smem, q_bar.at[wg])
@@ -283,19 +263,6 @@ def _forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles, sq, sk
 
             pl.when(wg == 1)(sched_sync)
 
-            def scores(s, kb, slot, masked):
-                """Scaled scores of key tile kb (log2 units), -inf where masked."""
-                s = s * scale2
-                if masked:
-                    kseg = None
-                    if seg:
-                        plgpu.barrier_wait(kseg_bar.at[slot])
-                        kseg = _load(kseg_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
-                    mask = _mask(q_offset + q0, kb * bk, (bq, bk), q_dim=0, kv_len=skv, q_len_pos_end=None,
-                                 qseg=qseg if seg else None, kseg=kseg, **log)
-                    s = jnp.where(mask, s, -jnp.inf)
-                return s
-
             def step(kb, carry, masked):
                 acc, m_i, l_i = carry
                 t = kb - lo
@@ -306,7 +273,16 @@ def _forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles, sq, sk
                     sched_sync()
                     return acc_ref[...]
 
-                s = scores(pl.run_scoped(qk, plgpu.ACC((bq, bk), _F32)), kb, slot, masked)
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bk), _F32))
+                s = s * scale2
+                if masked:
+                    kseg = None
+                    if seg:
+                        plgpu.barrier_wait(kseg_bar.at[slot])
+                        kseg = _load(kseg_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+                    mask = _mask(q_offset + q0, kb * bk, (bq, bk), q_dim=0, kv_len=skv, q_len_pos_end=None,
+                                 qseg=qseg if seg else None, kseg=kseg, **log)
+                    s = jnp.where(mask, s, -jnp.inf)
                 plgpu.barrier_arrive(k_cons.at[slot])
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
@@ -332,96 +308,10 @@ def _forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles, sq, sk
                 plgpu.barrier_arrive(v_cons.at[slot])
                 return acc, m_new, l_i
 
-            def softmax(s, m_i, l_i):
-                """(m_new, alpha, p16, l_new) of scores s after the running (m_i, l_i)."""
-                m_new = jnp.maximum(m_i, s.max(axis=1))
-                alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                return m_new, alpha, p.astype(dtype), l_i * alpha + p.sum(axis=1)
-
-            def end_softmax(slot):
-                """Hand the tensor cores to the other warpgroup; wait for V of `slot` and for our turn."""
-                plgpu.barrier_arrive(sched)
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_wait(sched)
-
-            def wait_next_k(t):
-                @pl.when(t + 1 < n)
-                def _():
-                    plgpu.barrier_wait(k_bar.at[_rem(t + 1, stages)])
-
-            def first(kb, carry):
-                """Overlap prologue, tile lo: S and softmax only (always masked; P V waits for the next step)."""
-                acc, m_i, l_i, _ = carry
-                slot = _rem(kb - lo, stages)
-
-                def qk(s_ref):
-                    plgpu.wgmma(s_ref, qo_smem, _T(k_smem.at[slot]))
-                    sched_sync()
-                    return s_ref[...]
-
-                s = scores(pl.run_scoped(qk, plgpu.ACC((bq, bk), _F32)), kb, slot, True)
-                plgpu.barrier_arrive(k_cons.at[slot])
-                m_new, _, p16, l_i = softmax(s, m_i, l_i)  # acc is still 0: no rescale
-                l_i, m_new, p16 = lax.optimization_barrier((l_i, m_new, p16))
-                end_softmax(slot)
-                wait_next_k(kb - lo)
-                return acc, m_new, l_i, p16
-
-            def ov_step(kb, carry, masked):
-                """Issue S_t = Q K_t^T and O += P_{t-1} V_{t-1}; softmax of S_t while P V runs; rescale O."""
-                acc, m_i, l_i, p16 = carry
-                t = kb - lo
-                slot, prev = _rem(t, stages), _rem(t - 1, stages)
-
-                def body(refs):
-                    s_ref, o_ref, m_ref, l_ref, p_ref, alpha_ref = refs
-                    plgpu.wgmma(s_ref, qo_smem, _T(k_smem.at[slot]))
-                    plgpu.wgmma(o_ref, p16, v_smem.at[prev])
-                    sched_sync()
-                    s = scores(plgpu.wgmma_accumulator_load(s_ref, wait_n=1), kb, slot, masked)  # S_t done
-                    plgpu.barrier_arrive(k_cons.at[slot])
-                    m_new, alpha, p16_new, l_new = softmax(s, m_i, l_i)
-                    m_new, alpha, p16_new, l_new = lax.optimization_barrier((m_new, alpha, p16_new, l_new))
-                    plgpu.barrier_arrive(sched)
-                    m_ref[...], l_ref[...], p_ref[...], alpha_ref[...] = m_new, l_new, p16_new, alpha
-
-                s0 = plgpu.layout_cast(jnp.full((bq, bk), 0.0, _F32), plgpu.Layout.WGMMA)
-                _, acc, m_i, l_i, p16, alpha = pl.run_state(body)(
-                    (plgpu.ACC.init(s0), plgpu.ACC.init(acc), m_i, l_i, p16, m_i))  # ends waiting for P V
-                plgpu.barrier_arrive(v_cons.at[prev])
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_wait(sched)
-                wait_next_k(t)
-                return acc, m_i, l_i, p16
-
-            def last(kb, carry):
-                """Overlap epilogue: O += P V of the last tile (kb = hi - 1)."""
-                acc, m_i, l_i, p16 = carry
-                slot = _rem(kb - lo, stages)
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_cons.at[slot])
-                return acc, m_i, l_i, p16
-
-            if overlap:
-                lo1 = jnp.minimum(lo + 1, hi)  # tiles after the prologue's
-                a1, c1 = jnp.maximum(a, lo1), jnp.maximum(c, lo1)
-                p0 = plgpu.layout_cast(jnp.full((bq, bk), 0.0, dtype), plgpu.Layout.WGMMA)
-                carry = lax.fori_loop(lo, lo1, first, (acc, m_i, l_i, p0))
-                carry = lax.fori_loop(lo1, a1, functools.partial(ov_step, masked=True), carry)
-                carry = lax.fori_loop(a1, c1, functools.partial(ov_step, masked=False), carry)
-                carry = lax.fori_loop(c1, hi, functools.partial(ov_step, masked=True), carry)
-                acc, m_i, l_i, _ = lax.fori_loop(jnp.maximum(hi - 1, lo), hi, last, carry)
-            else:
-                carry = (acc, m_i, l_i)
-                carry = lax.fori_loop(lo, a, functools.partial(step, masked=True), carry)
-                carry = lax.fori_loop(a, c, functools.partial(step, masked=False), carry)
-                acc, m_i, l_i = lax.fori_loop(c, hi, functools.partial(step, masked=True), carry)
+            carry = (acc, m_i, l_i)
+            carry = lax.fori_loop(lo, a, functools.partial(step, masked=True), carry)
+            carry = lax.fori_loop(a, c, functools.partial(step, masked=False), carry)
+            acc, m_i, l_i = lax.fori_loop(c, hi, functools.partial(step, masked=True), carry)
             pl.when(wg == 0)(sched_sync)
 
             empty = l_i == 0.0
@@ -436,7 +326,7 @@ def _forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles, sq, sk
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(mem_regs, action="decrease")
+            plgpu.set_max_registers(40, action="decrease")
             hk = lax.div(h, jnp.array(g, h.dtype))
 
             def load(t, wait):

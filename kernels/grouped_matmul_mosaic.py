@@ -121,17 +121,19 @@ def unpad_rows(out_padded: jnp.ndarray, layout: PaddedLayout) -> jnp.ndarray:
 # Mosaic GPU kernels
 # ---------------------------------------------------------------------------------------------
 def unsupported_reason(m_padded: int, d: int, f: int, dtype, gate_up: Tiles = GATE_UP_TILES,
-                       down: Tiles = DOWN_TILES, backward: Sequence[Tiles] = (DH_TILES, DX_TILES)) -> Optional[str]:
+                       down: Tiles = DOWN_TILES,
+                       backward: Sequence[Optional[Tiles]] = (DH_TILES, DX_TILES)) -> Optional[str]:
     """Why the Mosaic grouped FFN may not take x [m_padded, d] with experts d -> f -> d (None if it can);
-    `backward`: the (dh, dx) tiles of a Mosaic backward, () for the Triton one."""
+    `backward`: the (dh, dx) tiles of a Mosaic backward (None: that one on Triton), () for the Triton one."""
     from kernels import dispatch
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype {jnp.dtype(dtype)} (Mosaic grouped matmul takes bf16/f16)"
-    for name, t in zip(("down", "dh", "dx"), (down,) + tuple(backward)):
+    bwd = tuple(backward) + (None,) * (2 - len(tuple(backward)))
+    shapes = (("gate/up", gate_up, d, f), ("down", down, f, d), ("dh", bwd[0], d, f), ("dx", bwd[1], f, d))
+    shapes = tuple(s for s in shapes if s[1] is not None)
+    for name, t, _, _ in shapes[1:]:
         if t.tile_m != gate_up.tile_m:
             return f"gate/up tile_m={gate_up.tile_m} != {name} tile_m={t.tile_m}"
-    shapes = (("gate/up", gate_up, d, f), ("down", down, f, d))
-    shapes += tuple(zip(("dh", "dx"), backward, (d, f), (f, d)))
     for name, t, k, n in shapes:
         if m_padded % t.tile_m or n % (2 * t.tile_n) or k % t.tile_k:
             return (f"{name}: shape M={m_padded} K={k} N={n} not a multiple of the tiles "
@@ -496,8 +498,7 @@ def grouped_swiglu_ffn(xs_padded: jnp.ndarray, tile_group: jnp.ndarray, group_si
     if not interpret:
         select_impl("grouped_swiglu_ffn", "mosaic", log=False,
                     unsupported={"mosaic": unsupported_reason(
-                        p, d, f, dt, gate_up_tiles, down_tiles,
-                        tuple(t_ for t_ in (dh_tiles, dx_tiles) if t_ is not None) if mosaic_backward else ())})
+                        p, d, f, dt, gate_up_tiles, down_tiles, (dh_tiles, dx_tiles) if mosaic_backward else ())})
     big_smem = device_info().compute_capability in ((8, 0), (9, 0))
     dflt = (INTERPRET_BLOCKS if interpret
             else GPU_BLOCKS if jnp.dtype(dt).itemsize <= 2 and big_smem else GPU_BLOCKS_SMALL)

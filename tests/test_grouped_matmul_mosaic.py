@@ -142,7 +142,7 @@ def test_nt_standin_matches_numpy():
         assert bool(jnp.all(jnp.isnan(got[used:]))), "rows of skipped tiles must read as undefined"
 
 
-@pytest.mark.parametrize("bwd", [dict(), dict(fuse_silu_bwd=True), dict(mosaic_backward=False),
+@pytest.mark.parametrize("bwd", [dict(fuse_silu_bwd=False), dict(fuse_silu_bwd=True), dict(mosaic_backward=False),
                                  dict(fuse_silu_bwd=True, dx_tiles=None)],
                          ids=["mosaic", "mosaic_fused", "triton", "mosaic_fused_dh_triton_dx"])
 def test_ffn_values_and_vjp_f32(ffn_case, bwd):
@@ -248,6 +248,9 @@ def test_unsupported_reasons_and_bad_input(monkeypatch):
     assert "dh: shape" in gm.unsupported_reason(256, 2048, 5632, jnp.bfloat16, backward=(gm.Tiles(tile_k=96),
                                                                                          gm.DX_TILES))
     assert gm.unsupported_reason(256, 2048, 5632, jnp.bfloat16, backward=()) is None  # Triton backward
+    # Triton dh, Mosaic dx: the dx tiles are checked against dx's shape (K=f, N=d), not dh's
+    assert gm.unsupported_reason(256, 2304, 5632, jnp.bfloat16, backward=(None, gm.Tiles(tile_n=192))) is None
+    assert "dx: shape" in gm.unsupported_reason(256, 5632, 2304, jnp.bfloat16, backward=(None, gm.Tiles(tile_n=192)))
     monkeypatch.delenv("IVA_KERNELS_ALLOW_UNVALIDATED")
     if not gm.VALIDATED:
         assert "not yet validated" in gm.unsupported_reason(256, 2048, 5632, jnp.bfloat16)
@@ -283,7 +286,7 @@ def test_mosaic_lowering_for_cuda(monkeypatch):
     fwd = gm.grouped_swiglu_ffn
     fwd_tbwd = lambda *a: gm.grouped_swiglu_ffn(*a, mosaic_backward=False)  # noqa: E731
     loss = lambda f: lambda x, tg, gs, *w: jnp.sum(f(x, tg, gs, *w).astype(jnp.float32) ** 2)  # noqa: E731
-    grad = jax.grad(loss(fwd), argnums=(0, 3, 4, 5))
+    grad = jax.grad(loss(lambda *a: gm.grouped_swiglu_ffn(*a, fuse_silu_bwd=False)), argnums=(0, 3, 4, 5))
     grad_tbwd = jax.grad(loss(fwd_tbwd), argnums=(0, 3, 4, 5))
     grad_fused = jax.grad(loss(lambda *a: gm.grouped_swiglu_ffn(*a, fuse_silu_bwd=True)), argnums=(0, 3, 4, 5))
     # grad: 2 forward + dh (fused: dh + silu backward) + dx Mosaic kernels, 3 Triton weight gradients;
@@ -352,3 +355,8 @@ def test_dropless_auto_picks_by_device_dtype_and_shape(monkeypatch):
         assert res(jnp.bfloat16) == want_bf16
         assert res(jnp.float32) == "pallas"  # Mosaic takes bf16 / f16 only
         assert res(jnp.bfloat16, f=5600) == "pallas"  # not a multiple of the Mosaic tiles
+        # the backward tiles of kernel_kw count too (else auto would pick Mosaic and its backward would raise)
+        bad_dh = dict(dh_tiles=gm.Tiles(tile_k=96))
+        assert dp.resolve_dropless_impl("auto", jnp.bfloat16, 32768, 2048, 5632, 8, bad_dh) == "pallas"
+        assert dp.resolve_dropless_impl("auto", jnp.bfloat16, 32768, 2048, 5632, 8,
+                                        dict(bad_dh, mosaic_backward=False)) == want_bf16

@@ -178,3 +178,5 @@ def test_gather_rows_gradient_is_the_scatter_add():
     want = np.zeros((s, d))
     np.add.at(want, idx[idx < s], dy[idx < s])
     np.testing.assert_allclose(np.asarray(g_ref, np.float32), want, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="inv"):  # inv must have a row per source row
+        dp.gather_rows(jnp.asarray(src), jnp.asarray(idx), jnp.asarray(inv[:-1]))

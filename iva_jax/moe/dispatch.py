@@ -60,9 +60,11 @@ def resolve_dropless_impl(impl: str, dtype, num_rows: int, d: int, f: int, num_e
     if kw.get("interpret"):
         return "pallas"
     tm = _mosaic_tile_m(kw)
+    bwd = ((kw.get("dh_tiles", gmm_mosaic.DH_TILES), kw.get("dx_tiles", gmm_mosaic.DX_TILES))
+           if kw.get("mosaic_backward", True) else ())
     why = gmm_mosaic.unsupported_reason(gmm_mosaic.padded_rows(num_rows, num_experts, tm), d, f, dtype,
                                         kw.get("gate_up_tiles", gmm_mosaic.GATE_UP_TILES),
-                                        kw.get("down_tiles", gmm_mosaic.DOWN_TILES))
+                                        kw.get("down_tiles", gmm_mosaic.DOWN_TILES), bwd)
     choice = kd.select_impl("dropless_moe", "auto", unsupported={"mosaic": why}, preference=("mosaic", "triton"))
     return {"mosaic": "mosaic", "triton": "pallas"}.get(choice, "ragged")
 
@@ -209,7 +211,6 @@ def capacity_moe(x: jnp.ndarray, expert_index: jnp.ndarray, gate_weights: jnp.nd
 # ---------------------------------------------------------------------------------------------
 # dropless dispatch
 # ---------------------------------------------------------------------------------------------
-@jax.custom_vjp
 def gather_rows(src: jnp.ndarray, idx: jnp.ndarray, inv: jnp.ndarray) -> jnp.ndarray:
     """src[idx] (rows; idx out of range gives zero rows), whose gradient is a gather too, not a scatter-add.
 
@@ -217,11 +218,20 @@ def gather_rows(src: jnp.ndarray, idx: jnp.ndarray, inv: jnp.ndarray) -> jnp.nda
     fewer): the caller knows them (the dispatch's permutations), so the backward is
     dsrc[s] = sum_r dy[inv[s, r]] in f32, with no atomics.  `inv` must be exactly that inverse.
     """
+    ints = all(jnp.issubdtype(a.dtype, jnp.integer) for a in (idx, inv))
+    if src.ndim < 1 or idx.ndim != 1 or inv.ndim != 2 or inv.shape[0] != src.shape[0] or not ints:
+        raise ValueError(f"gather_rows expects src [S, ...], integer idx [J] and inv [S, r]; got src {src.shape}, "
+                         f"idx {idx.dtype}{idx.shape}, inv {inv.dtype}{inv.shape}")
+    return _gather_rows(src, idx, inv)
+
+
+@jax.custom_vjp
+def _gather_rows(src, idx, inv):
     return jnp.take(src, idx, axis=0, mode="fill", fill_value=0)
 
 
 def _gather_rows_fwd(src, idx, inv):
-    return gather_rows(src, idx, inv), (inv, jnp.zeros((0,), src.dtype))
+    return _gather_rows(src, idx, inv), (inv, jnp.zeros((0,), src.dtype))
 
 
 def _gather_rows_bwd(res, dy):
@@ -230,7 +240,7 @@ def _gather_rows_bwd(res, dy):
     return d.reshape(inv.shape + dy.shape[1:]).sum(axis=1).astype(like.dtype), None, None
 
 
-gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def sort_by_expert(expert_index: jnp.ndarray, num_experts: int) -> Tuple[jnp.ndarray, jnp.ndarray]:

@@ -5,7 +5,8 @@ hidden 2048, expert ffn 5632, 16k tokens, bf16, forward and forward+backward:
   pallas          dropless, kernels.grouped_matmul (Triton Pallas)
   mosaic          dropless, kernels.grouped_matmul_mosaic (Mosaic GPU forward and backward dh / dx on a
                   tile-padded layout, Triton weight gradients); mosaic_tbwd: the same with the all-Triton
-                  backward; mosaic_fused: silu backward in the dh kernel's epilogue (grouped_swiglu_bwd);
+                  backward; the default (= mosaic_fused) has the silu backward in the dh kernel's epilogue
+                  (grouped_swiglu_bwd), mosaic_unfused not; *_tdx: Triton dx;
                   mosaic_dh6 / mosaic_dn128 / mosaic_s3: other tiles (mosaic_variants)
   ragged_mgpu     anchor: dropless with jax's example kernel pallas/ops/gpu/ragged_dot_mgpu.ragged_dot
                   (forward only: it has no VJP; skipped if its API does not match)
@@ -15,7 +16,7 @@ hidden 2048, expert ffn 5632, 16k tokens, bf16, forward and forward+backward:
   dense           a dense SwiGLU FFN with the same active FLOPs (ffn = top_k * expert ffn), the anchor
 check mode (H100): the Mosaic grouped kernels (forward h, g, u, down; backward grouped_matmul_nt with one
 pair (dh) and two pairs (dx), grouped_swiglu_bwd) and the dropless "mosaic" layer (outputs and all gradients,
-also with the fused backward: fused_*)
+also with the unfused dh backward: unfused_*; runs before 4ca3c26 had fused_* = the then opt-in fused one)
 against the float32 XLA reference on a few shapes (balanced, skewed with empty experts); PASS/FAIL and the
 max relative errors go to the JSON.
 ep mode (2+ GPUs): tokens/s per GPU at the same per-GPU load for EP=1 (one GPU, all experts), DP=n
@@ -80,8 +81,11 @@ def make_inputs(key, t, d, f, e, dtype):
 def mosaic_variants() -> dict:
     """Mosaic tile variants timed as separate layer rows (kernels.grouped_matmul_mosaic.Tiles)."""
     from kernels.grouped_matmul_mosaic import Tiles
+    # "mosaic" is the default (fused dh + silu backward since 4ca3c26; runs before that: mosaic_unfused)
     return {"mosaic": {}, "mosaic_tbwd": dict(mosaic_backward=False), "mosaic_fused": dict(fuse_silu_bwd=True),
-            "mosaic_fused_tdx": dict(fuse_silu_bwd=True, dx_tiles=None), "mosaic_tdx": dict(dx_tiles=None),
+            "mosaic_unfused": dict(fuse_silu_bwd=False),
+            "mosaic_fused_tdx": dict(fuse_silu_bwd=True, dx_tiles=None),
+            "mosaic_tdx": dict(fuse_silu_bwd=False, dx_tiles=None),
             "mosaic_dh6": dict(dh_tiles=Tiles(stages=6)),
             "mosaic_dn128": dict(down_tiles=Tiles(tile_n=128)),
             "mosaic_s3": dict(gate_up_tiles=Tiles(stages=3), down_tiles=Tiles(stages=3))}
@@ -261,10 +265,10 @@ def run_check(a) -> dict:
             g_r = jax.jit(jax.grad(loss("ragged", jnp.float32), argnums=range(5)))(f32(x), gw, f32(wg), f32(wu), f32(wd))
             for gname, gm_, gr_ in zip(("dx", "dgate_weights", "dw_gate", "dw_up", "dw_down"), g_m, g_r):
                 res[gname] = _rel(gm_, gr_)
-            g_f = jax.jit(jax.grad(loss("mosaic", dtype, fuse_silu_bwd=True, **interp), argnums=range(5)))(
+            g_f = jax.jit(jax.grad(loss("mosaic", dtype, fuse_silu_bwd=False, **interp), argnums=range(5)))(
                 x, gw, wg, wu, wd)
             for gname, gf_, gr_ in zip(("dx", "dgate_weights", "dw_gate", "dw_up", "dw_down"), g_f, g_r):
-                res["fused_" + gname] = _rel(gf_, gr_)
+                res["unfused_" + gname] = _rel(gf_, gr_)
             # the kernels alone on the padded layout: h, g, u and the down projection; pad rows exactly zero
             if not a.interpret:
                 order, sizes = dp.sort_by_expert(ei, e)
@@ -302,7 +306,7 @@ def run_check(a) -> dict:
                 pad = (lay.source[:used] == t * k)[:, None]
                 res["pad_rows_zero"] = bool(jnp.all(jnp.where(pad, out[:used], 0) == 0)
                                             and jnp.all(jnp.where(pad, h[:used], 0) == 0))
-            errs = [v for kk, v in res.items() if kk.removeprefix("fused_") in ("y", "dx", "dgate_weights", "dw_gate",
+            errs = [v for kk, v in res.items() if kk.removeprefix("unfused_") in ("y", "dx", "dgate_weights", "dw_gate",
                                                                                   "dw_up", "dw_down")
                     or kk.startswith("kernel_")]
             res["max_rel_err"] = max(errs)

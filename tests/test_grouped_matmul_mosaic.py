@@ -345,9 +345,9 @@ def test_dropless_auto_picks_by_device_dtype_and_shape(monkeypatch):
     where Mosaic cannot take the input, ragged_dot on CPU; explicit impls pass through."""
     from iva_jax.moe.config import MoEConfig
     assert MoEConfig().resolved_dispatch == "dropless_auto"
-    res = lambda dt, f=5632: dp.resolve_dropless_impl("auto", dt, 32768, 2048, f, 8)  # noqa: E731
+    res = lambda dt, f=5632: dp.resolve_dropless_impl("auto", dt, 2048, f)  # noqa: E731
     assert res(jnp.bfloat16) == "ragged"  # this CPU
-    assert dp.resolve_dropless_impl("pallas", jnp.bfloat16, 32768, 2048, 5632, 8) == "pallas"
+    assert dp.resolve_dropless_impl("pallas", jnp.bfloat16, 2048, 5632) == "pallas"
     for cc, kind, want_bf16 in (((9, 0), "NVIDIA H100 80GB HBM3", "mosaic"), ((8, 0), "NVIDIA A100", "pallas")):
         info = kd.DeviceInfo("cuda", kind, cc, 132)
         monkeypatch.setattr(kd, "device_info", lambda info=info: info)
@@ -357,6 +357,6 @@ def test_dropless_auto_picks_by_device_dtype_and_shape(monkeypatch):
         assert res(jnp.bfloat16, f=5600) == "pallas"  # not a multiple of the Mosaic tiles
         # the backward tiles of kernel_kw count too (else auto would pick Mosaic and its backward would raise)
         bad_dh = dict(dh_tiles=gm.Tiles(tile_k=96))
-        assert dp.resolve_dropless_impl("auto", jnp.bfloat16, 32768, 2048, 5632, 8, bad_dh) == "pallas"
-        assert dp.resolve_dropless_impl("auto", jnp.bfloat16, 32768, 2048, 5632, 8,
+        assert dp.resolve_dropless_impl("auto", jnp.bfloat16, 2048, 5632, bad_dh) == "pallas"
+        assert dp.resolve_dropless_impl("auto", jnp.bfloat16, 2048, 5632,
                                         dict(bad_dh, mosaic_backward=False)) == want_bf16

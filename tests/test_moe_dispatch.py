@@ -180,3 +180,16 @@ def test_gather_rows_gradient_is_the_scatter_add():
     np.testing.assert_allclose(np.asarray(g_ref, np.float32), want, rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="inv"):  # inv must have a row per source row
         dp.gather_rows(jnp.asarray(src), jnp.asarray(idx), jnp.asarray(inv[:-1]))
+
+
+def test_dropless_ragged_keeps_forward_mode_autodiff(dropless_case):
+    """The ragged (CPU default) dropless path gathers with jnp.take, so jvp works (gather_rows is a
+    custom_vjp, used only around the kernel impls); the jvp equals a finite difference."""
+    x, idx, w, ws = dropless_case
+    args = f32(x, w, *ws)
+    fn = lambda x_: dp.dropless_moe(x_, jnp.asarray(idx), *args[1:], impl="ragged")  # noqa: E731
+    dx = jnp.asarray(np.random.default_rng(9).normal(size=x.shape), jnp.float32)
+    _, tangent = jax.jvp(fn, (args[0],), (dx,))
+    eps = 1e-3
+    fd = (fn(args[0] + eps * dx) - fn(args[0] - eps * dx)) / (2 * eps)
+    np.testing.assert_allclose(tangent, fd, rtol=2e-3, atol=2e-3 * float(jnp.abs(fd).max()))

@@ -47,11 +47,10 @@ def swiglu_experts(xe: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_do
     return dot("ecf,efd->ecd", h, w_down)
 
 
-def resolve_dropless_impl(impl: str, dtype, num_rows: int, d: int, f: int, num_experts: int,
-                          kernel_kw: Optional[dict] = None) -> str:
-    """impl "auto" -> the fastest dropless implementation this device, dtype and shape allow ("mosaic" on
-    Hopper for bf16/f16 tile-aligned shapes, "pallas" on sm80+, else "ragged"; logged once); others unchanged.
-    num_rows = tokens * top_k (per device under a mesh)."""
+def resolve_dropless_impl(impl: str, dtype, d: int, f: int, kernel_kw: Optional[dict] = None) -> str:
+    """impl "auto" -> the fastest dropless implementation this device, dtype and expert shape (d -> f -> d)
+    allow ("mosaic" on Hopper for bf16/f16 tile-aligned shapes, "pallas" on sm80+, else "ragged"; logged
+    once); other impls unchanged.  (Row counts never matter: the Mosaic layout pads rows to whole tiles.)"""
     if impl != "auto":
         return impl
     from kernels import dispatch as kd
@@ -62,7 +61,7 @@ def resolve_dropless_impl(impl: str, dtype, num_rows: int, d: int, f: int, num_e
     tm = _mosaic_tile_m(kw)
     bwd = ((kw.get("dh_tiles", gmm_mosaic.DH_TILES), kw.get("dx_tiles", gmm_mosaic.DX_TILES))
            if kw.get("mosaic_backward", True) else ())
-    why = gmm_mosaic.unsupported_reason(gmm_mosaic.padded_rows(num_rows, num_experts, tm), d, f, dtype,
+    why = gmm_mosaic.unsupported_reason(tm, d, f, dtype,
                                         kw.get("gate_up_tiles", gmm_mosaic.GATE_UP_TILES),
                                         kw.get("down_tiles", gmm_mosaic.DOWN_TILES), bwd)
     choice = kd.select_impl("dropless_moe", "auto", unsupported={"mosaic": why}, preference=("mosaic", "triton"))
@@ -95,9 +94,10 @@ def grouped_swiglu(xs: jnp.ndarray, group_sizes: jnp.ndarray, w_gate: jnp.ndarra
         from kernels import grouped_matmul_mosaic as gmm_mosaic
         w = [v.astype(dtype) for v in (w_gate, w_up, w_down)]
         lay = gmm_mosaic.padded_layout(group_sizes, xs.shape[0], _mosaic_tile_m(kernel_kw))
-        out = gmm_mosaic.grouped_swiglu_ffn(gmm_mosaic.pad_rows(xs, lay), lay.tile_group, lay.group_sizes, *w,
+        xp = gather_rows(xs, lay.source, lay.row_index[:, None])  # pad_rows, with a gather backward
+        out = gmm_mosaic.grouped_swiglu_ffn(xp, lay.tile_group, lay.group_sizes, *w,
                                             **kernel_kw)
-        return gmm_mosaic.unpad_rows(out, lay)
+        return gather_rows(out, lay.row_index, lay.source[:, None])  # unpad_rows, with a gather backward
     if impl == "ragged":
         prec = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None  # no TF32 for f32 on GPU
         mm = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), group_sizes, preferred_element_type=dtype,  # noqa: E731
@@ -243,6 +243,14 @@ def _gather_rows_bwd(res, dy):
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
+def permute_rows(impl: str):
+    """The row gather for a dropless impl: `gather_rows` around the kernels (whose custom VJPs rule out
+    forward-mode autodiff anyway), plain `jnp.take` for "ragged" / "dense" (jvp, jacfwd, hessian keep working)."""
+    if impl in ("pallas", "mosaic"):
+        return gather_rows
+    return lambda src, idx, inv: jnp.take(src, idx, axis=0, mode="fill", fill_value=0)
+
+
 def sort_by_expert(expert_index: jnp.ndarray, num_experts: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """(order [T*k], group_sizes [E]): flat assignments sorted by expert (stable); token = order // k."""
     flat = expert_index.reshape(-1)
@@ -277,9 +285,10 @@ def dropless_moe(x: jnp.ndarray, expert_index: jnp.ndarray, gate_weights: jnp.nd
         out = gather_rows(out, row, assign[:, None]).reshape(t, k, d)
         return jnp.einsum("tk,tkd->td", gate_weights.astype(jnp.float32), out.astype(jnp.float32))
     inv = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))  # sorted position of each
-    xs = gather_rows(x, order // k, inv.reshape(t, k))
+    take = permute_rows(impl)
+    xs = take(x, order // k, inv.reshape(t, k))
     out = grouped_swiglu(xs, sizes, w_gate, w_up, w_down, impl=impl, dtype=dtype, **kernel_kw)
-    out = gather_rows(out, inv, order[:, None]).reshape(t, k, d)
+    out = take(out, inv, order[:, None]).reshape(t, k, d)
     return jnp.einsum("tk,tkd->td", gate_weights.astype(jnp.float32), out.astype(jnp.float32))
 
 

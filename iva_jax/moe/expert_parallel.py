@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from iva_jax.moe.dispatch import (capacity_combine, capacity_dispatch, capacity_positions, expert_capacity,
-                                  gather_rows, grouped_swiglu, sort_by_expert, swiglu_experts)
+                                  grouped_swiglu, permute_rows, sort_by_expert, swiglu_experts)
 
 from iva_jax.parallel.kernel_sharding import shard_map  # noqa: E402  (re-exported: the one compat wrapper)
 
@@ -106,7 +106,8 @@ def _dropless_body(x, ei, gw, wg, wu, wd, *, axis, impl, exchange, dtype, kernel
     e = e_loc * ep
     order, sizes = sort_by_expert(ei, e)  # sizes [E]: my assignments per global expert
     inv = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))  # sorted position of each
-    xs = gather_rows(x, order // k, inv.reshape(t, k))
+    take = permute_rows(impl)
+    xs = take(x, order // k, inv.reshape(t, k))
     all_sizes = jax.lax.all_gather(sizes, axis).reshape(ep, ep, e_loc)  # [source, dest, local expert]
     per_expert = jnp.sum(all_sizes, axis=0)  # [dest, local expert]
     # receive buffer on each device: expert-major (local expert, then source)
@@ -124,7 +125,7 @@ def _dropless_body(x, ei, gw, wg, wu, wd, *, axis, impl, exchange, dtype, kernel
     back_in = jax.lax.all_to_all(output_offsets, axis, 0, 0, tiled=True)
     back_out = jax.lax.all_to_all(input_offsets, axis, 0, 0, tiled=True)
     ys = ex(out, jnp.zeros((t * k, d), out.dtype), back_in, recv_sizes, back_out, sizes)
-    ys = gather_rows(ys, inv, order[:, None]).reshape(t, k, d)
+    ys = take(ys, inv, order[:, None]).reshape(t, k, d)
     return jnp.einsum("tk,tkd->td", gw.astype(jnp.float32), ys.astype(jnp.float32))
 
 

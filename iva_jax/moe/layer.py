@@ -131,10 +131,8 @@ class MoeBlock(nn.Module):
         impl = {"dropless_pallas": "pallas", "dropless_mosaic": "mosaic", "dropless_auto": "auto"}.get(kind, "ragged")
         gkw = dict(self.gmm_kw or {})
         xe = xt.astype(self.dtype)
-        if impl == "auto":  # per device: under an expert mesh each device holds E / ep experts
-            ep = self.mesh.shape.get("expert", 1) if self.mesh is not None else 1
-            impl = resolve_dropless_impl(impl, xe.dtype, t * c.top_k, d, c.moe_intermediate_size,
-                                         c.num_experts // ep, gkw)
+        if impl == "auto":
+            impl = resolve_dropless_impl(impl, xe.dtype, d, c.moe_intermediate_size, gkw)
         keep = None
         if self.mesh is not None and self.mesh.shape.get("expert", 1) > 1:
             y, keep = expert_parallel_moe(xe, r.expert_index, r.gate_weights, wg, wu, wd, mesh=self.mesh,

@@ -68,6 +68,41 @@ def _xla(lhs, rhs, group_sizes, out_dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# row permutations around the grouped matmul (dropless dispatch)
+# ---------------------------------------------------------------------------------------------
+def gather_rows(src: jnp.ndarray, idx: jnp.ndarray, inv: jnp.ndarray) -> jnp.ndarray:
+    """src[idx] (rows; idx out of range gives zero rows), whose gradient is a gather too, not a scatter-add.
+
+    inv [S, r] lists, for each source row s, the r positions j with idx[j] == s (out of range where s has
+    fewer): the caller knows them (the dispatch's permutations), so the backward is
+    dsrc[s] = sum_r dy[inv[s, r]] in f32, with no atomics.  `inv` must be exactly that inverse.
+    """
+    ints = all(jnp.issubdtype(a.dtype, jnp.integer) for a in (idx, inv))
+    if src.ndim < 1 or idx.ndim != 1 or inv.ndim != 2 or inv.shape[0] != src.shape[0] or not ints:
+        raise ValueError(f"gather_rows expects src [S, ...], integer idx [J] and inv [S, r]; got src {src.shape}, "
+                         f"idx {idx.dtype}{idx.shape}, inv {inv.dtype}{inv.shape}")
+    return _gather_rows(src, idx, inv)
+
+
+@jax.custom_vjp
+def _gather_rows(src, idx, inv):
+    return jnp.take(src, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_rows_fwd(src, idx, inv):
+    return _gather_rows(src, idx, inv), (inv, jnp.zeros((0,), src.dtype))
+
+
+def _gather_rows_bwd(res, dy):
+    inv, like = res
+    d = jnp.take(dy.astype(jnp.float32), inv.reshape(-1), axis=0, mode="fill", fill_value=0)
+    return d.reshape(inv.shape + dy.shape[1:]).sum(axis=1).astype(like.dtype), None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
 # Pallas (Triton) kernels
 # ---------------------------------------------------------------------------------------------
 def _tf32(a, b) -> bool | None:

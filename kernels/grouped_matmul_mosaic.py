@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.grouped_matmul import (GPU_BLOCKS, GPU_BLOCKS_SMALL, INTERPRET_BLOCKS, _gmm_pallas,
+from kernels.grouped_matmul import (GPU_BLOCKS, GPU_BLOCKS_SMALL, INTERPRET_BLOCKS, _gmm_pallas, gather_rows,
                                      _tgmm_pallas)
 from kernels.dispatch import device_info, select_impl
 
@@ -108,13 +108,13 @@ def padded_layout(group_sizes: jnp.ndarray, m: int, tile_m: int) -> PaddedLayout
 
 
 def pad_rows(xs: jnp.ndarray, layout: PaddedLayout) -> jnp.ndarray:
-    """[M, D] sorted rows -> [P, D] padded buffer (pad rows zero)."""
-    return jnp.take(xs, layout.source, axis=0, mode="fill", fill_value=0)
+    """[M, D] sorted rows -> [P, D] padded buffer (pad rows zero); the gradient is a gather through row_index."""
+    return gather_rows(xs, layout.source, layout.row_index[:, None])
 
 
 def unpad_rows(out_padded: jnp.ndarray, layout: PaddedLayout) -> jnp.ndarray:
-    """[P, N] padded buffer -> [M, N] sorted rows (rows past sum(sizes) zero)."""
-    return jnp.take(out_padded, layout.row_index, axis=0, mode="fill", fill_value=0)
+    """[P, N] padded buffer -> [M, N] sorted rows (rows past sum(sizes) zero); the gradient is a gather."""
+    return gather_rows(out_padded, layout.row_index, layout.source[:, None])
 
 
 # ---------------------------------------------------------------------------------------------

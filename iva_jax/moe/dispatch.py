@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from kernels.grouped_matmul import grouped_matmul, reference as gmm_reference
+from kernels.grouped_matmul import gather_rows, grouped_matmul, reference as gmm_reference
 
 
 def expert_capacity(num_tokens: int, top_k: int, capacity_factor: float, num_experts: int) -> int:
@@ -94,10 +94,10 @@ def grouped_swiglu(xs: jnp.ndarray, group_sizes: jnp.ndarray, w_gate: jnp.ndarra
         from kernels import grouped_matmul_mosaic as gmm_mosaic
         w = [v.astype(dtype) for v in (w_gate, w_up, w_down)]
         lay = gmm_mosaic.padded_layout(group_sizes, xs.shape[0], _mosaic_tile_m(kernel_kw))
-        xp = gather_rows(xs, lay.source, lay.row_index[:, None])  # pad_rows, with a gather backward
+        xp = gmm_mosaic.pad_rows(xs, lay)
         out = gmm_mosaic.grouped_swiglu_ffn(xp, lay.tile_group, lay.group_sizes, *w,
                                             **kernel_kw)
-        return gather_rows(out, lay.row_index, lay.source[:, None])  # unpad_rows, with a gather backward
+        return gmm_mosaic.unpad_rows(out, lay)
     if impl == "ragged":
         prec = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None  # no TF32 for f32 on GPU
         mm = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), group_sizes, preferred_element_type=dtype,  # noqa: E731
@@ -211,38 +211,6 @@ def capacity_moe(x: jnp.ndarray, expert_index: jnp.ndarray, gate_weights: jnp.nd
 # ---------------------------------------------------------------------------------------------
 # dropless dispatch
 # ---------------------------------------------------------------------------------------------
-def gather_rows(src: jnp.ndarray, idx: jnp.ndarray, inv: jnp.ndarray) -> jnp.ndarray:
-    """src[idx] (rows; idx out of range gives zero rows), whose gradient is a gather too, not a scatter-add.
-
-    inv [S, r] lists, for each source row s, the r positions j with idx[j] == s (out of range where s has
-    fewer): the caller knows them (the dispatch's permutations), so the backward is
-    dsrc[s] = sum_r dy[inv[s, r]] in f32, with no atomics.  `inv` must be exactly that inverse.
-    """
-    ints = all(jnp.issubdtype(a.dtype, jnp.integer) for a in (idx, inv))
-    if src.ndim < 1 or idx.ndim != 1 or inv.ndim != 2 or inv.shape[0] != src.shape[0] or not ints:
-        raise ValueError(f"gather_rows expects src [S, ...], integer idx [J] and inv [S, r]; got src {src.shape}, "
-                         f"idx {idx.dtype}{idx.shape}, inv {inv.dtype}{inv.shape}")
-    return _gather_rows(src, idx, inv)
-
-
-@jax.custom_vjp
-def _gather_rows(src, idx, inv):
-    return jnp.take(src, idx, axis=0, mode="fill", fill_value=0)
-
-
-def _gather_rows_fwd(src, idx, inv):
-    return _gather_rows(src, idx, inv), (inv, jnp.zeros((0,), src.dtype))
-
-
-def _gather_rows_bwd(res, dy):
-    inv, like = res
-    d = jnp.take(dy.astype(jnp.float32), inv.reshape(-1), axis=0, mode="fill", fill_value=0)
-    return d.reshape(inv.shape + dy.shape[1:]).sum(axis=1).astype(like.dtype), None, None
-
-
-_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
-
-
 def permute_rows(impl: str):
     """The row gather for a dropless impl: `gather_rows` around the kernels (whose custom VJPs rule out
     forward-mode autodiff anyway), plain `jnp.take` for "ragged" / "dense" (jvp, jacfwd, hessian keep working)."""

@@ -105,6 +105,7 @@ def test_time_split_plan():
 
 
 @pytest.mark.parametrize("seqlen,kw,kernels", [
+    (48, dict(), ("selective_scan_fwd", "selective_scan_bwd")),  # the default config (forward with checkpoints)
     (52, dict(prefetch=True), ("selective_scan_fwd", "selective_scan_bwd")),  # 52 = 3 * 16 + 4: masked tail
     (96, dict(prefetch=True, time_splits=4), ("selective_scan_state", "selective_scan_fwd", "selective_scan_bwd")),
     (96, dict(group_loads=True, time_splits=2), ("selective_scan_state", "selective_scan_fwd", "selective_scan_bwd")),

@@ -17,7 +17,6 @@ Dropless path: assignments are sorted by expert and multiplied with a grouped ma
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Tuple
 

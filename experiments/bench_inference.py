@@ -153,10 +153,11 @@ def check_kernels(tiny: bool) -> None:
         err = guard(name, dense)
         if err is not None:
             row("check", name, rel_err=err, ok="PASS" if err < 2e-2 else "FAIL")
-    k, n = (576, 1536) if not tiny else (128, 72)
-    w = jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.float32)
-    for bits, sym in ((4, False), (4, True), (8, True), (8, False)):
-        for m in ((1, 7, 16) if not tiny else (3,)):  # the kernel serves decode rows (<= 16)
+    # int4: GEMV at M = 1, 2, tensor cores at 7, 16; N = 1000: a partial last block of words
+    for (k, n), bits, sym in [((576, 1536) if not tiny else (128, 72), b, s_) for b, s_ in
+                              ((4, False), (4, True), (8, True), (8, False))] + ([((576, 1000), 4, False)] if not tiny else []):
+        w = jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.float32)
+        for m in ((1, 2, 7, 16) if not tiny else (3,)):  # the kernel serves decode rows (<= 16)
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
             codes, scale, zero = quant.quantize_groupwise(w, bits=bits, group_size=64, symmetric=sym)
 
@@ -410,7 +411,7 @@ def quant_bench(shapes, ms_rows, reps: int, sweep: bool, sweep_shape=None,
                     label = f"{case} int{bits} {impl}{tag}" + (f" {blk}" if blk != qm.QuantBlocks() else "")
                     row("quant", label, ms=t, gbs=nbytes / t / 1e6, speedup_vs_bf16=(t_bf / t) if t_bf else float("nan"),
                         bits=bits, M=m, impl=impl, blocks=str(blk),
-                        plan=str(qm.plan(m, k, n, group, blk)) if impl != "xla" else "")
+                        plan=str(qm.plan(m, k, n, group, blk, bits=bits)) if impl != "xla" else "")
                 for impl in ("xla", kernel_impl()):
                     t = guard(f"quant {case} int{bits} {impl}", lambda impl=impl: measure(impl, qm.QuantBlocks()))
                     if t is not None:

@@ -7,7 +7,7 @@ call and share of the total kernel time.  What it answers that wall-clock timing
 step is the Pallas kernel itself, and how much the small XLA kernels around it (split-K sums, casts,
 gathers) and the gaps between them.
 
-    PYTHONPATH=. python3 experiments/kernel_times.py --demo int4     # GPU only
+    PYTHONPATH=. python3 experiments/kernel_times.py --demo int4     # GPU only: int4 / int8 / bf16 at decode shapes
 """
 
 from __future__ import annotations
@@ -58,27 +58,41 @@ def print_table(title: str, tab: dict, top: int = 12) -> None:
               f"  {100 * r['share']:5.1f}%  {r['name']}")
 
 
+def per_call(fn: Callable, x, sets: Sequence[tuple], iters: int = 8) -> dict:
+    """Kernel time per call of fn(x, *w), over distinct weight sets (jitted together, >= 400 MB in all, so the
+    L2 serves none of them): {"us": total kernel us per call, "kernels": {name: us per call}}."""
+    fj = jax.jit(lambda x, sets: [fn(x, *w) for w in sets])
+    tab = kernel_table(fj, (x, sets), iters=iters, warm=2)
+    return dict(us=tab["kernel_us_per_iter"] / len(sets),
+                kernels={r["name"][:60]: r["us_per_iter"] / len(sets) for r in tab["rows"][:4]})
+
+
 def _demo_int4(out: dict) -> None:
     import jax.numpy as jnp
 
     from iva_jax import quant
     from kernels import quant_matmul as qm
 
-    k, n = 4096, 14336
-    w = jax.random.normal(jax.random.PRNGKey(0), (k, n), jnp.float32) * 0.02
-    c, s, z = quant.quantize_groupwise(w, bits=4, group_size=128, symmetric=False)
-    wb = w.astype(jnp.bfloat16)
-    x = jax.random.normal(jax.random.PRNGKey(1), (1, k), jnp.bfloat16)
-    for label, blk in (("default", qm.QuantBlocks()), ("16 splits", qm.QuantBlocks(num_splits=16)),
-                       ("1 split, block_n 32", qm.QuantBlocks(num_splits=1, block_n=32))):
-        f = jax.jit(lambda x, c, s, z, blk=blk: qm.quant_matmul(x, c, s, z, bits=4, group_size=128, impl="triton",
-                                                              blocks=blk))
-        tab = kernel_table(f, (x, c, s, z))
-        print_table(f"int4 M1 {k}->{n} {label}", tab)
-        out[f"int4 {label}"] = tab
-    tab = kernel_table(jax.jit(lambda x, w: x @ w), (x, wb))
-    print_table("bf16 M1 matmul (XLA)", tab)
-    out["bf16"] = tab
+    for k, n in ((4096, 14336), (14336, 4096)):
+        w = jax.random.normal(jax.random.PRNGKey(0), (k, n), jnp.float32) * 0.02
+        nset = lambda b: max(2, int(-(-400e6 // (k * n * b))))  # noqa: E731
+        wb = [((w * (1 + 0.01 * i)).astype(jnp.bfloat16),) for i in range(nset(2))]
+        q4 = [quant.quantize_groupwise(w * (1 + 0.01 * i), bits=4, group_size=128, symmetric=False)
+              for i in range(nset(0.5))]
+        q8 = [quant.quantize_groupwise(w * (1 + 0.01 * i), bits=8, group_size=128, symmetric=True)
+              for i in range(nset(1))]
+        for m in (1, 16):
+            x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
+            bf = per_call(lambda x, w: x @ w, x, wb)
+            res = {"bf16": bf}
+            for bits, sets in ((4, q4), (8, q8)):
+                res[f"int{bits}"] = r = per_call(lambda x, c, s, z, bits=bits: qm.quant_matmul(
+                    x, c, s, z, bits=bits, group_size=128, impl="triton"), x, sets)
+                r["x_bf16"] = bf["us"] / r["us"]
+            print(f"M{m} {k}->{n}: bf16 {bf['us']:.1f} us | int4 {res['int4']['us']:.1f} us = "
+                  f"{res['int4']['x_bf16']:.2f}x {res['int4']['kernels']} | int8 {res['int8']['us']:.1f} us = "
+                  f"{res['int8']['x_bf16']:.2f}x", flush=True)
+            out[f"M{m} {k}->{n}"] = res
 
 
 def main() -> int:

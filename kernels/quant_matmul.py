@@ -2,10 +2,12 @@
 
 Weight format (one group = `group_size` consecutive rows of W [K, N], one scale per group and column):
   * bits 8:  qweight int8 [K, N] (symmetric, q in [-127, 127]) or uint8 [K, N] (asymmetric, u in [0, 255]).
-  * bits 4:  qweight uint8 [K / 2, N], two 4-bit codes u in [0, 15] per byte, packed WITHIN each group:
-             byte r of group g holds row g*G + r in its low nibble and row g*G + G/2 + r in its high
-             nibble (so a kernel reads one group as two contiguous half-groups).  Symmetric codes are
-             q + 8 (q in [-7, 7]).
+  * bits 4:  qweight int32 [K / 2, ceil(N / 4)]: two 4-bit codes u in [0, 15] per byte, packed WITHIN each
+             group (byte r of group g, column n, holds row g*G + r in its low nibble and row g*G + G/2 + r
+             in its high nibble, so a kernel reads one group as two contiguous half-groups), and the bytes
+             of four neighbouring columns in one little-endian 32-bit word: byte j of word (r, c) is column
+             4c + j (columns past N are zero).  `int4_words` / `int4_bytes` convert from / to the byte view
+             uint8 [K / 2, N].  Symmetric codes are q + 8 (q in [-7, 7]).
   * scale [K / G, N] (float16 or float32); zero [K / G, N] or None.
   dequant:  symmetric  W[k, n] = q[k, n] * scale[g, n]                      (g = k // G)
             asymmetric W[k, n] = u[k, n] * scale[g, n] + zero[g, n]         (zero = the group's minimum)
@@ -13,20 +15,24 @@ Weight format (one group = `group_size` consecutive rows of W [K, N], one scale 
 Implementations (all accumulate in f32; output in x.dtype unless `out_dtype`):
   * "xla":    up to 16 rows, per-group dots on the codes with the scales applied to the partial sums;
               above, dequantize to x's dtype and one jnp.dot (`reference`: dequantise in f32/f64).
-  * "triton": Pallas-Triton kernels, grid (column block, [row block,] k-split), both memory-bound
-              streams of the packed codes (int4: one byte for two weights) with f32 accumulation:
-              - rows <= `QuantBlocks.dot_rows` (decode, M = 1..4): a GEMV.  Per group the codes tile
-                [rows, block_n] is widened to int32 and turned into exact f32 values by the exponent
-                trick bitcast(code | 0x4B000000) - 2^23 (integer ops + one add: no int->float
-                conversion instructions, which throttled the int4 path), multiplied by the broadcast
-                activations and summed over the group's rows (no tl.dot), then scaled (and zero *
-                sum(x) added) once per group and column.
-              - more rows: the same decode of the codes, exact in x's dtype, one tl.dot per group on
+  * "triton": Pallas-Triton kernels; k-splits write f32 partials that one small XLA sum combines
+              (deterministic, no atomics).  VJP w.r.t. x through XLA.
+              int4, rows <= `Int4Blocks.gemv_rows` (decode): a GEMV on the 32-bit words.  One warp per
+                program, each program one part of one group for 128 words (512 columns); the 8 nibbles
+                of a word become exact f32 values c * 2^p with one `lop3` (mask | 2^23 exponent) and
+                one subtract each (inline PTX; the nibbles stay at their bit position p, the 2^-p goes
+                into the per-group scale), multiplied by the row's activation with f32 accumulation in
+                the thread (no cross-thread reduction until the program's end); the next step's words
+                are loaded before this step's math.
+              int4, more rows (up to 16, bf16/f16 activations): tensor cores.  Per step of `mma_rows`
+                rows, nibble i of every word becomes (2^7 + c) in bf16 (2^10 + c in f16: one `prmt` +
+                `lop3` per two weights, two words per asm instance) and one tl.dot per nibble,
+                [words, rows] x [rows, 16 activation rows], accumulates in f32; the constant offset
+                times sum(x) is removed once per group (exact: the products are exact in f32).
+              int8: rows <= `QuantBlocks.dot_rows`: exact f32 codes by the exponent trick, multiplied and
+                summed over the group's rows (no tl.dot); more rows: one tl.dot per group on
                 [16, group] x [group, block_n] tiles, scale applied to the f32 partial.
-              Each program unrolls `block_k // group_size` groups per loop step (all loads first, for
-              many bytes in flight); k-splits (enough programs to fill the SMs) write f32 partials that
-              one small XLA sum combines (deterministic, no atomics).  VJP w.r.t. x through XLA.
-Until the kernel has passed `experiments/bench_inference.py --check` on a GPU, `auto` keeps XLA.
+Until a kernel has passed `experiments/bench_inference.py --check` on a GPU, `auto` keeps XLA.
 """
 
 from __future__ import annotations
@@ -51,15 +57,51 @@ _F32 = jnp.float32
 _FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _MAX_KERNEL_ROWS = 16  # H100, 2026-11-22: faster than XLA at M<=16, slower at M=64
 _GROUPED_ROWS = 16  # XLA path: per-group dots up to this many rows
-_GPU_VALIDATED = True  # H100, jax 0.11.2, 2026-11-22: bench_inference --only check, 12/12 PASS (int4/int8, sym/asym, M 1/7/16)
+_GPU_VALIDATED = True  # int8 kernels, H100, jax 0.11.2, 2026-11-22: bench_inference --only check, PASS (sym/asym, M 1/7/16)
+_W4_GPU_VALIDATED = False  # int4 word kernels (GEMV, tensor-core)
+
+
+def _pow2(name: str, v: Any, lo: int) -> None:
+    if not isinstance(v, int) or v < lo or v & (v - 1):
+        raise ValueError(f"{name} must be a power of 2 >= {lo}, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4Blocks:
+    """int4 kernel tiling (H100 sweeps: experiments/results/int4_gemv_*): GEMV up to `gemv_rows` rows:
+    words (4 columns each) per program, warps, rows per step, programs per group (`parts`, more warps
+    for the latency-bound stream), next-step prefetch; tensor-core path above: words per program, rows
+    per step, groups per program, warps, pipeline stages."""
+
+    gemv_rows: int = 2
+    words: int = 128
+    warps: int = 1
+    unroll: int = 4
+    parts: int = 2
+    prefetch: bool = True
+    dot_tiles: bool = True
+    dot_words: int = 32
+    mma_words: int = 64
+    mma_rows: int = 64
+    mma_groups: int = 2
+    mma_warps: int = 4
+    mma_stages: int = 1
+
+    def __post_init__(self):
+        for name, lo in (("words", 32), ("unroll", 1), ("parts", 1), ("dot_words", 16), ("mma_words", 16), ("mma_rows", 16),
+                         ("warps", 1), ("mma_warps", 1)):
+            _pow2(f"Int4Blocks.{name}", getattr(self, name), lo)
+        if not 0 <= self.gemv_rows <= _MAX_KERNEL_ROWS or self.mma_groups < 1 or self.mma_stages < 1:
+            raise ValueError(f"Int4Blocks: gemv_rows in [0, {_MAX_KERNEL_ROWS}], mma_groups and mma_stages >= 1; "
+                             f"got {self}")
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantBlocks:
-    """Kernel tiling (all swept by experiments/bench_inference.py --sweep): columns per program,
+    """int8 kernel tiling (all swept by experiments/bench_inference.py --sweep): columns per program,
     K rows per loop step (a multiple of the group size; rounded down to one), k-splits (None =
     enough programs for ~4 per SM), warps, pipeline stages, and the row count up to which the
-    multiply-reduce GEMV is used instead of 16-row tl.dot tiles."""
+    multiply-reduce GEMV is used instead of 16-row tl.dot tiles; `int4`: the int4 kernels' tiling."""
 
     block_n: int = 128
     block_k: int = 256
@@ -67,12 +109,11 @@ class QuantBlocks:
     num_warps: int = 4
     num_stages: int = 1  # the H100 sweep picked 1 stage in all four cases (int4/int8, M 1/16)
     dot_rows: int = 4
+    int4: Int4Blocks = Int4Blocks()
 
     def __post_init__(self):
         for name in ("block_n", "block_k"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 16 or v & (v - 1):
-                raise ValueError(f"QuantBlocks.{name} must be a power of 2 >= 16, got {v!r}")
+            _pow2(f"QuantBlocks.{name}", getattr(self, name), 16)
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"QuantBlocks.num_splits must be >= 1, got {self.num_splits}")
         if self.num_warps < 1 or self.num_stages < 1 or self.dot_rows < 0:
@@ -81,9 +122,26 @@ class QuantBlocks:
 
 # ----------------------------------------------------------------------------- format helpers
 
-def unpack_int4(packed: jax.Array, group_size: int) -> jax.Array:
-    """uint8 [..., K/2, N] (packed within groups) -> uint8 codes [..., K, N] in [0, 15]."""
+def int4_words(packed: jax.Array) -> jax.Array:
+    """uint8 bytes [..., K/2, N] -> the stored int32 words [..., K/2, ceil(N/4)] (little-endian, zero pad)."""
     *lead, kh, n = packed.shape
+    pad = -n % 4
+    p = jnp.pad(packed.astype(jnp.uint8), [(0, 0)] * (len(lead) + 1) + [(0, pad)]) if pad else packed.astype(jnp.uint8)
+    return lax.bitcast_convert_type(p.reshape(*lead, kh, (n + pad) // 4, 4), jnp.int32)
+
+
+def int4_bytes(words: jax.Array, n: int) -> jax.Array:
+    """int32 words [..., K/2, ceil(N/4)] -> uint8 bytes [..., K/2, N] (two codes per byte)."""
+    *lead, kh, nw = words.shape
+    if nw != -(-n // 4):
+        raise ValueError(f"int4 words {words.shape} do not hold {n} columns (need {-(-n // 4)} words per row)")
+    return lax.bitcast_convert_type(words, jnp.uint8).reshape(*lead, kh, 4 * nw)[..., :n]
+
+
+def unpack_int4(words: jax.Array, group_size: int, n: int) -> jax.Array:
+    """int32 words [..., K/2, ceil(N/4)] -> uint8 codes [..., K, N] in [0, 15]."""
+    packed = int4_bytes(words, n)
+    *lead, kh, _ = packed.shape
     g = group_size
     p = packed.reshape(*lead, (2 * kh) // g, g // 2, n)
     lo = p & jnp.uint8(15)
@@ -92,12 +150,12 @@ def unpack_int4(packed: jax.Array, group_size: int) -> jax.Array:
 
 
 def pack_int4(codes: jax.Array, group_size: int) -> jax.Array:
-    """uint8 codes [..., K, N] in [0, 15] -> [..., K/2, N] (low nibble: first half of each group)."""
+    """uint8 codes [..., K, N] in [0, 15] -> int32 words [..., K/2, ceil(N/4)] (see the module docstring)."""
     *lead, k, n = codes.shape
     g = group_size
     c = codes.astype(jnp.uint8).reshape(*lead, k // g, g, n)
     lo, hi = c[..., : g // 2, :], c[..., g // 2:, :]
-    return (lo | (hi << jnp.uint8(4))).reshape(*lead, k // 2, n)
+    return int4_words((lo | (hi << jnp.uint8(4))).reshape(*lead, k // 2, n))
 
 
 def dequantize(qweight: jax.Array, scale: jax.Array, zero: Optional[jax.Array], *, bits: int, group_size: int,
@@ -105,7 +163,7 @@ def dequantize(qweight: jax.Array, scale: jax.Array, zero: Optional[jax.Array], 
     """The float weight [..., K, N] the codes stand for, in `dtype` (arithmetic in f32, or f64 for f64)."""
     acc = jnp.promote_types(dtype, _F32)
     if bits == 4:
-        codes = unpack_int4(qweight, group_size).astype(acc)
+        codes = unpack_int4(qweight, group_size, scale.shape[-1]).astype(acc)
         if zero is None:
             codes = codes - 8.0
     else:
@@ -141,7 +199,7 @@ def _xla(x, qweight, scale, zero, bits, group_size, out_dtype):
         prec = lax.Precision.HIGHEST
     xg = x.reshape(m, ng, g)
     if bits == 4:
-        p = qweight.reshape(ng, g // 2, n)
+        p = int4_bytes(qweight, n).reshape(ng, g // 2, n)
         lo, hi = p & jnp.uint8(15), p >> jnp.uint8(4)
         if zero is None:
             lo, hi = lo.astype(jnp.int8) - 8, hi.astype(jnp.int8) - 8
@@ -166,43 +224,50 @@ def _check(x, qweight, scale, zero, bits, group_size):
     k = x.shape[1]
     if not isinstance(group_size, int) or group_size < 2 or group_size % 2 or k % group_size:
         raise ValueError(f"quant_matmul: group_size {group_size!r} must be an even divisor of in_features {k}")
-    want = (k // 2 if bits == 4 else k, scale.shape[1])
+    want = (k // 2, -(-scale.shape[1] // 4)) if bits == 4 else (k, scale.shape[1])
     if qweight.shape != want or scale.shape[0] != k // group_size:
         raise ValueError(f"quant_matmul: x {x.shape} needs qweight {want} and scale ({k // group_size}, N); "
                          f"got {qweight.shape}, {scale.shape}")
     if zero is not None and zero.shape != scale.shape:
         raise ValueError(f"quant_matmul: zero shape {zero.shape} != scale shape {scale.shape}")
-    want_dt = jnp.uint8 if (bits == 4 or zero is not None) else jnp.int8
+    want_dt = jnp.int32 if bits == 4 else jnp.uint8 if zero is not None else jnp.int8
     if qweight.dtype != want_dt:
         raise ValueError(f"quant_matmul: bits={bits} {'asymmetric' if zero is not None else 'symmetric'} codes "
-                         f"must be {jnp.dtype(want_dt).name}, got {qweight.dtype}")
+                         f"must be {jnp.dtype(want_dt).name}, got {qweight.dtype}"
+                         + (" (uint8 bytes [K/2, N]: convert with int4_words)" if bits == 4 else ""))
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"quant_matmul: x dtype {x.dtype} is not floating")
 
 
-def _unsupported(m: int, x_dtype, group_size: int) -> dict[str, str | None]:
+def _unsupported(m: int, x_dtype, group_size: int, bits: int = 8, blocks: Optional["QuantBlocks"] = None
+                 ) -> dict[str, str | None]:
     triton = None
+    b4 = (blocks or QuantBlocks()).int4
     if jnp.dtype(x_dtype) not in _FLOATS:
         triton = f"x dtype {jnp.dtype(x_dtype)} not in bf16/f16/f32"
+    elif bits == 4 and jnp.dtype(x_dtype) == _F32 and m > b4.gemv_rows and not b4.dot_tiles:
+        triton = f"int4 with f32 activations above {b4.gemv_rows} rows (the tensor-core path takes bf16/f16)"
     elif m > _MAX_KERNEL_ROWS:
         triton = f"{m} rows > {_MAX_KERNEL_ROWS} (not a decode shape: XLA dequant + GEMM is faster)"
     elif group_size < 32 or group_size & (group_size - 1):
         triton = f"group_size {group_size} is not a power of 2 >= 32"
-    elif not _GPU_VALIDATED and not dispatch.allow_unvalidated() and dispatch.device_info().platform == "cuda":
+    elif (not (_W4_GPU_VALIDATED if bits == 4 else _GPU_VALIDATED) and not dispatch.allow_unvalidated()
+          and dispatch.device_info().platform == "cuda"):
         triton = "quant matmul kernel not yet validated on a GPU (experiments/bench_inference.py --check)"
     return {"triton": triton, "mosaic": "no Mosaic quant-matmul kernel (Triton is the Pallas path)"}
 
 
-def choose_impl(impl: str, m: int, x_dtype: Any, group_size: int, *, interpret: bool = False) -> str:
-    """The implementation `impl` resolves to for these rows / dtype / group size ("xla" or "triton")."""
+def choose_impl(impl: str, m: int, x_dtype: Any, group_size: int, *, bits: int = 8,
+                blocks: Optional["QuantBlocks"] = None, interpret: bool = False) -> str:
+    """The implementation `impl` resolves to for these rows / dtype / group size / bits ("xla" or "triton")."""
     return dispatch.select_impl("quant_matmul", impl, interpret=interpret,
-                                unsupported=_unsupported(m, x_dtype, group_size), preference=("triton",))
+                                unsupported=_unsupported(m, x_dtype, group_size, bits, blocks), preference=("triton",))
 
 
 def explain_auto() -> dict[str, tuple[str, str]]:
     """What `impl="auto"` picks here for a bf16 decode row, group 128, and why."""
-    return {"bf16 M=1 g128": dispatch.explain("quant_matmul", unsupported=_unsupported(1, jnp.bfloat16, 128),
-                                              preference=("triton",))}
+    return {"bf16 M=1 g128 int4": dispatch.explain("quant_matmul", unsupported=_unsupported(1, jnp.bfloat16, 128, 4),
+                                                   preference=("triton",))}
 
 
 # ----------------------------------------------------------------------------- Triton kernel
@@ -222,19 +287,13 @@ def _exact_f32(c, offset: float):
     return lax.bitcast_convert_type(c | _MAGIC, _F32) - (_MAGIC_F + offset)
 
 
-def _decode_tiles(w_ref, gi, cols, cmask, *, g, bits, sym):
-    """The codes of group `gi`, columns `cols`, as exact f32 tiles: int4 -> (first half-group rows,
-    second half-group rows), each [g/2, bn]; int8 -> ([g, bn],)."""
-    rows = g // 2 if bits == 4 else g
-    rr = gi * rows + jnp.arange(rows)
+def _decode_tiles(w_ref, gi, cols, cmask, *, g, sym):
+    """int8 codes of group `gi`, columns `cols`, as an exact f32 tile [g, bn]."""
+    rr = gi * g + jnp.arange(g)
     raw = _load(w_ref.at[rr[:, None], cols[None, :]], cmask, 0)
-    if bits == 4:
-        p = raw.astype(jnp.int32)  # zero extension of the packed byte
-        off = 8.0 if sym else 0.0
-        return _exact_f32(p & 15, off), _exact_f32(p >> 4, off)
     if sym:  # int8 in [-128, 127]: shift to [0, 255] inside the integer add
-        return (lax.bitcast_convert_type(raw.astype(jnp.int32) + (_MAGIC + 128), _F32) - (_MAGIC_F + 128.0),)
-    return (_exact_f32(raw.astype(jnp.int32), 0.0),)
+        return lax.bitcast_convert_type(raw.astype(jnp.int32) + (_MAGIC + 128), _F32) - (_MAGIC_F + 128.0)
+    return _exact_f32(raw.astype(jnp.int32), 0.0)
 
 
 def _group_scales(s_ref, z_ref, gi, cols, c_ok, ok):
@@ -245,8 +304,8 @@ def _group_scales(s_ref, z_ref, gi, cols, c_ok, ok):
     return one(s_ref), None if z_ref is None else one(z_ref)
 
 
-def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, per, ngroups, splits):
-    """rows <= dot_rows: acc[r] += scale * sum_k x[r, k] * code[k, :] (+ zero * sum_k x[r, k]) per group."""
+def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, gps, per, ngroups, splits):
+    """int8, rows <= dot_rows: acc[r] += scale * sum_k x[r, k] * code[k, :] (+ zero * sum_k x[r, k]) per group."""
     j = pl.program_id(0)
     sp = pl.program_id(1)
     cols = j * bn + jnp.arange(bn)
@@ -255,8 +314,6 @@ def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, p
     cmask = None if full else c_ok[None, :]
     g0 = sp * per
     g1 = jnp.minimum(g0 + per, ngroups)
-    nparts = 2 if bits == 4 else 1
-    plen = g // nparts
     sym = z_ref is None
 
     def step(t, accs):
@@ -266,16 +323,14 @@ def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, p
             ok = gi < g1  # past this split's last group: reload that group (cached), zero its scale
             gi = jnp.minimum(gi, g1 - 1)
             sc, zr = _group_scales(s_ref, z_ref, gi, cols, None if full else c_ok, ok)
-            xs = [[plt.load(x_ref.at[r, gi * g + p * plen + jnp.arange(plen)]).astype(_F32) for p in range(nparts)]
-                  for r in range(m)]
-            loads.append((_decode_tiles(w_ref, gi, cols, cmask, g=g, bits=bits, sym=sym), sc, zr, xs))
+            xs = [plt.load(x_ref.at[r, gi * g + jnp.arange(g)]).astype(_F32) for r in range(m)]
+            loads.append((_decode_tiles(w_ref, gi, cols, cmask, g=g, sym=sym), sc, zr, xs))
         accs = list(accs)
-        for tiles, sc, zr, xs in loads:
+        for tile, sc, zr, xs in loads:
             for r in range(m):
-                prod = sum(xs[r][p][:, None] * tiles[p] for p in range(nparts))
-                accs[r] = accs[r] + jnp.sum(prod, axis=0) * sc
+                accs[r] = accs[r] + jnp.sum(xs[r][:, None] * tile, axis=0) * sc
                 if zr is not None:
-                    accs[r] = accs[r] + sum(jnp.sum(xp) for xp in xs[r]) * zr
+                    accs[r] = accs[r] + jnp.sum(xs[r]) * zr
         return tuple(accs)
 
     nsteps = pl.cdiv(jnp.maximum(g1 - g0, 0), gps)
@@ -288,8 +343,8 @@ def _gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bn, g, bits, gps, p
             plt.store(o_ref.at[sp, r, cols], accs[r], mask=omask)
 
 
-def _dot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bm, bn, g, bits, gps, per, ngroups, splits):
-    """rows > dot_rows: per group one [bm, g] x [g, bn] tl.dot on the exact codes, scale on the f32 partial."""
+def _dot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bm, bn, g, gps, per, ngroups, splits):
+    """int8, rows > dot_rows: per group one [bm, g] x [g, bn] tl.dot on the exact codes, scale on the f32 partial."""
     j = pl.program_id(0)
     i = pl.program_id(1)
     sp = pl.program_id(2)
@@ -301,8 +356,6 @@ def _dot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bm, bn, g, bits, gps
     cmask = None if full else c_ok[None, :]
     g0 = sp * per
     g1 = jnp.minimum(g0 + per, ngroups)
-    nparts = 2 if bits == 4 else 1
-    plen = g // nparts
     cdt = x_ref.dtype
     sym = z_ref is None
 
@@ -313,15 +366,12 @@ def _dot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bm, bn, g, bits, gps
             ok = gi < g1
             gi = jnp.minimum(gi, g1 - 1)
             sc, zr = _group_scales(s_ref, z_ref, gi, cols, None if full else c_ok, ok)
-            xs = [plt.load(x_ref.at[rows[:, None], (gi * g + p * plen + jnp.arange(plen))[None, :]],
-                           mask=r_ok[:, None], other=0.0) for p in range(nparts)]
-            loads.append((_decode_tiles(w_ref, gi, cols, cmask, g=g, bits=bits, sym=sym), sc, zr, xs))
-        for tiles, sc, zr, xs in loads:
-            part = sum(_dot(xs[p], tiles[p].astype(cdt)) for p in range(nparts))
-            acc = acc + part * sc[None, :]
+            xs = plt.load(x_ref.at[rows[:, None], (gi * g + jnp.arange(g))[None, :]], mask=r_ok[:, None], other=0.0)
+            loads.append((_decode_tiles(w_ref, gi, cols, cmask, g=g, sym=sym), sc, zr, xs))
+        for tile, sc, zr, xs in loads:
+            acc = acc + _dot(xs, tile.astype(cdt)) * sc[None, :]
             if zr is not None:
-                xsum = sum(jnp.sum(xp.astype(_F32), axis=1) for xp in xs)
-                acc = acc + xsum[:, None] * zr[None, :]
+                acc = acc + jnp.sum(xs.astype(_F32), axis=1)[:, None] * zr[None, :]
         return acc
 
     nsteps = pl.cdiv(jnp.maximum(g1 - g0, 0), gps)
@@ -331,6 +381,206 @@ def _dot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bm, bn, g, bits, gps
         plt.store(o_ref.at[rows[:, None], cols[None, :]], acc.astype(o_ref.dtype), mask=omask)
     else:
         plt.store(o_ref.at[sp, rows[:, None], cols[None, :]], acc, mask=omask)
+
+
+# --- int4 on 32-bit words
+
+def _nibble_pos(i: int) -> int:
+    """Bit position at which the GEMV decodes nibble i of a word: 4i for i < 5, else 4i - 12 (of w >> 12)."""
+    return 4 * i if i < 5 else 4 * i - 12
+
+
+def _w4_nibbles_f32(w, interpret: bool):
+    """The 8 nibbles of each int32 word as exact f32 values c * 2^_nibble_pos(i) (one lop3 + one subtract
+    each on the GPU; bit ops in interpret mode)."""
+    wh = lax.shift_right_logical(w, 12)
+    out = []
+    for i in range(8):
+        src, pos = (w, 4 * i) if i < 5 else (wh, 4 * i - 12)
+        if interpret:
+            out.append(lax.bitcast_convert_type((src & (15 << pos)) | _MAGIC, _F32) - _MAGIC_F)
+            continue
+        asm = (f"lop3.b32 $0, $1, 0x{15 << pos:08X}, 0x{_MAGIC:08X}, 0xEA;\n"  # (src & mask) | 2^23
+               f"sub.f32 $0, $0, 0f{_MAGIC:08X};")
+        [v] = plt.elementwise_inline_asm(asm, args=[src], constraints="=r,r", pack=1,
+                                         result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, _F32)])
+        out.append(v)
+    return out
+
+
+def _w4_gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, unroll, parts, prefetch, interpret):
+    """int4 GEMV: program (j, sp) takes words [j*bw, (j+1)*bw) of part sp % parts of group sp // parts;
+    per step `unroll` packed rows, accumulators per (activation row, nibble) in f32."""
+    j = pl.program_id(0)
+    sp = pl.program_id(1)
+    wc = j * bw + jnp.arange(bw)
+    nw = w_ref.shape[1]
+    wmask = None if nw % bw == 0 else (wc < nw)[None, :]
+    half = g // 2
+    plen = half // parts
+    gi = sp // parts
+    row0 = gi * half + (sp % parts) * plen  # first packed row; its activation columns: gi*g + (row0 - gi*half)
+    kx = gi * g + (sp % parts) * plen
+    row_end = row0 + plen
+    sym = z_ref is None
+
+    def load_w(r0):
+        rows = jnp.minimum(r0 + jnp.arange(unroll), row_end - 1)[:, None]
+        return _load(w_ref.at[rows, wc[None, :]], wmask, 0)
+
+    def step(t, carry):
+        accs, xsum, wnext = carry
+        if prefetch:
+            w, wnext = wnext, load_w(row0 + (t + 1) * unroll)
+        else:
+            w = load_w(row0 + t * unroll)
+        vs = _w4_nibbles_f32(w, interpret)
+        accs, xsum = list(accs), list(xsum)
+        for r in range(m):
+            xlo = plt.load(x_ref.at[r, kx + t * unroll + jnp.arange(unroll)]).astype(_F32)
+            xhi = plt.load(x_ref.at[r, kx + half + t * unroll + jnp.arange(unroll)]).astype(_F32)
+            xsum[r] = xsum[r] + jnp.sum(xlo) + jnp.sum(xhi)
+            for i in range(8):  # nibble 2b: column 4c + b, first half-group row; 2b + 1: second half
+                accs[8 * r + i] = accs[8 * r + i] + jnp.sum((xlo if i % 2 == 0 else xhi)[:, None] * vs[i], axis=0)
+        return tuple(accs), tuple(xsum), wnext
+
+    zeros = jnp.zeros((bw,), _F32)
+    w0 = load_w(row0) if prefetch else jnp.zeros((unroll, bw), jnp.int32)
+    accs, xsum, _ = lax.fori_loop(0, plen // unroll, step, (tuple(zeros for _ in range(8 * m)),
+                                                            tuple(jnp.zeros((), _F32) for _ in range(m)), w0))
+    for b in range(4):
+        cols = 4 * wc + b
+        cm = None if wmask is None and n % 4 == 0 else cols < n
+        sc = _load(s_ref.at[gi, cols], cm, 0.0).astype(_F32)
+        zr = None if sym else _load(z_ref.at[gi, cols], cm, 0.0).astype(_F32)
+        for r in range(m):
+            d = (accs[8 * r + 2 * b] * 2.0 ** -_nibble_pos(2 * b)
+                 + accs[8 * r + 2 * b + 1] * 2.0 ** -_nibble_pos(2 * b + 1))
+            y = (d - 8.0 * xsum[r]) * sc if sym else d * sc + xsum[r] * zr
+            plt.store(o_ref.at[sp, r, b, wc], y, mask=None if wmask is None else wmask[0])
+
+
+def _w4_dot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, bm, bw, g, gps, per, ngroups, interpret):
+    """int4, more rows (up to 16): per group the words tile [g/2, bw] becomes 8 exact code tiles in x's dtype
+    (nibble 2b: column 4c + b, first half-group rows; 2b + 1: second half) and 8 tl.dot of [bm, g/2] x
+    [g/2, bw] accumulate acc_b [bm, bw] in f32, scaled once per group."""
+    j = pl.program_id(0)
+    i = pl.program_id(1)
+    sp = pl.program_id(2)
+    rows = i * bm + jnp.arange(bm)
+    r_ok = rows < m
+    wc = j * bw + jnp.arange(bw)
+    nw = w_ref.shape[1]
+    wmask = None if nw % bw == 0 else (wc < nw)[None, :]
+    half = g // 2
+    g0 = sp * per
+    g1 = jnp.minimum(g0 + per, ngroups)
+    cdt = x_ref.dtype
+    sym = z_ref is None
+    n = s_ref.shape[1]
+
+    def one_group(gi, ok, accs):
+        rr = gi * half + jnp.arange(half)
+        w = _load(w_ref.at[rr[:, None], wc[None, :]], wmask, 0)
+        xs = [plt.load(x_ref.at[rows[:, None], (gi * g + h * half + jnp.arange(half))[None, :]], mask=r_ok[:, None],
+                       other=0.0) for h in range(2)]
+        vs = _w4_nibbles_f32(w, interpret)
+        xsum = jnp.sum(xs[0].astype(_F32), axis=1) + jnp.sum(xs[1].astype(_F32), axis=1)
+        accs = list(accs)
+        for b in range(4):
+            part = sum(_dot(xs[h], (vs[2 * b + h] * 2.0 ** -_nibble_pos(2 * b + h)).astype(cdt)) for h in range(2))
+            cols = 4 * wc + b
+            cm = None if wmask is None and n % 4 == 0 else cols < n
+            sc = jnp.where(ok, _load(s_ref.at[gi, cols], cm, 0.0).astype(_F32), 0.0)[None, :]
+            if sym:
+                accs[b] = accs[b] + (part - 8.0 * xsum[:, None]) * sc
+            else:
+                zr = jnp.where(ok, _load(z_ref.at[gi, cols], cm, 0.0).astype(_F32), 0.0)[None, :]
+                accs[b] = accs[b] + part * sc + xsum[:, None] * zr
+        return tuple(accs)
+
+    def step(t, accs):
+        for u in range(gps):
+            gi = g0 + t * gps + u
+            accs = one_group(jnp.minimum(gi, g1 - 1), gi < g1, accs)
+        return accs
+
+    nsteps = pl.cdiv(jnp.maximum(g1 - g0, 0), gps)
+    accs = lax.fori_loop(0, nsteps, step, tuple(jnp.zeros((bm, bw), _F32) for _ in range(4)))
+    omask = r_ok[:, None] if wmask is None else r_ok[:, None] & wmask
+    for b in range(4):
+        plt.store(o_ref.at[sp, rows[:, None], b, wc[None, :]], accs[b], mask=omask)
+
+
+def _w4_pair_asm(w, i: int, dtype):
+    """Nibble i of each int32 word -> (offset + code) in bf16 (offset 128) / f16 (1024): a prmt brings byte
+    i // 2 of two words into the low bytes of the two halves, a lop3 masks the nibble and ors the exponent."""
+    b, hi = divmod(i, 2)
+    sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
+    magic = "0x43004300" if dtype == jnp.bfloat16 else "0x64006400"
+    asm = ("{\n.reg .b32 t;\n"
+           f"prmt.b32 t, $1, $2, 0x{sel:04X};\n"
+           + ("shr.u32 t, t, 4;\n" if hi else "")
+           + f"lop3.b32 $0, t, 0x000F000F, {magic}, 0xEA;\n}}")
+    [v] = plt.elementwise_inline_asm(asm, args=[w], constraints="=r,r,r", pack=2,
+                                     result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, dtype)])
+    return v
+
+
+def _w4_mma_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, rows, per, ngroups, interpret):
+    """int4, up to 16 activation rows, 16-bit activations: per step of `rows` packed rows and byte b,
+    acc_b [bw, 16] += (off + c_2b)^T [bw, rows] @ X_first_half [rows, 16] + (off + c_2b+1)^T @ X_second."""
+    j = pl.program_id(0)
+    sp = pl.program_id(1)
+    cdt = x_ref.dtype
+    off = 128.0 if cdt == jnp.bfloat16 else 1024.0
+    wc = j * bw + jnp.arange(bw)
+    nw = w_ref.shape[1]
+    wmask = None if nw % bw == 0 else (wc < nw)[None, :]
+    half = g // 2
+    g0 = sp * per
+    g1 = jnp.minimum(g0 + per, ngroups)
+    sym = z_ref is None
+    mr = jnp.arange(16)
+    m_ok = (mr < m)[None, :]
+    dims = (((1,), (0,)), ((), ()))
+
+    def group(gi, tots):
+        def step(t, accs):
+            rr = gi * half + t * rows + jnp.arange(rows)
+            w = _load(w_ref.at[rr[:, None], wc[None, :]], wmask, 0)
+            k0 = gi * g + t * rows
+            xs = [plt.load(x_ref.at[mr[None, :], (k0 + h * half + jnp.arange(rows))[:, None]], mask=m_ok, other=0.0)
+                  for h in range(2)]
+            accs = list(accs)
+            for i in range(8):
+                if interpret:
+                    v = ((lax.shift_right_logical(w, 4 * i) & 15).astype(_F32) + off).astype(cdt)
+                else:
+                    v = _w4_pair_asm(w, i, cdt)
+                accs[i // 2] = accs[i // 2] + lax.dot_general(v.T, xs[i % 2], dims, preferred_element_type=_F32)
+            return tuple(accs)
+
+        accs = lax.fori_loop(0, half // rows, step, tuple(jnp.zeros((bw, 16), _F32) for _ in range(4)))
+        kk = gi * g + jnp.arange(g)
+        xsum = jnp.sum(plt.load(x_ref.at[mr[None, :], kk[:, None]], mask=m_ok, other=0.0).astype(_F32), axis=0)
+        tots = list(tots)
+        for b in range(4):
+            cols = 4 * wc + b
+            cm = None if wmask is None and n % 4 == 0 else cols < n
+            sc = _load(s_ref.at[gi, cols], cm, 0.0).astype(_F32)[:, None]
+            if sym:
+                tots[b] = tots[b] + (accs[b] - (off + 8.0) * xsum[None, :]) * sc
+            else:
+                zr = _load(z_ref.at[gi, cols], cm, 0.0).astype(_F32)[:, None]
+                tots[b] = tots[b] + (accs[b] - off * xsum[None, :]) * sc + xsum[None, :] * zr
+        return tuple(tots)
+
+    tots = lax.fori_loop(g0, g1, group, tuple(jnp.zeros((bw, 16), _F32) for _ in range(4)))
+    for b in range(4):
+        for r in range(m):
+            y = jnp.sum(jnp.where(mr[None, :] == r, tots[b], 0.0), axis=1)
+            plt.store(o_ref.at[sp, r, b, wc], y, mask=None if wmask is None else wmask[0])
 
 
 def _dot(a, b):
@@ -354,13 +604,37 @@ def _heuristic_splits(programs: int, ngroups: int) -> int:
     return int(max(1, 1 << (int(want).bit_length() - 1)))
 
 
-def plan(m: int, k: int, n: int, group_size: int, blocks: "QuantBlocks" = None, *, interpret: bool = False) -> dict:
-    """The kernel's static launch plan for x [m, k] @ W [k, n]: path, tiles, groups per step, k-splits."""
+def plan(m: int, k: int, n: int, group_size: int, blocks: "QuantBlocks" = None, *, bits: int = 8,
+         interpret: bool = False) -> dict:
+    """The kernel's static launch plan for x [m, k] @ W [k, n] (`bits` 4 or 8): path, tiles, k-splits, grid."""
     blocks = blocks or QuantBlocks()
+    ngroups = k // group_size
+    if bits == 4:
+        b4, nw, half = blocks.int4, -(-n // 4), group_size // 2
+        if m <= b4.gemv_rows:
+            unroll = min(b4.unroll, half)
+            parts = max(1, min(b4.parts, half // unroll))
+            bw = b4.words if not interpret else min(b4.words, 32)
+            return dict(path="w4_gemv", bw=bw, unroll=unroll, parts=parts, splits=ngroups * parts,
+                        warps=b4.warps, grid=(pl.cdiv(nw, bw), ngroups * parts))
+        if b4.dot_tiles:  # tl.dot on exact code tiles (the int8 kernel's scheme, on words)
+            bw = b4.dot_words if not interpret else min(b4.dot_words, 16)
+            gps = max(1, min(blocks.block_k // group_size, ngroups))
+            programs = pl.cdiv(nw, bw) * pl.cdiv(m, 16)
+            splits = min(blocks.num_splits or _heuristic_splits(programs, ngroups), ngroups)
+            per = pl.cdiv(pl.cdiv(ngroups, splits), gps) * gps
+            splits = pl.cdiv(ngroups, per)
+            return dict(path="w4_dot", bm=16, bw=bw, gps=gps, per=per, splits=splits, warps=blocks.num_warps,
+                        grid=(pl.cdiv(nw, bw), pl.cdiv(m, 16), splits))
+        bw = b4.mma_words if not interpret else min(b4.mma_words, 32)
+        # the f32 partials (splits * m * n * 4 bytes) stay <= 1/4 of the weights' (k * n / 2)
+        per = min(max(b4.mma_groups, -(-32 * m // group_size)), ngroups)
+        splits = pl.cdiv(ngroups, per)
+        return dict(path="w4_mma", bw=bw, rows=min(b4.mma_rows, half), per=per, splits=splits, warps=b4.mma_warps,
+                    grid=(pl.cdiv(nw, bw), splits))
     gemv = m <= blocks.dot_rows
     bn = blocks.block_n if not interpret else min(blocks.block_n, 32)
     bm = 16
-    ngroups = k // group_size
     gps = max(1, min(blocks.block_k // group_size, ngroups))
     programs = pl.cdiv(n, bn) * (1 if gemv else pl.cdiv(m, bm))
     splits = min(blocks.num_splits or _heuristic_splits(programs, ngroups), ngroups)
@@ -377,12 +651,28 @@ def plan(m: int, k: int, n: int, group_size: int, blocks: "QuantBlocks" = None, 
 def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interpret):
     m, k = x.shape
     n = scale.shape[1]
-    p = plan(m, k, n, group_size, blocks, interpret=interpret)
-    splits = p["splits"]
-    common = dict(m=m, n=n, bn=p["bn"], g=group_size, bits=bits, gps=p["gps"], per=p["per"], ngroups=k // group_size,
-                  splits=splits)
-    kern = (functools.partial(_gemv_kernel, **common) if p["path"] == "gemv"
-            else functools.partial(_dot_kernel, bm=p["bm"], **common))
+    p = plan(m, k, n, group_size, blocks, bits=bits, interpret=interpret)
+    splits, g = p["splits"], group_size
+    if p["path"] == "w4_gemv":
+        kern = functools.partial(_w4_gemv_kernel, m=m, n=n, bw=p["bw"], g=g, unroll=p["unroll"], parts=p["parts"],
+                                 prefetch=blocks.int4.prefetch, interpret=interpret)
+        warps, stages = p["warps"], 1
+    elif p["path"] == "w4_dot":
+        kern = functools.partial(_w4_dot_kernel, m=m, bm=p["bm"], bw=p["bw"], g=g, gps=p["gps"], per=p["per"],
+                                 ngroups=k // g, interpret=interpret)
+        warps, stages = p["warps"], blocks.num_stages
+    elif p["path"] == "w4_mma":
+        kern = functools.partial(_w4_mma_kernel, m=m, n=n, bw=p["bw"], g=g, rows=p["rows"], per=p["per"],
+                                 ngroups=k // g, interpret=interpret)
+        warps, stages = p["warps"], blocks.int4.mma_stages
+    else:
+        common = dict(m=m, n=n, bn=p["bn"], g=g, gps=p["gps"], per=p["per"], ngroups=k // g, splits=splits)
+        kern = (functools.partial(_gemv_kernel, **common) if p["path"] == "gemv"
+                else functools.partial(_dot_kernel, bm=p["bm"], **common))
+        warps, stages = blocks.num_warps, blocks.num_stages
+    partials = bits == 4 or splits > 1  # the int4 kernels always write f32 partials
+    # int4: partials [splits, m, byte b, word c] (column 4c + b): each store is contiguous along the words
+    shape = (splits, m, 4, qweight.shape[1]) if bits == 4 else (splits, m, n) if partials else (m, n)
     args = [x, qweight, scale] + ([zero] if zero is not None else [])
     if zero is None:
         def kernel(x_ref, w_ref, s_ref, o_ref):
@@ -390,14 +680,15 @@ def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interp
     else:
         kernel = kern
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
-    shape = (m, n) if splits == 1 else (splits, m, n)
     out = pl.pallas_call(
         kernel, grid=p["grid"], in_specs=[anyspec] * len(args), out_specs=anyspec,
-        out_shape=jax.ShapeDtypeStruct(shape, out_dtype if splits == 1 else _F32),
-        compiler_params=_compiler_params(blocks.num_warps, blocks.num_stages), interpret=interpret,
+        out_shape=jax.ShapeDtypeStruct(shape, _F32 if partials else out_dtype),
+        compiler_params=_compiler_params(warps, stages), interpret=interpret,
         name=f"quant_matmul_int{bits}_{p['path']}",
     )(*args)
-    return out if splits == 1 else jnp.sum(out, axis=0).astype(out_dtype)
+    if bits == 4:  # one XLA fusion: the split sum, the (b, c) -> 4c + b interleave and the cast
+        return jnp.sum(out, axis=0).transpose(0, 2, 1).reshape(m, -1)[:, :n].astype(out_dtype)
+    return jnp.sum(out, axis=0).astype(out_dtype) if partials else out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -430,7 +721,7 @@ def quant_matmul(x: jax.Array, qweight: jax.Array, scale: jax.Array, zero: Optio
     """x [M, K] @ dequant(qweight, scale, zero) -> [M, N] (f32 accumulation; see module docstring)."""
     _check(x, qweight, scale, zero, bits, group_size)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    chosen = choose_impl(impl, x.shape[0], x.dtype, group_size, interpret=interpret)
+    chosen = choose_impl(impl, x.shape[0], x.dtype, group_size, bits=bits, blocks=blocks, interpret=interpret)
     if chosen == "xla":
         return _xla(x, qweight, scale, zero, bits, group_size, out_dtype)
     return _kernel_call(x, qweight, scale, zero, (bits, group_size, out_dtype, blocks, bool(interpret)))

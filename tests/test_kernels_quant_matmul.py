@@ -1,9 +1,11 @@
 """Weight-only quantized matmul: Pallas kernel (interpret mode) and XLA vs a float64 numpy dequant-matmul.
 
 int8 / int4, symmetric / asymmetric, 3 rows, K = 192 (three groups of 64), N = 72 (not a multiple of
-the column block), split-K 1 and 3; both kernel paths (multiply-reduce GEMV and 16-row tl.dot) at
-M = 1, 3, 16, groups 32 / 64 / 128, odd N, partial loop steps; bf16 activations; the VJP w.r.t. x;
-CUDA lowering of both paths; bad input.
+the column block), split-K 1 and 3; every kernel path (int8 multiply-reduce GEMV and 16-row tl.dot, int4
+word GEMV and tensor-core path) at M = 1, 2, 3, 16, groups 32 / 64 / 128, odd N (a partial last word),
+partial loop steps; bf16 / f16 activations; the VJP w.r.t. x; CUDA lowering of every path; bad input.
+The int4 words are built here with numpy's little-endian int32 view of the byte layout (independent of
+the library's packing).
 """
 
 import importlib
@@ -18,11 +20,20 @@ qm = importlib.import_module("kernels.quant_matmul")
 M, K, N, G = 3, 192, 72, 64
 
 
+def np_words(packed_bytes):
+    """uint8 [K/2, N] -> int32 words [K/2, ceil(N/4)]: byte j of word c is column 4c + j (little-endian)."""
+    b = np.asarray(packed_bytes, np.uint8)
+    b = np.pad(b, [(0, 0), (0, -b.shape[1] % 4)])
+    return np.ascontiguousarray(b).view("<i4")
+
+
 def numpy_dequant(codes, scale, zero, bits, g):
-    """Independent float64 decode of the documented format (int4 unpacked nibble by nibble)."""
+    """Independent float64 decode of the documented format (int4 words -> bytes -> nibble by nibble)."""
     codes = np.asarray(codes)
     if bits == 4:
-        k2, n = codes.shape
+        n = np.asarray(scale).shape[1]
+        codes = np.ascontiguousarray(codes.astype("<i4")).view(np.uint8).reshape(codes.shape[0], -1)[:, :n]
+        k2 = codes.shape[0]
         u = np.zeros((2 * k2, n), np.int64)
         for grp in range(2 * k2 // g):
             for r in range(g // 2):
@@ -44,7 +55,7 @@ def weights(seed, bits, sym, k=K, n=N, g=G):
     if bits == 8:  # the full code range, -128 included (the kernel's integer decode must get it right)
         q = rng.integers(-128, 128, (k, n)).astype(np.int8) if sym else rng.integers(0, 256, (k, n)).astype(np.uint8)
     else:
-        q = rng.integers(0, 256, (k // 2, n)).astype(np.uint8)
+        q = np_words(rng.integers(0, 256, (k // 2, n)))
     s = (rng.random((k // g, n)) * 0.05 + 0.01).astype(np.float16)
     z = None if sym else (rng.standard_normal((k // g, n)) * 0.1).astype(np.float16)
     return q, s, z
@@ -57,35 +68,41 @@ def test_kernel_matches_float64(bits, sym, splits):
     exp = x @ numpy_dequant(q, s, z, bits, G)
     args = (jnp.asarray(x, jnp.float32), jnp.asarray(q), jnp.asarray(s), None if z is None else jnp.asarray(z))
     kw = dict(bits=bits, group_size=G)
-    out = qm.quant_matmul(*args, impl="triton", interpret=True, blocks=qm.QuantBlocks(num_splits=splits), **kw)
+    blocks = qm.QuantBlocks(num_splits=splits, int4=qm.Int4Blocks(gemv_rows=M))  # f32 x: the int4 GEMV
+    out = qm.quant_matmul(*args, impl="triton", interpret=True, blocks=blocks, **kw)
     assert out.shape == (M, N) and out.dtype == jnp.float32
     for got in (out, qm.quant_matmul(*args, impl="xla", **kw), qm.reference(*args, **kw)):
         np.testing.assert_allclose(np.asarray(got), exp, rtol=2e-6, atol=2e-6 * np.abs(exp).max())
 
 
-# (bits, sym, group, M, K, N, blocks): GEMV path at M = 1 / 3, tl.dot path at M = 16 (and forced at M = 3);
-# odd N; k-splits with a partial last step (5 groups, 2 per step); groups 32 / 64 / 128
+I4 = qm.Int4Blocks
+# (bits, sym, group, M, K, N, x dtype, blocks, path): int8 GEMV at M = 1, tl.dot at M = 16 (k-splits with a
+# partial last step); int4 word GEMV at M = 1 / 2 (one and two programs per group, with and without the
+# prefetch, 3 rows per program by gemv_rows) and the tensor-core path at M = 3 / 16 (bf16 / f16, steps of
+# 16 rows, two groups per program with a partial last split); odd N; groups 32 / 64 / 128
 PATH_CASES = [
-    (4, True, 128, 1, 384, 45, qm.QuantBlocks()),
-    (4, False, 32, 3, 160, 72, qm.QuantBlocks(block_k=64)),
-    (8, True, 64, 1, 192, 33, qm.QuantBlocks(num_splits=2)),
-    (8, False, 32, 16, 160, 40, qm.QuantBlocks(block_k=64, num_splits=3)),
-    (4, True, 32, 16, 96, 72, qm.QuantBlocks(num_splits=2)),
-    (4, False, 64, 3, 256, 20, qm.QuantBlocks(dot_rows=0)),
+    (4, True, 128, 1, 384, 45, "float32", qm.QuantBlocks(), "w4_gemv"),
+    (4, False, 32, 2, 160, 72, "float32", qm.QuantBlocks(int4=I4(parts=1, prefetch=False, unroll=2)), "w4_gemv"),
+    (4, False, 64, 3, 256, 20, "float32", qm.QuantBlocks(int4=I4(gemv_rows=4, parts=4, unroll=8)), "w4_gemv"),
+    (8, True, 64, 1, 192, 33, "float32", qm.QuantBlocks(num_splits=2), "gemv"),
+    (8, False, 32, 16, 160, 40, "float32", qm.QuantBlocks(block_k=64, num_splits=3), "dot"),
+    (4, True, 32, 16, 96, 72, "bfloat16", qm.QuantBlocks(), "w4_mma"),
+    (4, False, 64, 3, 320, 20, "float16", qm.QuantBlocks(int4=I4(mma_rows=16, mma_groups=2)), "w4_mma"),
 ]
 
 
 @pytest.mark.parametrize("case", range(len(PATH_CASES)))
 def test_kernel_paths_match_float64(case):
-    bits, sym, g, m, k, n, blocks = PATH_CASES[case]
+    bits, sym, g, m, k, n, dt, blocks, path = PATH_CASES[case]
     q, s, z = weights(100 + case, bits, sym, k, n, g)
-    x = np.random.default_rng(case).standard_normal((m, k))
-    exp = x @ numpy_dequant(q, s, z, bits, g)
-    out = qm.quant_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(q), jnp.asarray(s),
-                          None if z is None else jnp.asarray(z), bits=bits, group_size=g, impl="triton",
-                          interpret=True, blocks=blocks)
-    assert qm.plan(m, k, n, g, blocks)["path"] == ("gemv" if m <= blocks.dot_rows else "dot")
-    np.testing.assert_allclose(np.asarray(out), exp, rtol=2e-6, atol=2e-6 * np.abs(exp).max())
+    x = jnp.asarray(np.random.default_rng(case).standard_normal((m, k)), dt)
+    exp = np.asarray(x, np.float64) @ numpy_dequant(q, s, z, bits, g)
+    out = qm.quant_matmul(x, jnp.asarray(q), jnp.asarray(s), None if z is None else jnp.asarray(z), bits=bits,
+                          group_size=g, impl="triton", interpret=True, blocks=blocks, out_dtype=jnp.float32)
+    assert qm.plan(m, k, n, g, blocks, bits=bits)["path"] == path
+    # f32 / exact 16-bit products with f32 sums; the tensor-core path carries an offset (2^7 or 2^10) * sum(x)
+    tol = {"float32": 2e-6, "bfloat16": 1e-5, "float16": 4e-5}[dt]
+    np.testing.assert_allclose(np.asarray(out), exp, rtol=tol, atol=tol * np.abs(exp).max())
 
 
 def test_plan_fills_the_gpu_without_partial_steps():
@@ -93,6 +110,9 @@ def test_plan_fills_the_gpu_without_partial_steps():
     assert p["path"] == "gemv" and p["per"] % p["gps"] == 0 and p["splits"] * p["per"] >= 32
     assert p["grid"][0] * p["grid"][1] >= 2 * 132
     assert qm.plan(16, 4096, 14336, 128)["path"] == "dot"
+    p = qm.plan(1, 4096, 14336, 128, bits=4)  # int4: one warp per (512 columns, half a group): 1792 programs
+    assert p["path"] == "w4_gemv" and p["grid"] == (28, 64) and p["splits"] == 64
+    assert qm.plan(16, 4096, 14336, 128, bits=4)["path"] == "w4_mma"
     p = qm.plan(1, 4096, 14336, 128, qm.QuantBlocks(num_splits=5, block_k=256))  # 7 groups per split
     assert p["splits"] == 5 and p["per"] == 7 and p["gps"] == 1
     with pytest.raises(ValueError, match="block_k"):
@@ -118,18 +138,23 @@ def test_bf16_activations_and_vjp():
 
     ct = jnp.asarray(np.random.default_rng(9).standard_normal((M, N)), jnp.float32)
     xf = x.astype(jnp.float32)
+    blk = qm.QuantBlocks(int4=qm.Int4Blocks(gemv_rows=M))  # f32 x: the int4 GEMV
     grads = [jax.jit(jax.grad(lambda x, impl=impl: jnp.sum(qm.quant_matmul(
-        x, *args, bits=4, group_size=G, impl=impl, interpret=True) * ct)))(xf) for impl in ("triton", "xla")]
+        x, *args, bits=4, group_size=G, impl=impl, interpret=True, blocks=blk) * ct)))(xf) for impl in ("triton", "xla")]
     exp_dx = np.asarray(ct, np.float64) @ numpy_dequant(q, s, z, 4, G).T
     for g in grads:
         np.testing.assert_allclose(np.asarray(g), exp_dx, rtol=1e-5, atol=1e-5 * np.abs(exp_dx).max())
 
 
 def test_pack_roundtrip_and_dequantize_matches_numpy():
-    codes = jnp.asarray(np.random.default_rng(1).integers(0, 16, (2, 128, 5)), jnp.uint8)
-    packed = qm.pack_int4(codes, 64)
-    assert packed.shape == (2, 64, 5) and packed.dtype == jnp.uint8
-    np.testing.assert_array_equal(np.asarray(qm.unpack_int4(packed, 64)), np.asarray(codes))
+    codes = np.random.default_rng(1).integers(0, 16, (2, 128, 5)).astype(np.uint8)
+    packed = qm.pack_int4(jnp.asarray(codes), 64)
+    assert packed.shape == (2, 64, 2) and packed.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(qm.unpack_int4(packed, 64, 5)), codes)
+    byte_view = codes[:, :32] | (codes[:, 32:64] << 4)  # first group of each layer: rows r and r + 32
+    np.testing.assert_array_equal(np.asarray(packed[0, :32]), np_words(byte_view[0]))
+    with pytest.raises(ValueError, match="do not hold"):
+        qm.int4_bytes(packed, 9)
     q, s, z = weights(3, 4, False)
     np.testing.assert_allclose(np.asarray(qm.dequantize(jnp.asarray(q), jnp.asarray(s), jnp.asarray(z), bits=4,
                                                         group_size=G)), numpy_dequant(q, s, z, 4, G), rtol=1e-6)
@@ -138,9 +163,10 @@ def test_pack_roundtrip_and_dequantize_matches_numpy():
 def test_triton_lowering_for_cuda():
     sd = jax.ShapeDtypeStruct
     texts = []
-    for bits, zero, splits, m in ((4, True, 1, 1), (4, False, 4, 1), (8, False, 2, 3), (4, True, 2, 16), (8, False, 1, 9)):
+    for bits, zero, splits, m in ((4, True, 1, 1), (4, False, 4, 2), (8, False, 2, 3), (4, True, 2, 16), (8, False, 1, 9),
+                                  (4, False, 1, 5)):
         k, n = 576, 1536
-        wq = sd((k // 2 if bits == 4 else k, n), jnp.uint8 if (bits == 4 or zero) else jnp.int8)
+        wq = sd((k // 2, n // 4), jnp.int32) if bits == 4 else sd((k, n), jnp.uint8 if zero else jnp.int8)
         sc = sd((k // 64, n), jnp.float16)
         z = sc if zero else None
 
@@ -157,8 +183,16 @@ def test_dispatch_and_bad_inputs():
     assert qm.choose_impl("auto", 500, jnp.float32, 64, interpret=True) == "xla"  # not a decode shape
     with pytest.raises(ValueError, match="cannot run"):
         qm.choose_impl("triton", 500, jnp.float32, 64, interpret=True)
+    assert qm.choose_impl("auto", 3, jnp.bfloat16, 64, bits=4, interpret=True) == "triton"
+    with pytest.raises(ValueError, match="f32 activations"):  # the int4 tensor-core path takes 16-bit x
+        qm.choose_impl("triton", 3, jnp.float32, 64, bits=4, interpret=True)
+    with pytest.raises(ValueError, match="power of 2"):
+        qm.Int4Blocks(unroll=3)
     q, s, z = weights(0, 8, True)
     x = jnp.ones((M, K), jnp.float32)
+    q4, s4, _ = weights(1, 4, True)
+    with pytest.raises(ValueError, match="int4_words"):  # codes not in int32 words
+        qm.quant_matmul(x, jnp.asarray(q4).astype(jnp.uint8), jnp.asarray(s4), bits=4, group_size=G)
     with pytest.raises(ValueError, match="bits"):
         qm.quant_matmul(x, jnp.asarray(q), jnp.asarray(s), bits=3, group_size=G)
     with pytest.raises(ValueError, match="even divisor"):

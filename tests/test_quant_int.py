@@ -21,9 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def numpy_codes(qw: QuantizedWeight) -> np.ndarray:
     """Integer codes [..., K, N] decoded in numpy (int4: nibble by nibble, as the format documents)."""
-    c = np.asarray(qw.qweight).astype(np.int64)
+    c = np.asarray(qw.qweight)
     if qw.bits == 8:
-        return c
+        return c.astype(np.int64)
+    n = qw.scale.shape[-1]  # int4: little-endian int32 words of 4 columns' bytes -> bytes [..., K/2, N]
+    c = np.ascontiguousarray(c.astype("<i4")).view(np.uint8).reshape(*c.shape[:-1], -1)[..., :n].astype(np.int64)
     *lead, k2, n = c.shape
     g = qw.group_size
     c = c.reshape(*lead, 2 * k2 // g, g // 2, n)
@@ -108,7 +110,7 @@ def test_checkpoint_roundtrip(tiny, tmp_path):
     m2, qp2 = quant.load_quantized(tmp_path / "q4")
     assert m2.config == model.config
     a, b = qp["layers"]["mlp"]["down_proj"]["kernel"], qp2["layers"]["mlp"]["down_proj"]["kernel"]
-    assert (b.bits, b.group_size) == (4, 32) and b.qweight.dtype == jnp.uint8 and b.zero is not None
+    assert (b.bits, b.group_size) == (4, 32) and b.qweight.dtype == jnp.int32 and b.zero is not None
     np.testing.assert_array_equal(np.asarray(a.qweight), np.asarray(b.qweight))
     np.testing.assert_array_equal(np.asarray(fwd(qp2, ids)), np.asarray(fwd(qp, ids)))
     with pytest.raises(ValueError, match="not a quantized checkpoint"):

@@ -24,6 +24,7 @@ import numpy as np
 from iva_jax.quant.config import DEFAULT_MODULES, GROUP_SIZES, PRECISIONS, QuantConfig  # noqa: F401
 from iva_jax.quant.fp8 import Fp8Weight, check_fp8, fp8_unsupported_reason, fp8_update  # noqa: F401
 from iva_jax.quant.int_quant import QuantizedWeight, is_quantized, quantize_groupwise  # noqa: F401
+from kernels import quant_matmul as qmm
 
 FORMAT = "iva_jax.quant/1"
 _LEAVES = (QuantizedWeight, Fp8Weight)
@@ -189,7 +190,10 @@ def load_quantized(path: str | Path, *, allow_emulation: bool = False):
 
     for key, spec in meta["leaves"].items():
         if spec["type"] == "int":
-            put(key, QuantizedWeight(qweight=arrays.pop(key + ".qweight"), scale=arrays.pop(key + ".scale"),
+            qweight = arrays.pop(key + ".qweight")
+            if spec["bits"] == 4 and qweight.dtype == jnp.uint8:  # written before int4 codes became int32 words
+                qweight = qmm.int4_words(qweight)
+            put(key, QuantizedWeight(qweight=qweight, scale=arrays.pop(key + ".scale"),
                                      zero=arrays.pop(key + ".zero", None), bits=spec["bits"],
                                      group_size=spec["group_size"], impl=spec.get("impl", "auto")))
         else:

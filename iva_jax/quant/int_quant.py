@@ -7,7 +7,8 @@ Scheme (per group of `group_size` consecutive input rows of a kernel [in, out], 
                                     in [0, 2^bits - 1], w ~= u * s + z  (z is a float offset, not an
                                     integer zero point, so the kernel adds z * sum(x) once per group).
 Scales / offsets are stored in float16 (rounded so that |w - w_hat| <= s / 2 still holds for every
-element); int4 codes are packed two per byte within each group (see `kernels.quant_matmul`).
+element); int4 codes are packed two per byte within each group, four bytes (columns) per int32 word
+(see `kernels.quant_matmul`).
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ class QuantizedWeight(BoxedLeaf):
     @property
     def shape(self) -> Tuple[int, ...]:
         """The float kernel's shape [..., in, out]."""
-        *lead, kq, n = self.qweight.shape
-        return (*lead, kq * 2 if self.bits == 4 else kq, n)
+        *lead, kq, _ = self.qweight.shape
+        return (*lead, kq * 2 if self.bits == 4 else kq, self.scale.shape[-1])
 
     @property
     def ndim(self) -> int:

@@ -24,11 +24,14 @@ Implementations (all accumulate in f32; output in x.dtype unless `out_dtype`):
                 into the per-group scale), multiplied by the row's activation with f32 accumulation in
                 the thread (no cross-thread reduction until the program's end); the next step's words
                 are loaded before this step's math.
-              int4, more rows (up to 16, bf16/f16 activations): tensor cores.  Per step of `mma_rows`
+              int4, more rows (up to 16; the default, `Int4Blocks.dot_tiles`): per group the words tile
+                [G/2, words] becomes 8 exact code tiles in x's dtype and 8 tl.dot [16, G/2] x [G/2, words].
+              int4, `dot_tiles=False` (bf16/f16 activations): tensor cores.  Per step of `mma_rows`
                 rows, nibble i of every word becomes (2^7 + c) in bf16 (2^10 + c in f16: one `prmt` +
                 `lop3` per two weights, two words per asm instance) and one tl.dot per nibble,
                 [words, rows] x [rows, 16 activation rows], accumulates in f32; the constant offset
-                times sum(x) is removed once per group (exact: the products are exact in f32).
+                times sum(x) is removed once per group (exact: the products are exact in f32).  GPU-validated,
+                but slower than the tl.dot path at M = 16 on the H100 (88 vs 29 us at 4096 -> 14336), so off.
               int8: rows <= `QuantBlocks.dot_rows`: exact f32 codes by the exponent trick, multiplied and
                 summed over the group's rows (no tl.dot); more rows: one tl.dot per group on
                 [16, group] x [group, block_n] tiles, scale applied to the f32 partial.
@@ -58,7 +61,7 @@ _FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float3
 _MAX_KERNEL_ROWS = 16  # H100, 2026-11-22: faster than XLA at M<=16, slower at M=64
 _GROUPED_ROWS = 16  # XLA path: per-group dots up to this many rows
 _GPU_VALIDATED = True  # int8 kernels, H100, jax 0.11.2, 2026-11-22: bench_inference --only check, PASS (sym/asym, M 1/7/16)
-_W4_GPU_VALIDATED = False  # int4 word kernels (GEMV, tensor-core)
+_W4_GPU_VALIDATED = True  # int4 word kernels, H100, jax 0.11.2, 2026-11-23: bench_inference --only check, 30/30 PASS
 
 
 def _pow2(name: str, v: Any, lo: int) -> None:
@@ -68,10 +71,11 @@ def _pow2(name: str, v: Any, lo: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Int4Blocks:
-    """int4 kernel tiling (H100 sweeps: experiments/results/int4_gemv_*): GEMV up to `gemv_rows` rows:
-    words (4 columns each) per program, warps, rows per step, programs per group (`parts`, more warps
-    for the latency-bound stream), next-step prefetch; tensor-core path above: words per program, rows
-    per step, groups per program, warps, pipeline stages."""
+    """int4 kernel tiling (H100 sweeps: experiments/results/int4_words_*): GEMV up to `gemv_rows` rows:
+    words (4 columns each) per program, warps, rows per step, programs per group (`parts`: more warps
+    for the latency-bound stream), next-step prefetch; more rows: the tl.dot path (`dot_tiles`, words per
+    program; k-splits / steps from QuantBlocks) or the tensor-core path (words per program, rows per
+    step, groups per program, warps, pipeline stages)."""
 
     gemv_rows: int = 2
     words: int = 128

@@ -78,16 +78,19 @@ def test_kernel_matches_float64(bits, sym, splits):
 I4 = qm.Int4Blocks
 # (bits, sym, group, M, K, N, x dtype, blocks, path): int8 GEMV at M = 1, tl.dot at M = 16 (k-splits with a
 # partial last step); int4 word GEMV at M = 1 / 2 (one and two programs per group, with and without the
-# prefetch, 3 rows per program by gemv_rows) and the tensor-core path at M = 3 / 16 (bf16 / f16, steps of
-# 16 rows, two groups per program with a partial last split); odd N; groups 32 / 64 / 128
+# prefetch, 3 rows per program by gemv_rows), the int4 tl.dot path at M = 16 / 3 (bf16 / f32, a partial last
+# step) and the tensor-core path at M = 16 / 3 (bf16 / f16, steps of 16 rows, two groups per program with a
+# partial last split); odd N; groups 32 / 64 / 128
 PATH_CASES = [
     (4, True, 128, 1, 384, 45, "float32", qm.QuantBlocks(), "w4_gemv"),
     (4, False, 32, 2, 160, 72, "float32", qm.QuantBlocks(int4=I4(parts=1, prefetch=False, unroll=2)), "w4_gemv"),
     (4, False, 64, 3, 256, 20, "float32", qm.QuantBlocks(int4=I4(gemv_rows=4, parts=4, unroll=8)), "w4_gemv"),
     (8, True, 64, 1, 192, 33, "float32", qm.QuantBlocks(num_splits=2), "gemv"),
     (8, False, 32, 16, 160, 40, "float32", qm.QuantBlocks(block_k=64, num_splits=3), "dot"),
-    (4, True, 32, 16, 96, 72, "bfloat16", qm.QuantBlocks(), "w4_mma"),
-    (4, False, 64, 3, 320, 20, "float16", qm.QuantBlocks(int4=I4(mma_rows=16, mma_groups=2)), "w4_mma"),
+    (4, True, 32, 16, 96, 72, "bfloat16", qm.QuantBlocks(), "w4_dot"),
+    (4, False, 128, 3, 640, 45, "float32", qm.QuantBlocks(block_k=256, num_splits=2), "w4_dot"),
+    (4, True, 32, 16, 96, 72, "bfloat16", qm.QuantBlocks(int4=I4(dot_tiles=False)), "w4_mma"),
+    (4, False, 64, 3, 320, 20, "float16", qm.QuantBlocks(int4=I4(dot_tiles=False, mma_rows=16, mma_groups=2)), "w4_mma"),
 ]
 
 
@@ -112,7 +115,7 @@ def test_plan_fills_the_gpu_without_partial_steps():
     assert qm.plan(16, 4096, 14336, 128)["path"] == "dot"
     p = qm.plan(1, 4096, 14336, 128, bits=4)  # int4: one warp per (512 columns, half a group): 1792 programs
     assert p["path"] == "w4_gemv" and p["grid"] == (28, 64) and p["splits"] == 64
-    assert qm.plan(16, 4096, 14336, 128, bits=4)["path"] == "w4_mma"
+    assert qm.plan(16, 4096, 14336, 128, bits=4)["path"] == "w4_dot"
     p = qm.plan(1, 4096, 14336, 128, qm.QuantBlocks(num_splits=5, block_k=256))  # 7 groups per split
     assert p["splits"] == 5 and p["per"] == 7 and p["gps"] == 1
     with pytest.raises(ValueError, match="block_k"):
@@ -164,14 +167,15 @@ def test_triton_lowering_for_cuda():
     sd = jax.ShapeDtypeStruct
     texts = []
     for bits, zero, splits, m in ((4, True, 1, 1), (4, False, 4, 2), (8, False, 2, 3), (4, True, 2, 16), (8, False, 1, 9),
-                                  (4, False, 1, 5)):
+                                  (4, False, 1, 5), (4, True, 1, 7)):
         k, n = 576, 1536
         wq = sd((k // 2, n // 4), jnp.int32) if bits == 4 else sd((k, n), jnp.uint8 if zero else jnp.int8)
         sc = sd((k // 64, n), jnp.float16)
         z = sc if zero else None
 
-        def f(x, w, s, zz=None, bits=bits, splits=splits):
-            return qm._triton(x, w, s, zz, bits, 64, jnp.bfloat16, qm.QuantBlocks(num_splits=splits), False)
+        def f(x, w, s, zz=None, bits=bits, splits=splits, m=m):  # M = 7: the int4 tensor-core path
+            blk = qm.QuantBlocks(num_splits=splits, int4=qm.Int4Blocks(dot_tiles=m != 7))
+            return qm._triton(x, w, s, zz, bits, 64, jnp.bfloat16, blk, False)
         args = (sd((m, k), jnp.bfloat16), wq, sc) + ((z,) if zero else ())
         texts.append(jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text())
     assert all(t.count("__gpu$xla.gpu.triton") == 1 for t in texts)
@@ -184,8 +188,10 @@ def test_dispatch_and_bad_inputs():
     with pytest.raises(ValueError, match="cannot run"):
         qm.choose_impl("triton", 500, jnp.float32, 64, interpret=True)
     assert qm.choose_impl("auto", 3, jnp.bfloat16, 64, bits=4, interpret=True) == "triton"
+    assert qm.choose_impl("auto", 3, jnp.float32, 64, bits=4, interpret=True) == "triton"  # int4 tl.dot path
     with pytest.raises(ValueError, match="f32 activations"):  # the int4 tensor-core path takes 16-bit x
-        qm.choose_impl("triton", 3, jnp.float32, 64, bits=4, interpret=True)
+        qm.choose_impl("triton", 3, jnp.float32, 64, bits=4, interpret=True,
+                       blocks=qm.QuantBlocks(int4=qm.Int4Blocks(dot_tiles=False)))
     with pytest.raises(ValueError, match="power of 2"):
         qm.Int4Blocks(unroll=3)
     q, s, z = weights(0, 8, True)

@@ -153,7 +153,7 @@ def check_kernels(tiny: bool) -> None:
         err = guard(name, dense)
         if err is not None:
             row("check", name, rel_err=err, ok="PASS" if err < 2e-2 else "FAIL")
-    # int4: GEMV at M = 1, 2, tensor cores at 7, 16; N = 1000: a partial last block of words
+    # int4: word GEMV at M = 1, 2, tl.dot on words at 7, 16; N = 1000: a partial last block of words
     for (k, n), bits, sym in [((576, 1536) if not tiny else (128, 72), b, s_) for b, s_ in
                               ((4, False), (4, True), (8, True), (8, False))] + ([((576, 1000), 4, False)] if not tiny else []):
         w = jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.float32)

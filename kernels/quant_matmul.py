@@ -102,10 +102,11 @@ class Int4Blocks:
 
 @dataclasses.dataclass(frozen=True)
 class QuantBlocks:
-    """int8 kernel tiling (all swept by experiments/bench_inference.py --sweep): columns per program,
+    """Kernel tiling (swept by experiments/bench_inference.py --sweep): int8 columns per program,
     K rows per loop step (a multiple of the group size; rounded down to one), k-splits (None =
     enough programs for ~4 per SM), warps, pipeline stages, and the row count up to which the
-    multiply-reduce GEMV is used instead of 16-row tl.dot tiles; `int4`: the int4 kernels' tiling."""
+    multiply-reduce GEMV is used instead of 16-row tl.dot tiles (the int4 tl.dot path shares the K step,
+    k-splits, warps and stages); `int4`: the int4 kernels' own tiling."""
 
     block_n: int = 128
     block_k: int = 256
@@ -269,9 +270,9 @@ def choose_impl(impl: str, m: int, x_dtype: Any, group_size: int, *, bits: int =
 
 
 def explain_auto() -> dict[str, tuple[str, str]]:
-    """What `impl="auto"` picks here for a bf16 decode row, group 128, and why."""
-    return {"bf16 M=1 g128 int4": dispatch.explain("quant_matmul", unsupported=_unsupported(1, jnp.bfloat16, 128, 4),
-                                                   preference=("triton",))}
+    """What `impl="auto"` picks here for a bf16 decode row on int4 weights, group 128, and why."""
+    return {"bf16 M=1 g128": dispatch.explain("quant_matmul", unsupported=_unsupported(1, jnp.bfloat16, 128, 4),
+                                              preference=("triton",))}
 
 
 # ----------------------------------------------------------------------------- Triton kernel
@@ -394,6 +395,13 @@ def _nibble_pos(i: int) -> int:
     return 4 * i if i < 5 else 4 * i - 12
 
 
+def _word_block(w_ref, j, bw: int):
+    """Word columns [j*bw, (j+1)*bw) of the int32 weight ref, and their [1, bw] mask (None: a whole block)."""
+    wc = j * bw + jnp.arange(bw)
+    nw = w_ref.shape[1]
+    return wc, None if nw % bw == 0 else (wc < nw)[None, :]
+
+
 def _w4_nibbles_f32(w, interpret: bool):
     """The 8 nibbles of each int32 word as exact f32 values c * 2^_nibble_pos(i) (one lop3 + one subtract
     each on the GPU; bit ops in interpret mode)."""
@@ -417,9 +425,7 @@ def _w4_gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, unroll, p
     per step `unroll` packed rows, accumulators per (activation row, nibble) in f32."""
     j = pl.program_id(0)
     sp = pl.program_id(1)
-    wc = j * bw + jnp.arange(bw)
-    nw = w_ref.shape[1]
-    wmask = None if nw % bw == 0 else (wc < nw)[None, :]
+    wc, wmask = _word_block(w_ref, j, bw)
     half = g // 2
     plen = half // parts
     gi = sp // parts
@@ -473,9 +479,7 @@ def _w4_dot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, bm, bw, g, gps, per,
     sp = pl.program_id(2)
     rows = i * bm + jnp.arange(bm)
     r_ok = rows < m
-    wc = j * bw + jnp.arange(bw)
-    nw = w_ref.shape[1]
-    wmask = None if nw % bw == 0 else (wc < nw)[None, :]
+    wc, wmask = _word_block(w_ref, j, bw)
     half = g // 2
     g0 = sp * per
     g1 = jnp.minimum(g0 + per, ngroups)
@@ -538,9 +542,7 @@ def _w4_mma_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, rows, per,
     sp = pl.program_id(1)
     cdt = x_ref.dtype
     off = 128.0 if cdt == jnp.bfloat16 else 1024.0
-    wc = j * bw + jnp.arange(bw)
-    nw = w_ref.shape[1]
-    wmask = None if nw % bw == 0 else (wc < nw)[None, :]
+    wc, wmask = _word_block(w_ref, j, bw)
     half = g // 2
     g0 = sp * per
     g1 = jnp.minimum(g0 + per, ngroups)

@@ -1,0 +1,87 @@
+"""Sweep the int4 GEMV's tiling on the GPU: per-call kernel time (CUPTI, over rotating weight sets of >= 400 MB
+so the L2 serves none of them) against the bf16 GEMM, with each config's error against the f32 product of the
+dequantized weights.  A config is a dict of `kernels.quant_matmul.Int4Blocks` overrides.
+
+    PYTHONPATH=. python3 experiments/sweep_int4_gemv.py --out $OUT/int4_gemv_sweep.json
+    PYTHONPATH=. python3 experiments/sweep_int4_gemv.py --configs '[{"unroll": 8, "parts": 2}]' --shapes 4096x14336 --rows 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# the GEMV's own knobs: words per one-warp program, packed rows per step, programs per group, prefetch
+DEFAULT_CONFIGS = [dict(words=w, unroll=u, parts=p, prefetch=f)
+                   for w in (64, 128) for u in (2, 4, 8) for p in (1, 2, 4) for f in (True, False) if u * p <= 64]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default=None, help="JSON list of Int4Blocks overrides (default: the built-in grid)")
+    ap.add_argument("--shapes", default="4096x14336", help="KxN list, comma-separated")
+    ap.add_argument("--rows", default="1", help="activation rows M, comma-separated")
+    ap.add_argument("--sym", action="store_true", help="symmetric codes (default: with zero points, the library default)")
+    ap.add_argument("--top", type=int, default=0, help="after the grid on the first shape, re-time only the best N elsewhere")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "int4_gemv_sweep.json"))
+    a = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments.kernel_times import per_call
+    from iva_jax import quant
+    from kernels import quant_matmul as qm
+
+    configs = json.loads(a.configs) if a.configs else DEFAULT_CONFIGS
+    out = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, date=time.strftime("%Y-%m-%d"),
+               sym=a.sym, results=[])
+    t0 = time.time()
+    for si, shape in enumerate(a.shapes.split(",")):
+        k, n = map(int, shape.split("x"))
+        w = jax.random.normal(jax.random.PRNGKey(0), (k, n), jnp.float32) * 0.02
+        nset = lambda b: max(2, int(-(-400e6 // (k * n * b))))  # noqa: E731
+        wb = [((w * (1 + 0.01 * i)).astype(jnp.bfloat16),) for i in range(nset(2))]
+        q4 = [quant.quantize_groupwise(w * (1 + 0.01 * i), bits=4, group_size=128, symmetric=a.sym)
+              for i in range(nset(0.5))]
+        for m in map(int, a.rows.split(",")):
+            x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
+            ref = np.asarray(qm.reference(x.astype(jnp.float32), *q4[0], bits=4, group_size=128))
+            bf = per_call(lambda x, w: x @ w, x, wb)
+            print(f"== {k}->{n} M{m}: bf16 {bf['us']:.1f} us", flush=True)
+            cfgs = configs
+            if si > 0 and a.top:
+                best = sorted((r for r in out["results"] if r["shape"] == a.shapes.split(",")[0] and r["m"] == 1
+                               and "us" in r), key=lambda r: r["us"])[: a.top]
+                cfgs = [r["cfg"] for r in best]
+            for cfg in cfgs:
+                blk = qm.QuantBlocks(int4=qm.Int4Blocks(**cfg))
+                row = dict(shape=shape, m=m, cfg=cfg, bf16_us=bf["us"],
+                           plan={kk: v for kk, v in qm.plan(m, k, n, 128, blk, bits=4).items() if kk != "path"})
+                try:
+                    f = lambda x, c, s, z, blk=blk: qm.quant_matmul(x, c, s, z, bits=4, group_size=128,  # noqa: E731
+                                                                    impl="triton", blocks=blk)
+                    got = np.asarray(jax.jit(f)(x, *q4[0]).astype(jnp.float32))
+                    row["err"] = float(np.abs(got - ref).max() / np.abs(ref).max())
+                    r = per_call(f, x, q4)
+                    row.update(us=r["us"], kernels=r["kernels"], x_bf16=bf["us"] / r["us"])
+                    print(f"  {json.dumps(cfg):<80} {r['us']:6.1f} us  {row['x_bf16']:.2f}x  err {row['err']:.1e}  "
+                          f"splits {row['plan']['splits']}  {r['kernels']}", flush=True)
+                except Exception as e:  # noqa: BLE001 - a config that fails to compile is a result, not a stop
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(f"  {json.dumps(cfg):<80} FAILED {row['error'][:200]}", flush=True)
+                out["results"].append(row)
+                with open(a.out, "w") as fh:
+                    json.dump(out, fh, indent=1)
+    print(f"done in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""RMSNorm forward at kernel time: GPU time per call read with CUPTI (torch's profiler sees JAX's kernels too), so
+small shapes are not hidden behind host dispatch (a 32768 x 576 bf16 norm moves 75 MB: ~25 us at copy speed, less
+than one jitted call's dispatch).  Ours (the shipped config and a rows x warps sweep), XLA, torch F.rms_norm,
+torch.compile, and a copy of the same bytes timed the same way, over rotating inputs of >= 400 MB.
+
+    PYTHONPATH=. python3 experiments/rms_kernel_times.py --out $OUT/rms_kernel_times.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def torch_kernel_us(fn, iters: int = 30, warm: int = 5) -> float:
+    """Mean GPU kernel time (us) per call of a torch callable, from the CUDA activity of torch's profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(ev.time_range.elapsed_us() for ev in prof.events()
+                if ev.device_type == torch.autograd.DeviceType.CUDA)
+    return total / iters
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", default="576,2048,4096,8192")
+    ap.add_argument("--rows", type=int, default=32768)
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--previous", default=None, help="path of another kernels/rms_norm.py to time beside ours "
+                    "(e.g. `git show <rev>:kernels/rms_norm.py > /tmp/rms_prev.py`)")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "rms_kernel_times.json"))
+    a = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import torch.nn.functional as F
+
+    from experiments.kernel_times import per_call
+
+    rn = importlib.import_module("kernels.rms_norm")
+    prev = None
+    if a.previous:
+        spec = importlib.util.spec_from_file_location("rms_norm_previous", a.previous)
+        prev = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(prev)
+    out = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, torch=torch.__version__,
+               date=time.strftime("%Y-%m-%d"), rows=a.rows, results={})
+    T = a.rows
+    for H in map(int, a.hidden.split(",")):
+        nbytes = 2 * T * H * 2  # read x + write y, bf16
+        nrot = max(2, int(-(-400e6 // (T * H * 2))))
+        keys = jax.random.split(jax.random.key(H), nrot + 1)
+        xs = [jax.random.normal(k, (T, H), jnp.bfloat16) for k in keys[:nrot]]
+        w = (1 + 0.1 * jax.random.normal(keys[-1], (H,))).astype(jnp.bfloat16)
+        sets = [(x, w) for x in xs]
+        dummy = jnp.zeros((1,), jnp.float32)
+        res = {}
+
+        def jax_row(name, fn):
+            r = per_call(lambda _, x, w: fn(x, w), dummy, sets)
+            res[name] = dict(us=r["us"], gb_s=nbytes / r["us"] / 1e3, kernels=r["kernels"])
+            print(f"H={H:<5} {name:<28} {r['us']:8.2f} us  {nbytes / r['us'] / 1e3:7.1f} GB/s  {r['kernels']}", flush=True)
+
+        jax_row("ours", lambda x, w: rn.rms_norm(x, w, eps=1e-6, impl="triton"))
+        if prev is not None:
+            jax_row("previous", lambda x, w: prev.rms_norm(x, w, eps=1e-6, impl="triton"))
+        jax_row("xla", lambda x, w: rn.rms_norm(x, w, eps=1e-6, impl="xla"))
+        jax_row("jax copy (x * 1.5)", lambda x, w: x * jnp.asarray(1.5, x.dtype))
+        if not a.no_sweep:
+            saved = rn._config
+            pieces = rn._pieces(H)
+            held = len(pieces) * pieces[0][1]
+            for br in (1, 2, 4, 8, 16, 32):
+                for nw in (2, 4, 8, 16):
+                    if not (512 <= br * held <= 32768 and br * pieces[0][1] >= 32 * nw):
+                        continue
+                    rn._config = lambda n_rows, hidden, br=br, nw=nw: (pieces, br, nw)
+                    try:
+                        jax_row(f"ours rows={br} warps={nw}",
+                                lambda x, w: rn._triton_fwd(x, w, None, 1e-6, False)[0])
+                    except Exception as e:  # noqa: BLE001
+                        print(f"H={H} rows={br} warps={nw} FAILED {str(e)[:200]}")
+                    finally:
+                        rn._config = saved
+        tx = [torch.randn(T, H, device="cuda", dtype=torch.bfloat16) for _ in range(nrot)]
+        tw = (1 + 0.1 * torch.randn(H, device="cuda")).to(torch.bfloat16)
+        it = [0]
+
+        def nxt():
+            it[0] += 1
+            return tx[it[0] % nrot]
+
+        def naive(x, w):
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * w
+
+        comp = torch.compile(naive)
+        for name, fn in (("torch F.rms_norm", lambda: F.rms_norm(nxt(), (H,), tw, 1e-6)),
+                         ("torch.compile", lambda: comp(nxt(), tw)),
+                         ("torch copy", lambda: nxt().mul(1.5))):
+            us = torch_kernel_us(fn)
+            res[name] = dict(us=us, gb_s=nbytes / us / 1e3)
+            print(f"H={H:<5} {name:<28} {us:8.2f} us  {nbytes / us / 1e3:7.1f} GB/s", flush=True)
+        del tx
+        torch.cuda.empty_cache()
+        out["results"][H] = res
+        with open(a.out, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

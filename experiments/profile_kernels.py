@@ -199,23 +199,23 @@ def bench_rms(torch_ok, sweep):
         if sweep and not TINY:
             saved = rn._config
 
-            pieces = rn._pieces(H)
-            held = len(pieces) * pieces[0][1]  # columns a program holds per row
-
             def sweep_one(br, nw):
-                rn._config = lambda n_rows, hidden: (pieces, br, nw)
+                rn._config = lambda n_rows, hidden: (pl_next_pow2(hidden), br, nw)
                 try:
                     f = jax.jit(lambda x, w: rn._triton_fwd(x, w, None, 1e-6, False)[0])
                     ms = time_jax(f, [(x, w) for x in xs], reps=10)
-                    row("sweep", f"{tag} triton rows={br} warps={nw}", ms, 2 * nbytes / ms / 1e6, "GB/s",
-                        H=H, rows=br, warps=nw)
+                    row("sweep", f"{tag} triton rows={br} warps={nw}", ms, 2 * nbytes / ms / 1e6, "GB/s")
                 finally:
                     rn._config = saved
-            for br in (1, 2, 4, 8, 16):
-                for nw in (2, 4, 8):
-                    if 1024 <= br * held <= 16384 and br * pieces[0][1] >= 32 * nw:
+            for br in (1, 2, 4, 8):
+                for nw in (4, 8):
+                    if 2048 <= br * pl_next_pow2(H) <= 16384:
                         guard(f"sweep rms {br} {nw}", lambda br=br, nw=nw: sweep_one(br, nw))
         del xs, gs
+
+
+def pl_next_pow2(n):
+    return 1 << (int(n) - 1).bit_length()
 
 
 # ----------------------------------------------------------------------------- attention

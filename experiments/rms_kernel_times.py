@@ -1,7 +1,8 @@
 """RMSNorm forward at kernel time: GPU time per call read with CUPTI (torch's profiler sees JAX's kernels too), so
 small shapes are not hidden behind host dispatch (a 32768 x 576 bf16 norm moves 75 MB: ~25 us at copy speed, less
 than one jitted call's dispatch).  Ours (the shipped config and a rows x warps sweep), XLA, torch F.rms_norm,
-torch.compile, and a copy of the same bytes timed the same way, over rotating inputs of >= 400 MB.
+torch.compile, and a copy of the same bytes timed the same way, over rotating inputs of >= 400 MB; forward+backward
+(ours vs XLA's vjp; bytes counted as 5 passes: read x, write y, read x and g, write dx).
 
     PYTHONPATH=. python3 experiments/rms_kernel_times.py --out $OUT/rms_kernel_times.json
 """
@@ -82,15 +83,20 @@ def main() -> int:
             jax_row("previous", lambda x, w: prev.rms_norm(x, w, eps=1e-6, impl="triton"))
         jax_row("xla", lambda x, w: rn.rms_norm(x, w, eps=1e-6, impl="xla"))
         jax_row("jax copy (x * 1.5)", lambda x, w: x * jnp.asarray(1.5, x.dtype))
+        fb = lambda impl: lambda x, w: jax.vjp(lambda x, w: rn.rms_norm(x, w, eps=1e-6, impl=impl), x, w)[1](x)  # noqa: E731
+        for name, impl in (("ours fwd+bwd", "triton"), ("xla fwd+bwd (vjp)", "xla")):
+            r = per_call(lambda _, x, w, f=fb(impl): f(x, w), dummy, sets)  # bytes: read x, g; write dx: + fwd's 2
+            res[name] = dict(us=r["us"], gb_s=2.5 * nbytes / r["us"] / 1e3, kernels=r["kernels"])
+            print(f"H={H:<5} {name:<28} {r['us']:8.2f} us  {2.5 * nbytes / r['us'] / 1e3:7.1f} GB/s  {r['kernels']}",
+                  flush=True)
         if not a.no_sweep:
             saved = rn._config
-            pieces = rn._pieces(H)
-            held = len(pieces) * pieces[0][1]
-            for br in (1, 2, 4, 8, 16, 32):
+            hp = 1 << (H - 1).bit_length()
+            for br in (1, 2, 4, 8, 16):
                 for nw in (2, 4, 8, 16):
-                    if not (512 <= br * held <= 32768 and br * pieces[0][1] >= 32 * nw):
+                    if not (1024 <= br * hp <= 32768 and br * hp >= 256 * nw):
                         continue
-                    rn._config = lambda n_rows, hidden, br=br, nw=nw: (pieces, br, nw)
+                    rn._config = lambda n_rows, hidden, br=br, nw=nw: (hp, br, nw)
                     try:
                         jax_row(f"ours rows={br} warps={nw}",
                                 lambda x, w: rn._triton_fwd(x, w, None, 1e-6, False)[0])

@@ -112,38 +112,17 @@ def _xla_bwd(h2, w, g, gh, eps):
 
 # ----------------------------------------------------------------------------- Triton implementation
 
-def _pieces(hidden: int) -> tuple[tuple[int, int], ...]:
-    """The row as equal power-of-2 column pieces (offset, width): width = hidden's largest power-of-2 divisor
-    (<= 4096), so a hidden size such as 576 (9 x 64) or 5120 (5 x 1024) needs no masked lanes, and pieces of
-    one shape share one register layout (no shuffles between them).  Widths < 32 or > 16 pieces: one padded
-    piece instead (next power of 2, masked)."""
-    width = min(hidden & -hidden, 4096)
-    if width < 32 or hidden // width > 16:
-        return ((0, pl.next_power_of_2(hidden)),)
-    return tuple((off, width) for off in range(0, hidden, width))
-
-
 def _config(n_rows: int, hidden: int):
-    """Forward: (column pieces, rows per program, warps), from sweeps on an H100 (BENCHMARKS.md, Kernels)."""
-    pieces = _pieces(hidden)
+    """(padded hidden, rows per program, warps): from a sweep on an H100 (BENCHMARKS.md, Kernels)."""
     hp = pl.next_power_of_2(hidden)
-    if len(pieces) > 1 and hidden <= 1024:
-        block_rows, num_warps = 8, 4  # FIXME sweep
-    elif hp <= 1024:
-        block_rows, num_warps = 2, 4  # sweep best at hidden 576 (one padded piece)
+    if hp <= 1024:
+        block_rows, num_warps = 2, 4  # sweep best at hidden 576
     elif hp == 4096:
         block_rows, num_warps = 2, 8  # sweep best at hidden 4096
     else:
         block_rows, num_warps = max(1, 16384 // hp), 8  # measured at 2048 (8 rows) and 8192 (2 rows)
     block_rows = max(1, min(block_rows, pl.next_power_of_2(max(n_rows, 1))))
-    return pieces, block_rows, num_warps
-
-
-def _bwd_config(n_rows: int, hidden: int):
-    """Backward: (padded hidden, rows per block, warps)."""
-    hp = pl.next_power_of_2(hidden)
-    block_rows, num_warps = (2, 4) if hp <= 1024 else (2, 8) if hp == 4096 else (max(1, 16384 // hp), 8)
-    return hp, max(1, min(block_rows, pl.next_power_of_2(max(n_rows, 1)))), num_warps
+    return hp, block_rows, num_warps
 
 
 def _triton_params(num_warps):
@@ -151,51 +130,40 @@ def _triton_params(num_warps):
     return plt.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def _fwd_kernel(*refs, n_rows, hidden, pieces, block_rows, eps, has_res):
-    """Rows [i*block_rows, (i+1)*block_rows): each column piece loaded once, held in registers."""
+def _fwd_kernel(*refs, n_rows, hidden, block_rows, eps, has_res):
     from jax.experimental.pallas import triton as plt
     if has_res:
         x_ref, r_ref, w_ref, y_ref, h_ref = refs
     else:
         x_ref, w_ref, y_ref = refs
-    rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)
-    rmask = None if n_rows % block_rows == 0 else (rows < n_rows)[:, None]
-    held, sq = [], 0.0
-    for off, width in pieces:
-        cols = off + jnp.arange(width)
-        cmask = None if off + width <= hidden else cols < hidden
-        mask = cmask[None, :] if rmask is None and cmask is not None else rmask if cmask is None else rmask & cmask[None, :]
-        at = (rows[:, None], cols[None, :])
-        x = plt.load(x_ref.at[at]) if mask is None else plt.load(x_ref.at[at], mask=mask, other=0.0)
-        if has_res:
-            res = plt.load(r_ref.at[at]) if mask is None else plt.load(r_ref.at[at], mask=mask, other=0.0)
-            x = (x.astype(_F32) + res.astype(_F32)).astype(x_ref.dtype)
-            plt.store(h_ref.at[at], x, mask=mask)
-        xf = x.astype(_F32)
-        sq = sq + xf * xf  # pieces share one layout: one row reduction for all of them
-        held.append((xf, cols, cmask, mask, at))
-    r = lax.rsqrt(jnp.sum(sq, axis=1) * (1.0 / hidden) + eps)
-    for xf, cols, cmask, mask, at in held:
-        n = (xf * r[:, None]).astype(x_ref.dtype).astype(_F32)
-        # the weight loaded per tile row (L1 hits): it arrives in the tile's own register layout
-        wi = jnp.broadcast_to(cols[None, :], n.shape)
-        wm = None if cmask is None else jnp.broadcast_to(cmask[None, :], n.shape)
-        w = (plt.load(w_ref.at[wi]) if wm is None else plt.load(w_ref.at[wi], mask=wm, other=0.0)).astype(_F32)
-        plt.store(y_ref.at[at], (n * w).astype(y_ref.dtype), mask=mask)
+    hp = x_ref.shape[-1]
+    row0 = pl.program_id(0) * block_rows
+    cmask = jnp.arange(hp) < hidden
+    mask = ((row0 + jnp.arange(block_rows)) < n_rows)[:, None] & cmask[None, :]
+    x = plt.load(x_ref, mask=mask, other=0.0)
+    if has_res:
+        res = plt.load(r_ref, mask=mask, other=0.0)
+        x = (x.astype(_F32) + res.astype(_F32)).astype(x_ref.dtype)
+        plt.store(h_ref, x, mask=mask)
+    xf = x.astype(_F32)
+    r = lax.rsqrt(jnp.sum(xf * xf, axis=1) * (1.0 / hidden) + eps)
+    n = (xf * r[:, None]).astype(x_ref.dtype).astype(_F32)
+    w = plt.load(w_ref, mask=cmask, other=0.0).astype(_F32)
+    plt.store(y_ref, (n * w[None, :]).astype(y_ref.dtype), mask=mask)
 
 
 def _triton_fwd(x2, w, res2, eps, interpret):
     n_rows, hidden = x2.shape
-    pieces, br, nw = _config(n_rows, hidden)
+    hp, br, nw = _config(n_rows, hidden)
     has_res = res2 is not None
-    anyspec = pl.BlockSpec(memory_space=pl.ANY)
+    row_spec = pl.BlockSpec((br, hp), lambda i: (i, 0))
+    in_specs = [row_spec] + ([row_spec] if has_res else []) + [pl.BlockSpec((hp,), lambda i: (0,))]
     out_shape = [jax.ShapeDtypeStruct(x2.shape, x2.dtype)] * (2 if has_res else 1)
     outs = pl.pallas_call(
-        functools.partial(_fwd_kernel, n_rows=n_rows, hidden=hidden, pieces=pieces, block_rows=br, eps=eps,
-                          has_res=has_res),
+        functools.partial(_fwd_kernel, n_rows=n_rows, hidden=hidden, block_rows=br, eps=eps, has_res=has_res),
         grid=(pl.cdiv(n_rows, br),),
-        in_specs=[anyspec] * (3 if has_res else 2),
-        out_specs=[anyspec] * len(out_shape),
+        in_specs=in_specs,
+        out_specs=[row_spec] * len(out_shape),
         out_shape=out_shape,
         compiler_params=_triton_params(nw),
         interpret=interpret,
@@ -236,7 +204,7 @@ def _bwd_kernel(*refs, n_rows, hidden, block_rows, rows_per_prog, eps, has_gh):
 
 def _triton_bwd(h2, w, g, gh, eps, interpret):
     n_rows, hidden = h2.shape
-    hp, br, nw = _bwd_config(n_rows, hidden)
+    hp, br, nw = _config(n_rows, hidden)
     cores = dispatch.device_info().core_count or 132
     target_progs = 4 * cores if not interpret else 4
     rpp = max(1, pl.cdiv(pl.cdiv(n_rows, br), target_progs))

@@ -2,7 +2,7 @@
 small shapes are not hidden behind host dispatch (a 32768 x 576 bf16 norm moves 75 MB: ~25 us at copy speed, less
 than one jitted call's dispatch).  Ours (the shipped config and a rows x warps sweep), XLA, torch F.rms_norm,
 torch.compile, and a copy of the same bytes timed the same way, over rotating inputs of >= 400 MB; forward+backward
-(ours vs XLA's vjp; bytes counted as 5 passes: read x, write y, read x and g, write dx).
+(ours vs XLA's vjp, y unused so only the backward runs; bytes counted as 3 passes: read x and g, write dx).
 
     PYTHONPATH=. python3 experiments/rms_kernel_times.py --out $OUT/rms_kernel_times.json
 """
@@ -42,6 +42,7 @@ def main() -> int:
     ap.add_argument("--hidden", default="576,2048,4096,8192")
     ap.add_argument("--rows", type=int, default=32768)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--bwd-sweep", action="store_true", help="also sweep the backward kernel's rows x warps")
     ap.add_argument("--previous", default=None, help="path of another kernels/rms_norm.py to time beside ours "
                     "(e.g. `git show <rev>:kernels/rms_norm.py > /tmp/rms_prev.py`)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "rms_kernel_times.json"))
@@ -85,10 +86,28 @@ def main() -> int:
         jax_row("jax copy (x * 1.5)", lambda x, w: x * jnp.asarray(1.5, x.dtype))
         fb = lambda impl: lambda x, w: jax.vjp(lambda x, w: rn.rms_norm(x, w, eps=1e-6, impl=impl), x, w)[1](x)  # noqa: E731
         for name, impl in (("ours fwd+bwd", "triton"), ("xla fwd+bwd (vjp)", "xla")):
-            r = per_call(lambda _, x, w, f=fb(impl): f(x, w), dummy, sets)  # bytes: read x, g; write dx: + fwd's 2
-            res[name] = dict(us=r["us"], gb_s=2.5 * nbytes / r["us"] / 1e3, kernels=r["kernels"])
-            print(f"H={H:<5} {name:<28} {r['us']:8.2f} us  {2.5 * nbytes / r['us'] / 1e3:7.1f} GB/s  {r['kernels']}",
+            # y is unused, so only the backward runs: read x and g, write dx (3 passes)
+            r = per_call(lambda _, x, w, f=fb(impl): f(x, w), dummy, sets)
+            res[name] = dict(us=r["us"], gb_s=1.5 * nbytes / r["us"] / 1e3, kernels=r["kernels"])
+            print(f"H={H:<5} {name:<28} {r['us']:8.2f} us  {1.5 * nbytes / r['us'] / 1e3:7.1f} GB/s  {r['kernels']}",
                   flush=True)
+        if a.bwd_sweep:
+            saved = rn._bwd_config
+            hp = 1 << (H - 1).bit_length()
+            for br in (1, 2, 4, 8):
+                for nw in (4, 8, 16):
+                    if not (512 <= br * hp <= 16384 and br * hp >= 256 * nw):
+                        continue
+                    rn._bwd_config = lambda n_rows, hidden, br=br, nw=nw: (hp, br, nw)
+                    try:
+                        r = per_call(lambda _, x, w: rn._triton_bwd(x, w, x, None, 1e-6, False), dummy, sets)
+                        res[f"bwd rows={br} warps={nw}"] = dict(us=r["us"], gb_s=1.5 * nbytes / r["us"] / 1e3)
+                        print(f"H={H:<5} bwd rows={br} warps={nw:<14} {r['us']:8.2f} us  "
+                              f"{1.5 * nbytes / r['us'] / 1e3:7.1f} GB/s  {r['kernels']}", flush=True)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"H={H} bwd rows={br} warps={nw} FAILED {str(e)[:200]}")
+                    finally:
+                        rn._bwd_config = saved
         if not a.no_sweep:
             saved = rn._config
             hp = 1 << (H - 1).bit_length()

@@ -125,6 +125,11 @@ def _config(n_rows: int, hidden: int):
     return hp, block_rows, num_warps
 
 
+def _bwd_config(n_rows: int, hidden: int):
+    """Backward: (padded hidden, rows per block, warps)."""
+    return _config(n_rows, hidden)
+
+
 def _triton_params(num_warps):
     from jax.experimental.pallas import triton as plt
     return plt.CompilerParams(num_warps=num_warps, num_stages=1)
@@ -204,7 +209,7 @@ def _bwd_kernel(*refs, n_rows, hidden, block_rows, rows_per_prog, eps, has_gh):
 
 def _triton_bwd(h2, w, g, gh, eps, interpret):
     n_rows, hidden = h2.shape
-    hp, br, nw = _config(n_rows, hidden)
+    hp, br, nw = _bwd_config(n_rows, hidden)
     cores = dispatch.device_info().core_count or 132
     target_progs = 4 * cores if not interpret else 4
     rpp = max(1, pl.cdiv(pl.cdiv(n_rows, br), target_progs))

@@ -126,8 +126,11 @@ def _config(n_rows: int, hidden: int):
 
 
 def _bwd_config(n_rows: int, hidden: int):
-    """Backward: (padded hidden, rows per block, warps)."""
-    return _config(n_rows, hidden)
+    """Backward: (padded hidden, rows per block, warps), from a kernel-time sweep on an H100 (2026-11-23,
+    experiments/results/rms_bwd_sweep_h100_2026-11-23.json): one row per block above 1024 columns."""
+    hp = pl.next_power_of_2(hidden)
+    block_rows, num_warps = (2, 4) if hp <= 1024 else (1, 4) if hp == 2048 else (1, 8) if hp == 4096 else (1, 16)
+    return hp, max(1, min(block_rows, pl.next_power_of_2(max(n_rows, 1)))), num_warps
 
 
 def _triton_params(num_warps):

@@ -53,3 +53,25 @@ def torch_ms(fn: Callable, rep_ms: int = 200) -> float:
 def rotations(nbytes_one: int, total: float = 400e6) -> int:
     """How many distinct input sets of `nbytes_one` bytes exceed `total` (the 50 MB L2 serves none twice)."""
     return max(1, int(np.ceil(total / max(nbytes_one, 1))))
+
+
+def torch_rms_inputs(rows: int, hidden: int, nrot: int):
+    """Rotating random bf16 CUDA inputs for torch's RMSNorm anchors: (next_x, weight), next_x() cycling nrot tensors."""
+    import torch
+
+    tx = [torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(nrot)]
+    tw = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(torch.bfloat16)
+    it = [0]
+
+    def next_x():
+        it[0] += 1
+        return tx[it[0] % nrot]
+    return next_x, tw
+
+
+def torch_rms_naive(x, w, eps: float = 1e-6):
+    """HF LlamaRMSNorm in plain torch ops: the expression the torch.compile anchor compiles."""
+    import torch
+
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w

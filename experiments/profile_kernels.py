@@ -163,28 +163,18 @@ def bench_rms(torch_ok, sweep):
         if torch_ok:
             import torch
             import torch.nn.functional as F
-            tx = [torch.randn(T, H, device="cuda", dtype=torch.bfloat16) for _ in range(nrot)]
-            tw = (1 + 0.1 * torch.randn(H, device="cuda")).to(torch.bfloat16)
-            it = [0]
-
-            def nxt():
-                it[0] += 1
-                return tx[it[0] % nrot]
-
-            def naive(x, w):
-                xf = x.float()
-                return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * w
+            nxt, tw = benchlib.torch_rms_inputs(T, H, nrot)
             guard(f"{tag} torch F.rms_norm", lambda: row("rms_fwd", f"{tag} torch F.rms_norm",
                                                          ms := time_torch(lambda: F.rms_norm(nxt(), (H,), tw, 1e-6)),
                                                          2 * nbytes / ms / 1e6, "GB/s", H=H, impl="torch"))
-            comp = torch.compile(naive)
+            comp = torch.compile(benchlib.torch_rms_naive)
             guard(f"{tag} torch.compile", lambda: row("rms_fwd", f"{tag} torch.compile", ms := time_torch(
                 lambda: comp(nxt(), tw)), 2 * nbytes / ms / 1e6, "GB/s", H=H, impl="torch.compile"))
 
             def tfb():
-                xr = [t.clone().requires_grad_(True) for t in tx[:2]]  # 1 or 2 buffers
+                xr = [nxt().clone().requires_grad_(True) for _ in range(2)]
                 wr = tw.clone().requires_grad_(True)
-                g = torch.randn_like(tx[0])
+                g = torch.randn_like(xr[0])
                 j = [0]
 
                 def fb():
@@ -194,7 +184,7 @@ def bench_rms(torch_ok, sweep):
                 ms = time_torch(fb)
                 row("rms_fwdbwd", f"{tag} torch F.rms_norm fwd+bwd", ms, 5 * nbytes / ms / 1e6, "GB/s", H=H, impl="torch")
             guard(f"{tag} torch fwd+bwd", tfb)
-            del tx
+            del nxt
             torch.cuda.empty_cache()
         if sweep and not TINY:
             saved = rn._config

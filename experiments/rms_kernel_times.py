@@ -53,6 +53,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
+    from experiments.benchlib import torch_rms_inputs, torch_rms_naive
     from experiments.kernel_times import per_call
 
     rn = importlib.import_module("kernels.rms_norm")
@@ -123,26 +124,15 @@ def main() -> int:
                         print(f"H={H} rows={br} warps={nw} FAILED {str(e)[:200]}")
                     finally:
                         rn._config = saved
-        tx = [torch.randn(T, H, device="cuda", dtype=torch.bfloat16) for _ in range(nrot)]
-        tw = (1 + 0.1 * torch.randn(H, device="cuda")).to(torch.bfloat16)
-        it = [0]
-
-        def nxt():
-            it[0] += 1
-            return tx[it[0] % nrot]
-
-        def naive(x, w):
-            xf = x.float()
-            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * w
-
-        comp = torch.compile(naive)
+        nxt, tw = torch_rms_inputs(T, H, nrot)
+        comp = torch.compile(torch_rms_naive)
         for name, fn in (("torch F.rms_norm", lambda: F.rms_norm(nxt(), (H,), tw, 1e-6)),
                          ("torch.compile", lambda: comp(nxt(), tw)),
                          ("torch copy", lambda: nxt().mul(1.5))):
             us = torch_kernel_us(fn)
             res[name] = dict(us=us, gb_s=nbytes / us / 1e3)
             print(f"H={H:<5} {name:<28} {us:8.2f} us  {nbytes / us / 1e3:7.1f} GB/s", flush=True)
-        del tx
+        del nxt
         torch.cuda.empty_cache()
         out["results"][H] = res
         with open(a.out, "w") as fh:

@@ -99,9 +99,9 @@ def check_rmsnorm_speed(ctx: Ctx) -> List[Result]:
         return [gate]
     import jax
     import jax.numpy as jnp
-    import torch
     import torch.nn.functional as F
 
+    import benchlib
     import profile_kernels as pk
     from kernels import rms_norm
     from kernels.rms_norm import _choose
@@ -114,13 +114,7 @@ def check_rmsnorm_speed(ctx: Ctx) -> List[Result]:
     f = jax.jit(lambda x, w: rms_norm(x, w, eps=1e-6, impl="auto"))
     ours = pk.time_jax(f, [(x, w) for x in xs])
     del xs
-    tx = [torch.randn(T, H, device="cuda", dtype=torch.bfloat16) for _ in range(nrot)]
-    tw = (1 + 0.1 * torch.randn(H, device="cuda")).to(torch.bfloat16)
-    it = [0]
-
-    def nxt():
-        it[0] += 1
-        return tx[it[0] % nrot]
+    nxt, tw = benchlib.torch_rms_inputs(T, H, nrot)
     theirs = pk.time_torch(lambda: F.rms_norm(nxt(), (H,), tw, 1e-6))
     ratio = theirs / ours
     m = {"ours_ms": round(ours, 4), "torch_ms": round(theirs, 4), "ratio": round(ratio, 3),

@@ -47,24 +47,26 @@ def main() -> int:
     x = jnp.zeros((1,), jnp.float32)  # unused (per_call's signature)
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
 
+    def stream_sum(w_ref, r0, nrows, cols, unroll):
+        """Sum of rows [r0, r0 + nrows) of w_ref at `cols`: [unroll, len(cols)] per step, next step prefetched."""
+        def load(t):
+            rr = jnp.minimum(r0 + t * unroll + jnp.arange(unroll), r0 + nrows - 1)
+            return plt.load(w_ref.at[rr[:, None], cols[None, :]])
+
+        def step(t, c):
+            acc, wn = c
+            cur, wn = wn, load(t + 1)
+            return acc + cur, wn
+
+        acc, _ = lax.fori_loop(0, nrows // unroll, step, (jnp.zeros((unroll, cols.shape[0]), jnp.int32), load(0)))
+        return jnp.sum(acc, axis=0)
+
     def strip(w, *, bw=128, plen=32, unroll=4):
         """Program (j, s): words [j*bw, (j+1)*bw), rows [s*plen, (s+1)*plen); one warp."""
         def kernel(w_ref, o_ref):
             j, s = pl.program_id(0), pl.program_id(1)
             wc = j * bw + jnp.arange(bw)
-            r0 = s * plen
-
-            def load(t):
-                rr = jnp.minimum(r0 + t * unroll + jnp.arange(unroll), r0 + plen - 1)
-                return plt.load(w_ref.at[rr[:, None], wc[None, :]])
-
-            def step(t, c):
-                acc, wn = c
-                cur, wn = wn, load(t + 1)
-                return acc + cur, wn
-
-            acc, _ = lax.fori_loop(0, plen // unroll, step, (jnp.zeros((unroll, bw), jnp.int32), load(0)))
-            plt.store(o_ref.at[s, wc], jnp.sum(acc, axis=0))
+            plt.store(o_ref.at[s, wc], stream_sum(w_ref, s * plen, plen, wc, unroll))
         return pl.pallas_call(kernel, grid=(words // bw, rows // plen), in_specs=[anyspec], out_specs=anyspec,
                               out_shape=jax.ShapeDtypeStruct((rows // plen, words), jnp.int32),
                               compiler_params=_compiler_params(1, 1), name="probe_strip", interpret=a.interpret)(w)
@@ -77,20 +79,8 @@ def main() -> int:
 
         def kernel(w_ref, o_ref):
             p = pl.program_id(0)
-            r0 = p * per
             cols = jnp.arange(lane_words)
-
-            def load(t):
-                rr = jnp.minimum(r0 + t * unroll + jnp.arange(unroll), r0 + per - 1)
-                return plt.load(w_ref.at[rr[:, None], cols[None, :]])
-
-            def step(t, c):
-                acc, wn = c
-                cur, wn = wn, load(t + 1)
-                return acc + cur, wn
-
-            acc, _ = lax.fori_loop(0, per // unroll, step, (jnp.zeros((unroll, lane_words), jnp.int32), load(0)))
-            plt.store(o_ref.at[p, cols], jnp.sum(acc, axis=0))
+            plt.store(o_ref.at[p, cols], stream_sum(w_ref, p * per, per, cols, unroll))
         return pl.pallas_call(kernel, grid=(nprog,), in_specs=[anyspec], out_specs=anyspec,
                               out_shape=jax.ShapeDtypeStruct((nprog, lane_words), jnp.int32),
                               compiler_params=_compiler_params(warps, 1), name="probe_tiled",

@@ -25,18 +25,20 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def kernel_table(fn: Callable, args: Sequence, iters: int = 20, warm: int = 3) -> dict:
+def kernel_table(fn: Callable, args: Sequence, iters: int = 20, warm: int = 3,
+                 sync: Callable = jax.block_until_ready) -> dict:
     """{"rows": [{name, calls_per_iter, us_per_call, us_per_iter, share}], "kernel_us_per_iter",
-    "wall_us_per_iter"} for `iters` calls of fn(*args) (each synchronised), kernels sorted by time."""
+    "wall_us_per_iter"} for `iters` calls of fn(*args) (each followed by `sync` of its result), kernels sorted
+    by time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(warm):
-        jax.block_until_ready(fn(*args))
+        sync(fn(*args))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
         for _ in range(iters):
-            jax.block_until_ready(fn(*args))
+            sync(fn(*args))
         wall = (time.perf_counter() - t) / iters * 1e6
         torch.cuda.synchronize()
     per = collections.defaultdict(lambda: [0, 0.0])
@@ -65,6 +67,13 @@ def per_call(fn: Callable, x, sets: Sequence[tuple], iters: int = 8) -> dict:
     tab = kernel_table(fj, (x, sets), iters=iters, warm=2)
     return dict(us=tab["kernel_us_per_iter"] / len(sets),
                 kernels={r["name"][:60]: r["us_per_iter"] / len(sets) for r in tab["rows"][:4]})
+
+
+def torch_per_call(fn: Callable, iters: int = 30, warm: int = 5) -> float:
+    """Kernel time (us) per call of a torch callable fn() (all the CUDA kernels it launches)."""
+    import torch
+
+    return kernel_table(fn, (), iters=iters, warm=warm, sync=lambda _: torch.cuda.synchronize())["kernel_us_per_iter"]
 
 
 def _demo_int4(out: dict) -> None:

@@ -20,23 +20,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def torch_kernel_us(fn, iters: int = 30, warm: int = 5) -> float:
-    """Mean GPU kernel time (us) per call of a torch callable, from the CUDA activity of torch's profiler."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    total = sum(ev.time_range.elapsed_us() for ev in prof.events()
-                if ev.device_type == torch.autograd.DeviceType.CUDA)
-    return total / iters
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", default="576,2048,4096,8192")
@@ -54,7 +37,7 @@ def main() -> int:
     import torch.nn.functional as F
 
     from experiments.benchlib import torch_rms_inputs, torch_rms_naive
-    from experiments.kernel_times import per_call
+    from experiments.kernel_times import per_call, torch_per_call
 
     rn = importlib.import_module("kernels.rms_norm")
     prev = None
@@ -129,7 +112,7 @@ def main() -> int:
         for name, fn in (("torch F.rms_norm", lambda: F.rms_norm(nxt(), (H,), tw, 1e-6)),
                          ("torch.compile", lambda: comp(nxt(), tw)),
                          ("torch copy", lambda: nxt().mul(1.5))):
-            us = torch_kernel_us(fn)
+            us = torch_per_call(fn)
             res[name] = dict(us=us, gb_s=nbytes / us / 1e3)
             print(f"H={H:<5} {name:<28} {us:8.2f} us  {nbytes / us / 1e3:7.1f} GB/s", flush=True)
         del nxt

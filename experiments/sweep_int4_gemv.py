@@ -27,7 +27,6 @@ def main() -> int:
     ap.add_argument("--shapes", default="4096x14336", help="KxN list, comma-separated")
     ap.add_argument("--rows", default="1", help="activation rows M, comma-separated")
     ap.add_argument("--sym", action="store_true", help="symmetric codes (default: with zero points, the library default)")
-    ap.add_argument("--top", type=int, default=0, help="after the grid on the first shape, re-time only the best N elsewhere")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "int4_gemv_sweep.json"))
     a = ap.parse_args()
 
@@ -43,7 +42,7 @@ def main() -> int:
     out = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, date=time.strftime("%Y-%m-%d"),
                sym=a.sym, results=[])
     t0 = time.time()
-    for si, shape in enumerate(a.shapes.split(",")):
+    for shape in a.shapes.split(","):
         k, n = map(int, shape.split("x"))
         w = jax.random.normal(jax.random.PRNGKey(0), (k, n), jnp.float32) * 0.02
         nset = lambda b: max(2, int(-(-400e6 // (k * n * b))))  # noqa: E731
@@ -55,12 +54,7 @@ def main() -> int:
             ref = np.asarray(qm.reference(x.astype(jnp.float32), *q4[0], bits=4, group_size=128))
             bf = per_call(lambda x, w: x @ w, x, wb)
             print(f"== {k}->{n} M{m}: bf16 {bf['us']:.1f} us", flush=True)
-            cfgs = configs
-            if si > 0 and a.top:
-                best = sorted((r for r in out["results"] if r["shape"] == a.shapes.split(",")[0] and r["m"] == 1
-                               and "us" in r), key=lambda r: r["us"])[: a.top]
-                cfgs = [r["cfg"] for r in best]
-            for cfg in cfgs:
+            for cfg in configs:
                 blk = qm.QuantBlocks(int4=qm.Int4Blocks(**cfg))
                 row = dict(shape=shape, m=m, cfg=cfg, bf16_us=bf["us"],
                            plan={kk: v for kk, v in qm.plan(m, k, n, 128, blk, bits=4).items() if kk != "path"})

@@ -103,10 +103,9 @@ def check_rmsnorm_speed(ctx: Ctx) -> List[Result]:
 
     import benchlib
     import profile_kernels as pk
-    from kernel_times import per_call
+    from kernel_times import per_call, torch_per_call
     from kernels import rms_norm
     from kernels.rms_norm import _choose
-    from rms_kernel_times import torch_kernel_us
 
     T, H = 32768, 4096
     nrot = pk.rotations(2 * T * H * 2)
@@ -117,7 +116,7 @@ def check_rmsnorm_speed(ctx: Ctx) -> List[Result]:
     ours = per_call(lambda _, x, w: rms_norm(x, w, eps=1e-6, impl="auto"), jnp.zeros((1,)), [(x, w) for x in xs])["us"]
     del xs
     nxt, tw = benchlib.torch_rms_inputs(T, H, nrot)
-    theirs = torch_kernel_us(lambda: F.rms_norm(nxt(), (H,), tw, 1e-6))
+    theirs = torch_per_call(lambda: F.rms_norm(nxt(), (H,), tw, 1e-6))
     ratio = theirs / ours
     m = {"ours_us": round(ours, 2), "torch_us": round(theirs, 2), "ratio": round(ratio, 3), "timing": "kernel (CUPTI)",
          "impl": _choose("auto", H, False, log=False), "ours_GBps": round(2 * T * H * 2 / ours / 1e3, 1)}

@@ -112,8 +112,13 @@ def _xla_bwd(h2, w, g, gh, eps):
 
 # ----------------------------------------------------------------------------- Triton implementation
 
+def _fit_rows(block_rows: int, n_rows: int) -> int:
+    """block_rows, but no more than the (power-of-2 rounded) rows there are."""
+    return max(1, min(block_rows, pl.next_power_of_2(max(n_rows, 1))))
+
+
 def _config(n_rows: int, hidden: int):
-    """(padded hidden, rows per program, warps): from a sweep on an H100 (BENCHMARKS.md, Kernels)."""
+    """Forward: (padded hidden, rows per program, warps), from a sweep on an H100 (BENCHMARKS.md, Kernels)."""
     hp = pl.next_power_of_2(hidden)
     if hp <= 1024:
         block_rows, num_warps = 2, 4  # sweep best at hidden 576
@@ -121,8 +126,7 @@ def _config(n_rows: int, hidden: int):
         block_rows, num_warps = 2, 8  # sweep best at hidden 4096
     else:
         block_rows, num_warps = max(1, 16384 // hp), 8  # measured at 2048 (8 rows) and 8192 (2 rows)
-    block_rows = max(1, min(block_rows, pl.next_power_of_2(max(n_rows, 1))))
-    return hp, block_rows, num_warps
+    return hp, _fit_rows(block_rows, n_rows), num_warps
 
 
 def _bwd_config(n_rows: int, hidden: int):
@@ -130,7 +134,7 @@ def _bwd_config(n_rows: int, hidden: int):
     experiments/results/rms_bwd_sweep_h100_2026-11-23.json): one row per block above 1024 columns."""
     hp = pl.next_power_of_2(hidden)
     block_rows, num_warps = (2, 4) if hp <= 1024 else (1, 4) if hp == 2048 else (1, 8) if hp == 4096 else (1, 16)
-    return hp, max(1, min(block_rows, pl.next_power_of_2(max(n_rows, 1)))), num_warps
+    return hp, _fit_rows(block_rows, n_rows), num_warps
 
 
 def _triton_params(num_warps):

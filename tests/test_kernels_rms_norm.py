@@ -67,15 +67,18 @@ def test_rms_norm_residual_values_and_vjp(data, impl, dtype):
 @pytest.mark.parametrize("rows,hidden", [(16, 100), (13, 1000), (8, 1536), (5, 5120)])
 def test_other_hidden_sizes_match_float64(rows, hidden):
     """Hidden sizes padded in registers (100, 1000, 1536, 5120), rows a multiple of the row block or not:
-    forward and the fused residual variant against float64."""
+    forward and the fused residual variant against float64, and the VJP (the backward's one-row blocks above
+    1024 columns)."""
     rng = np.random.default_rng(hidden)
-    x, r = (jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32) for _ in range(2))
+    x, r, g = (jnp.asarray(rng.standard_normal((rows, hidden)), jnp.float32) for _ in range(3))
     w = jnp.asarray(1 + 0.1 * rng.standard_normal(hidden), jnp.float32)
-    y = rn.rms_norm(x, w, eps=EPS, impl="triton", interpret=True)
+    y, vjp = jax.vjp(lambda x, w: rn.rms_norm(x, w, eps=EPS, impl="triton", interpret=True), x, w)
+    dx, dw = vjp(g)
     y2, h = rn.rms_norm_residual(x, r, w, eps=EPS, impl="triton", interpret=True)
-    ry, _ = _ref64(lambda x, w: rn.reference(x, w, eps=EPS), [x, w], jnp.zeros_like(x))
+    ry, (rdx, rdw) = _ref64(lambda x, w: rn.reference(x, w, eps=EPS), [x, w], g)
     (ry2, rh), _ = _ref64(lambda x, r, w: rn.reference_residual(x, r, w, eps=EPS), [x, r, w], (x, x))
     assert _rel(y, ry) < 1e-5 and _rel(y2, ry2) < 1e-5 and _rel(h, rh) < 1e-6
+    assert _rel(dx, rdx) < 1e-5 and _rel(dw, rdw) < 1e-5
 
 
 def test_matches_hf_rounding_order():

@@ -228,19 +228,22 @@ def bench_ssd():
 
 
 def sweep_configs():
-    """(forward, forward+backward) ScanBlockConfig overrides: 17 + 7 compiles, ~90 s at the benchmark shape.
-    {} is the default (block_d 8, 1 warp, chunk 4 with prefetch, ckpt_chunk 64, bwd_chunk 2, no time splits).
-    Left out: prefetch with chunk 8 (166 registers: a second wave of programs; ~30 s to compile)."""
-    old = dict(prefetch=False, chunk=8)  # the per-step loads of the earlier default, for the other options
-    fwd = [dict(), {**old, "chunk": 16}]
-    fwd += [{**old, "group_loads": True, "chunk": c} for c in (8, 4, 16)] + [dict(prefetch=True, chunk=4)]
+    """(forward, forward+backward) ScanBlockConfig overrides: 22 + 7 compiles, ~100 s at the benchmark shape.
+    {} is the default (the chunked forward: scan_chunk 8, block_d 16, 1 warp; ckpt_chunk 64, bwd_chunk 2).
+    The per-step forward (scan_chunk 0; its best: prefetch with chunk 4, the default before the chunked one) and
+    its options follow.  Left out: prefetch with chunk 8 (166 registers: a second wave; ~30 s to compile)."""
+    step = dict(scan_chunk=0)
+    old = dict(prefetch=False, chunk=8, **step)  # the per-step loads of the first default, for the other options
+    fwd = [dict(), dict(scan_chunk=4), dict(scan_chunk=16, block_d=8), dict(block_d=8), dict(block_d=32),
+           dict(block_d=32, num_warps=2), {**old, "chunk": 16}]
+    fwd += [{**old, "group_loads": True, "chunk": c} for c in (8, 4, 16)] + [dict(prefetch=True, chunk=4, **step)]
     fwd += [{**old, "time_splits": t} for t in (2, 4, 8)]
     fwd += [{**old, "time_splits": t, "group_loads": True} for t in (2, 4)]
-    fwd += [dict(time_splits=4, prefetch=True, chunk=4)]
+    fwd += [dict(time_splits=4, prefetch=True, chunk=4, **step)]
     fwd += [{**old, "block_d": bd, "num_warps": nw} for bd, nw in ((16, 1), (16, 2), (32, 4))]
     fwd += [{**old, "block_d": bd, "num_warps": nw, "group_loads": True} for bd, nw in ((16, 2), (4, 1))]
     bwd = [dict(), dict(bwd_chunk=4), dict(bwd_chunk=1), dict(ckpt_chunk=128), dict(block_d_bwd=16, num_warps_bwd=2),
-           dict(group_loads=True, time_splits=4, prefetch=False), old]
+           dict(group_loads=True, time_splits=4, prefetch=False, **step), dict(prefetch=True, chunk=4, **step)]
     return fwd, bwd
 
 

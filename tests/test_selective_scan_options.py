@@ -1,5 +1,6 @@
-"""The selective-scan kernel's forward options (group_loads, prefetch, time_splits) in interpret mode: values and
-VJPs vs float64 references, the time-split plan, and Triton lowering of the new kernels for CUDA."""
+"""The selective-scan kernel's forward variants in interpret mode: the chunked forward (scan_chunk, the default)
+and the per-step forward's options (group_loads, prefetch, time_splits): values and VJPs vs float64 references,
+the time-split plan, and Triton lowering of the kernels for CUDA."""
 
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ K = importlib.import_module("kernels.selective_scan")  # the module (kernels/__i
 # seqlen 100 = 12 * 8 + 4: a masked last sub-chunk (and, with prefetch, a clamped load past the end).
 # seqlen 96 = 3 * 32: time splits need seqlen to be a multiple of time_splits * ckpt_chunk.
 SHAPE = dict(batch=2, dim=24, dstate=4, groups=2)
-BASE = dict(block_d=8, chunk=8, ckpt_chunk=16, bwd_chunk=4)
-SPLIT = dict(block_d=8, chunk=4, ckpt_chunk=8, bwd_chunk=4)
+BASE = dict(block_d=8, chunk=8, ckpt_chunk=16, bwd_chunk=4, scan_chunk=0)  # the per-step forward
+SPLIT = dict(block_d=8, chunk=4, ckpt_chunk=8, bwd_chunk=4, scan_chunk=0)
 CONFIGS = {  # name -> (seqlen, config)
+    # the chunked forward: 100 = 12 * 8 + 4 (a masked last chunk), 2 chunks per checkpoint
+    "chunked": (100, K.ScanBlockConfig(block_d=8, ckpt_chunk=16, bwd_chunk=4, scan_chunk=8)),
+    # 4-step chunks, block_d from the default rule (2048 / (4 * 4) = 128 -> the padded group of 16), 96 = 24 * 4
+    "chunked4": (96, K.ScanBlockConfig(ckpt_chunk=8, bwd_chunk=4, scan_chunk=4)),
     "group_loads": (100, K.ScanBlockConfig(**BASE, group_loads=True)),
     "prefetch": (100, K.ScanBlockConfig(**BASE, prefetch=True)),
     # 4 segments of 24 steps = 3 checkpoint chunks of 8 each
@@ -64,11 +69,13 @@ def test_option_values_and_vjps_f32(name):
 
 
 def test_options_values_and_vjps_bf16():
-    """bf16 activations through time splits and prefetch at once (the prefetched rows are carried in bf16)."""
-    seqlen, cfg = CONFIGS["splits8_prefetch"]
-    jargs, out_ref, last_ref, ct, g_ref = _case(seqlen, "bfloat16")
-    assert_matches_reference(run(jargs, True, "pallas", ct, interpret=True, config=cfg), jargs, out_ref, last_ref,
-                             g_ref, "bfloat16")
+    """bf16 activations through time splits and prefetch at once (the prefetched rows are carried in bf16), and
+    through the chunked forward (its carried rows are bf16 too)."""
+    for name in ("splits8_prefetch", "chunked"):
+        seqlen, cfg = CONFIGS[name]
+        jargs, out_ref, last_ref, ct, g_ref = _case(seqlen, "bfloat16")
+        assert_matches_reference(run(jargs, True, "pallas", ct, interpret=True, config=cfg), jargs, out_ref,
+                                 last_ref, g_ref, "bfloat16")
 
 
 def test_load_schedules_are_the_same_arithmetic():
@@ -86,7 +93,7 @@ def test_load_schedules_are_the_same_arithmetic():
 def test_time_split_plan():
     """Segments are whole checkpoint chunks: time_splits drops to the largest power of two that allows it."""
     def splits(l, **kw):
-        st = K._make_static(l, 1, 8, 4, K.ScanBlockConfig(**kw), softplus=False, has_D=False, has_z=False,
+        st = K._make_static(l, 1, 8, 4, K.ScanBlockConfig(scan_chunk=0, **kw), softplus=False, has_D=False, has_z=False,
                             has_bias=False, interpret=True)
         assert st.P == 1 or l % (st.P * st.K1) == 0
         return st.P
@@ -102,13 +109,20 @@ def test_time_split_plan():
     for flag in ("prefetch", "group_loads"):
         with pytest.raises(ValueError, match=flag):
             K.ScanBlockConfig(**{flag: 1})
+    with pytest.raises(ValueError, match="scan_chunk=0"):
+        K.ScanBlockConfig(time_splits=2)  # the chunked forward (the default) has no time splits
+    with pytest.raises(ValueError, match="scan_chunk"):
+        K.ScanBlockConfig(scan_chunk=6)
 
 
 @pytest.mark.parametrize("seqlen,kw,kernels", [
     (48, dict(), ("selective_scan_fwd", "selective_scan_bwd")),  # the default config (forward with checkpoints)
-    (52, dict(prefetch=True), ("selective_scan_fwd", "selective_scan_bwd")),  # 52 = 3 * 16 + 4: masked tail
-    (96, dict(prefetch=True, time_splits=4), ("selective_scan_state", "selective_scan_fwd", "selective_scan_bwd")),
-    (96, dict(group_loads=True, time_splits=2), ("selective_scan_state", "selective_scan_fwd", "selective_scan_bwd")),
+    (52, dict(), ("selective_scan_fwd", "selective_scan_bwd")),  # chunked, 52 = 6 * 8 + 4: masked loads and stores
+    (52, dict(prefetch=True, scan_chunk=0), ("selective_scan_fwd", "selective_scan_bwd")),  # per-step, masked tail
+    (96, dict(prefetch=True, time_splits=4, scan_chunk=0),
+     ("selective_scan_state", "selective_scan_fwd", "selective_scan_bwd")),
+    (96, dict(group_loads=True, time_splits=2, scan_chunk=0),
+     ("selective_scan_state", "selective_scan_fwd", "selective_scan_bwd")),
 ])
 def test_options_lower_to_triton_for_cuda(seqlen, kw, kernels):
     """The options lowered for a CUDA target on this CPU box (forward with checkpoints, backward, and with time

@@ -2,7 +2,8 @@
 
 `linear_scan(a, b, axis)` returns (P, H) with, along `axis`,
     P_t = a_0 a_1 ... a_t        H_t = a_t H_{t-1} + b_t   (H_{-1} = 0)
-i.e. the inclusive scan of the affine maps h -> a h + b under composition.  Outside a kernel, and in Pallas
+i.e. the inclusive scan of the affine maps h -> a h + b under composition; with reverse=True the same from the
+end, H_t = a_t H_{t+1} + b_t (H_n = 0), the recurrence of an adjoint.  Outside a kernel, and in Pallas
 interpret mode, it is `lax.associative_scan`.  Inside a Pallas Triton kernel it lowers to one `tt.scan` over both
 operands, which Triton runs in registers: sequentially over the elements a thread holds along the axis, then
 across lanes and warps.  Pallas registers a `tt.scan` rule only for `cumsum`; this module adds one for this
@@ -31,11 +32,11 @@ def _compose(x, y):
     return a1 * a2, a2 * b1 + b2
 
 
-def _impl(a, b, *, axis: int):
-    return lax.associative_scan(_compose, (a, b), axis=axis)
+def _impl(a, b, *, axis: int, reverse: bool = False):
+    return lax.associative_scan(_compose, (a, b), axis=axis, reverse=reverse)
 
 
-def _abstract(a, b, *, axis: int):
+def _abstract(a, b, *, axis: int, reverse: bool = False):
     if a.shape != b.shape or a.dtype != b.dtype:
         raise ValueError(f"linear_scan: a and b must match, got {a.shape} {a.dtype} and {b.shape} {b.dtype}")
     if not -a.ndim <= axis < a.ndim:
@@ -50,10 +51,11 @@ linear_scan_p.def_abstract_eval(_abstract)
 mlir.register_lowering(linear_scan_p, mlir.lower_fun(_impl, multiple_results=True))
 
 
-def linear_scan(a: jax.Array, b: jax.Array, axis: int = 0) -> Tuple[jax.Array, jax.Array]:
-    """(prod of a up to t, h_t) along `axis` for h_t = a_t h_{t-1} + b_t from h = 0 (see the module docstring)."""
+def linear_scan(a: jax.Array, b: jax.Array, axis: int = 0, reverse: bool = False) -> Tuple[jax.Array, jax.Array]:
+    """(prod of a up to t, h_t) along `axis` for h_t = a_t h_{t-1} + b_t from h = 0; reverse: from the end,
+    h_t = a_t h_{t+1} + b_t (see the module docstring)."""
     _abstract(a, b, axis=axis)
-    return tuple(linear_scan_p.bind(a, b, axis=axis % a.ndim))
+    return tuple(linear_scan_p.bind(a, b, axis=axis % a.ndim, reverse=bool(reverse)))
 
 
 def _register_triton_rule() -> Optional[str]:
@@ -72,14 +74,14 @@ def _register_triton_rule() -> Optional[str]:
     def body(a1, b1, a2, b2):
         return list(_compose((a1, b1), (a2, b2)))
 
-    def rule(ctx, a, b, *, axis):
+    def rule(ctx, a, b, *, axis, reverse=False):
         scalars = [jax_core.ShapedArray((), v.dtype) for v in ctx.avals_in]
         fun = lu.wrap_init(body, debug_info=api_util.debug_info("linear_scan", body, (0, 0, 0, 0), {}))
         jaxpr, _, consts = pe.trace_to_jaxpr_dynamic(fun, scalars * 2)
         if consts:  # pragma: no cover
             raise NotImplementedError("linear_scan: the combine function closed over constants")
         types = [tl._element_type(x.type) for x in (a, b)]
-        op = tt_dialect.ScanOp([a, b], axis)
+        op = tt_dialect.ScanOp([a, b], axis, reverse)  # reverse: flip, scan, flip (as lax's)
         entry = op.regions[0].blocks.append(*(types * 2))
         with ir.InsertionPoint.at_block_begin(entry):
             tt_dialect.scan_return(tl.lower_jaxpr_to_triton_ir(ctx.context, jaxpr, None, *entry.arguments))

@@ -584,6 +584,135 @@ def _bwd_kernel(*refs, st: _Static):
         r["dbias"][P.b, P.dsl] = dbias_acc
 
 
+def _bwd_chunk_kernel(*refs, st: _Static):
+    """The chunked backward (with the chunked forward): per [Tc, dstate, block_d] tile, walked in reverse.
+
+    Per checkpoint chunk, pass 1 recomputes the Tc-step chunks' start states into this program's scratch rows;
+    pass 2 walks the chunks backwards.  In a chunk: h from the forward `linear_scan`; the adjoint
+    L_t = dL/dh_t = dy_t C_t + a_{t+1} L_{t+1} from a reverse `linear_scan` whose multipliers are the exp2 of the
+    rows one step later (the next chunk's L_{t0+Tc} enters through the last step); a_t h_{t-1} = h_t - dt_t u_t B_t.
+    dB and dC (sums over dims) are atomic adds of [Tc, dstate] tiles into time-padded buffers (no masks); steps
+    past seqlen have dt = 0 and dy = 0, the identity, so they add zeros and carry L through unchanged.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    names = _in_names(st) + ["ckpt", "dout", "dlast", "dB_in", "dC_in", "du", "ddt"] \
+        + (["dz"] if st.has_z else []) + ["dA"] + (["dD"] if st.has_D else []) \
+        + (["dbias"] if st.has_bias else []) + ["dB", "dC", "scratch"]
+    assert len(refs) == len(names)
+    r = dict(zip(names, refs))
+    f32 = jnp.float32
+    T, BD, Np, K1 = st.Tc, st.BDb, st.Np, st.K1
+    b, g, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    prog = (b * st.G + g) * (st.Dgp // BD) + j
+    dsl = pl.ds(pl.multiple_of(g * st.Dgp + j * BD, BD), BD)
+    A = r["A"][dsl, :].astype(f32).T  # [Np, BD]
+    A2 = A * LOG2E
+    Dv = r["D"][dsl].astype(f32) if st.has_D else None
+    bias = r["bias"][dsl].astype(f32) if st.has_bias else None
+    partial = st.L % T != 0
+    ti = lax.broadcasted_iota(jnp.int32, (T, Np, BD), 0)
+    per = K1 // T
+
+    def valid(t0):  # [T, 1]
+        return (t0 + lax.broadcasted_iota(jnp.int32, (T, 1), 0)) < st.L
+
+    def load(k, t0, masked):
+        tsl = pl.ds(t0, T)
+        idx = (b, tsl, g, slice(None)) if k in ("B", "C") else (b, tsl, dsl)
+        if not masked:
+            return r[k][idx].astype(f32)
+        m = jnp.broadcast_to(valid(t0), (T, Np if k in ("B", "C") else BD))
+        return plgpu.load(r[k].at[idx], mask=m, other=0).astype(f32)
+
+    def dt_of(t0, masked):  # (pre-softplus x, dt) of rows t0..t0+T-1; dt = 0 past seqlen
+        x = load("dt", t0, masked)
+        if bias is not None:
+            x = x + bias[None, :]
+        dt = softplus(x) if st.softplus else x
+        return x, (jnp.where(valid(t0), dt, 0.0) if masked else dt)
+
+    def forward(t0, h0):  # (x_pre, dt, u, B, a, dt u B, h) of the chunk at t0 from its start state h0
+        x_pre, dt = dt_of(t0, partial)
+        u, bt = load("u", t0, partial), load("B", t0, partial)
+        a = jnp.exp2(dt[:, None, :] * A2[None])
+        xb = (dt * u)[:, None, :] * bt[:, :, None]
+        _, h = linear_scan.linear_scan(a, jnp.where(ti == 0, xb + a * h0[None], xb), axis=0)
+        return x_pre, dt, u, bt, a, xb, h
+
+    def last_of(h):
+        return jnp.sum(jnp.where(ti == T - 1, h, 0.0), axis=0)
+
+    def backward(t0, h0, lam, accs):
+        dA_acc, dD_acc, dbias_acc = accs
+        x_pre, dt, u, bt, a, xb, h = forward(t0, h0)
+        _, dtn = dt_of(t0 + 1, True)  # the rows one step later (past seqlen: dt = 0)
+        an = jnp.exp2(dtn[:, None, :] * A2[None])
+        ct, go = load("C", t0, partial), load("dout", t0, partial)
+        tsl = pl.ds(t0, T)
+        vmask = valid(t0) if partial else None
+        if st.has_z:
+            zt = load("z", t0, partial)
+            sz = jax.nn.sigmoid(zt)
+            y = jnp.sum(h * ct[:, :, None], axis=1)
+            if st.has_D:
+                y = y + Dv[None, :] * u
+            _store(r["dz"], (b, tsl, dsl), (go * y * sz * (1.0 + zt * (1.0 - sz))).astype(r["dz"].dtype), vmask)
+            dy = go * zt * sz
+        else:
+            dy = go
+        gq = dy[:, None, :] * ct[:, :, None]
+        _, lt = linear_scan.linear_scan(an, jnp.where(ti == T - 1, gq + an * lam[None], gq), axis=0, reverse=True)
+        q = lt * (h - xb)  # L_t a_t h_{t-1}
+        s_b = jnp.sum(lt * bt[:, :, None], axis=1)  # [T, BD]
+        du = dt * s_b
+        if st.has_D:
+            du = du + dy * Dv[None, :]
+            dD_acc = dD_acc + jnp.sum(dy * u, axis=0)
+        ddt = u * s_b + jnp.sum(q * A[None], axis=1)
+        dA_acc = dA_acc + jnp.sum(q * dt[:, None, :], axis=0)
+        plgpu.atomic_add(r["dB"], (b, tsl, g, slice(None)), jnp.sum(lt * (dt * u)[:, None, :], axis=2))
+        plgpu.atomic_add(r["dC"], (b, tsl, g, slice(None)), jnp.sum(h * dy[:, None, :], axis=2))
+        if st.softplus:
+            ddt = ddt * jnp.where(x_pre > SOFTPLUS_THRESHOLD, 1.0, jax.nn.sigmoid(x_pre))
+        if partial:
+            ddt = jnp.where(vmask, ddt, 0.0)
+        if st.has_bias:
+            dbias_acc = dbias_acc + jnp.sum(ddt, axis=0)
+        _store(r["du"], (b, tsl, dsl), du.astype(r["du"].dtype), vmask)
+        _store(r["ddt"], (b, tsl, dsl), ddt.astype(r["ddt"].dtype), vmask)
+        return jnp.sum(jnp.where(ti == 0, lt, 0.0), axis=0), (dA_acc, dD_acc, dbias_acc)
+
+    def chunk(i, carry):  # checkpoint chunk c1, from the last
+        c1 = st.NC1 - 1 - i
+        n_sub = jnp.minimum(per, (st.L - c1 * K1 + T - 1) // T)
+
+        def save(s, h):  # pass 1: the Tc-step chunks' start states
+            r["scratch"][prog, s, :, :] = h
+            return last_of(forward(pl.multiple_of(c1 * K1 + s * T, T), h)[-1])
+
+        lax.fori_loop(0, n_sub, save, r["ckpt"][b, c1, dsl, :].T)
+        if not st.interpret:
+            plgpu.debug_barrier()  # scratch writes visible to every thread of the program
+
+        def back(i2, carry):  # pass 2: the chunks backwards
+            s = n_sub - 1 - i2
+            lam, accs = carry
+            return backward(pl.multiple_of(c1 * K1 + s * T, T), r["scratch"][prog, s, :, :], lam, accs)
+
+        return lax.fori_loop(0, n_sub, back, carry)
+
+    zv = jnp.zeros((BD,), f32)
+    init = (r["dlast"][b, dsl, :].astype(f32).T, (jnp.zeros((Np, BD), f32), zv, zv))
+    _, (dA_acc, dD_acc, dbias_acc) = lax.fori_loop(0, st.NC1, chunk, init)
+    r["dA"][b, dsl, :] = dA_acc.T
+    if st.has_D:
+        r["dD"][b, dsl] = dD_acc
+    if st.has_bias:
+        r["dbias"][b, dsl] = dbias_acc
+
+
 def _segment_starts(A, S, sumdt, bsz: int, P: int):
     """Start state of every time segment: h0[0] = 0, h0[p+1] = exp(A * sumdt[p]) * h0[p] + S[p] (f32).
 
@@ -644,7 +773,8 @@ def _call_bwd(st: _Static, args, ckpt, dout, dlast):
 
     u, dt = args[0], args[1]
     bsz, L, Dp = u.shape
-    J = st.Dgp // st.BDb
+    bd = st.BDb
+    J = st.Dgp // bd
     f32 = jnp.float32
     out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
     if st.has_z:
@@ -655,13 +785,14 @@ def _call_bwd(st: _Static, args, ckpt, dout, dlast):
         out_shape.append(jax.ShapeDtypeStruct((bsz, Dp), f32))
     if st.has_bias:
         out_shape.append(jax.ShapeDtypeStruct((bsz, Dp), f32))
-    bc = (bsz, L, st.G, st.Np)
-    out_shape += [jax.ShapeDtypeStruct(bc, f32), jax.ShapeDtypeStruct(bc, f32),
-                  jax.ShapeDtypeStruct((bsz * st.G * J, st.K1 // st.Kb, st.BDb, st.Np), f32)]
+    lp = -(-L // st.Tc) * st.Tc if st.Tc else L  # chunked: dB / dC padded to whole chunks (unmasked atomics)
+    bc = (bsz, lp, st.G, st.Np)
+    scratch = (bsz * st.G * J, st.K1 // st.Tc, st.Np, bd) if st.Tc else (bsz * st.G * J, st.K1 // st.Kb, bd, st.Np)
+    out_shape += [jax.ShapeDtypeStruct(bc, f32), jax.ShapeDtypeStruct(bc, f32), jax.ShapeDtypeStruct(scratch, f32)]
     n_in = len(args) + 5
     aliases = {n_in - 2: len(out_shape) - 3, n_in - 1: len(out_shape) - 2}  # dB, dC accumulate into zeros
-    return pl.pallas_call(
-        functools.partial(_bwd_kernel, st=st),
+    grads = pl.pallas_call(
+        functools.partial(_bwd_chunk_kernel if st.Tc else _bwd_kernel, st=st),
         out_shape=tuple(out_shape),
         grid=(bsz, st.G, J),
         input_output_aliases=aliases,
@@ -669,6 +800,9 @@ def _call_bwd(st: _Static, args, ckpt, dout, dlast):
         compiler_params=None if st.interpret else _compiler_params(st.nwb, st.num_stages),
         name="selective_scan_bwd",
     )(*args, ckpt, dout, dlast, jnp.zeros(bc, f32), jnp.zeros(bc, f32))[:-1]
+    if lp != L:
+        grads = grads[:-2] + tuple(x[:, :L] for x in grads[-2:])
+    return grads
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

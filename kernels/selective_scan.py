@@ -11,7 +11,7 @@ Semantics (mamba_ssm `selective_scan_ref`), all in f32:
     dt = softplus(delta + delta_bias) (softplus only if delta_softplus)
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * u_t * B_t ;  y_t = <h_t, C_t> + D * u_t ;  out_t = y_t * silu(z_t)
 
-Two forward kernels (grid: batch x groups x dim-blocks), one backward kernel.
+Two forward kernels and a backward kernel for each (grid: batch x groups x dim-blocks).
 
 The chunked forward (the default, `ScanBlockConfig.scan_chunk` = 8) scans a [scan_chunk, dstate, block_d] f32
 tile per loop trip with `kernels.linear_scan` (one Triton `tt.scan`).  The tile's time axis is its slowest, so
@@ -32,8 +32,8 @@ with bwd_chunk 2, no spills.)  Without the load options below each step loads it
 the previous step's store of out, and neither LLVM nor ptxas moves a load above a store that may alias (the
 sm90 SASS is LDG..STG per step): one load latency per step (~1 us per step at B8 L4096 D2048 on an H100).
 Its default, `prefetch` with chunk 4, overlaps those loads with the recurrence: 2.1x faster on the H100
-(BENCHMARKS.md).  The backward kernel still loads per step (the same fix is its next step).  With gradients
-requested either forward also saves the state every `ckpt_chunk` steps.  The backward kernel walks those chunks in reverse: it recomputes
+(BENCHMARKS.md).  With gradients requested either forward also saves the state every `ckpt_chunk` steps.  The
+per-step backward kernel (loads per step) walks those chunks in reverse: it recomputes
 a chunk into `bwd_chunk`-step checkpoints in a small per-program scratch buffer (L2-resident), then for each
 sub-chunk recomputes its states into registers and runs the adjoint recurrence.  dB/dC (sums over dims)
 are accumulated with f32 atomics, so their last bits depend on scheduling, as in mamba_ssm.
@@ -158,6 +158,10 @@ class ScanBlockConfig:
         (f32 memory: batch * dim * dstate * 4 bytes * seqlen / ckpt_chunk).
     bwd_chunk: backward steps whose states are held in registers; each ckpt_chunk is first recomputed
         into bwd_chunk-step checkpoints in a scratch buffer (small, L2-resident), then walked backwards.
+        (Per-step backward only; the chunked backward walks scan_chunk steps.)
+    block_d_bwd, num_warps_bwd: dims and warps per backward program (either backward); block_d_bwd None picks
+        (128 * num_warps_bwd) // dstate (chunked backward at dstate 16: 8, 5.9 ms at B8 L4096 D2048 on the H100,
+        against 7.4 ms at 4 and 9.1 ms at 16).
     group_loads: each forward trip loads all its `chunk` steps' rows before its math (see the module docstring).
     prefetch: forward software pipelining: each trip loads the next trip's rows before its own math.
     time_splits: forward time segments run in parallel (two passes); lowered to the largest power of two with
@@ -490,14 +494,19 @@ def _fwd_chunk_kernel(*refs, st: _Static, save_ckpt: bool = False):
     r["last"][b, dsl, :] = h.T
 
 
-def _bwd_kernel(*refs, st: _Static):
-    from jax.experimental.pallas import triton as plgpu
-
+def _bwd_refs(st: _Static, refs) -> dict:
+    """A backward kernel's refs by name: inputs, checkpoints, cotangents, dB/dC zeros (aliased), then outputs."""
     names = _in_names(st) + ["ckpt", "dout", "dlast", "dB_in", "dC_in", "du", "ddt"] \
         + (["dz"] if st.has_z else []) + ["dA"] + (["dD"] if st.has_D else []) \
         + (["dbias"] if st.has_bias else []) + ["dB", "dC", "scratch"]
     assert len(refs) == len(names)
-    r = dict(zip(names, refs))
+    return dict(zip(names, refs))
+
+
+def _bwd_kernel(*refs, st: _Static):
+    from jax.experimental.pallas import triton as plgpu
+
+    r = _bwd_refs(st, refs)
     f32 = jnp.float32
     BD, Kb, K1 = st.BDb, st.Kb, st.K1
     P = _Prog(st, r, BD)
@@ -598,11 +607,7 @@ def _bwd_chunk_kernel(*refs, st: _Static):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    names = _in_names(st) + ["ckpt", "dout", "dlast", "dB_in", "dC_in", "du", "ddt"] \
-        + (["dz"] if st.has_z else []) + ["dA"] + (["dD"] if st.has_D else []) \
-        + (["dbias"] if st.has_bias else []) + ["dB", "dC", "scratch"]
-    assert len(refs) == len(names)
-    r = dict(zip(names, refs))
+    r = _bwd_refs(st, refs)
     f32 = jnp.float32
     T, BD, Np, K1 = st.Tc, st.BDb, st.Np, st.K1
     b, g, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)

@@ -22,7 +22,7 @@ import kernel_times as kt  # noqa: E402
 K = importlib.import_module("kernels.selective_scan")
 b, l, d, n = 8, 4096, 2048, 16
 cfgs = {"chunked (default)": {}, "per-step (prefetch, chunk 4)": dict(scan_chunk=0)}
-cfgs.update({k: v for k, v in json.loads(sys.argv[1]).items()} if len(sys.argv) > 1 else {})
+cfgs.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
 res = []
 for dn in ("float32", "bfloat16"):
     dt_ = jnp.dtype(dn)

@@ -290,6 +290,15 @@ def _atomic_add(ref, idx, val):
     plgpu.atomic_add(ref, idx, val)
 
 
+def _dt(st: _Static, x, bias, valid=None):
+    """(x + bias, dt) for raw dt rows x in f32: dt = softplus(x + bias) when st.softplus (else x + bias), zeroed
+    where not valid (None: everywhere valid).  bias None: no delta_bias."""
+    if bias is not None:
+        x = x + bias
+    dt = softplus(x) if st.softplus else x
+    return x, (dt if valid is None else jnp.where(valid, dt, 0.0))
+
+
 class _Prog:
     """Per-program constants: which (batch, group, dim block) this program owns, and its parameters."""
 
@@ -312,13 +321,10 @@ class _Prog:
         """(dt_pre_softplus, dt, u, B_t) in f32 from row(i), the raw dt, u, B rows for i = 0, 1, 2 (fetched in
         that order); dt and u zeroed where not valid (None: everywhere valid)."""
         f32 = jnp.float32
-        x = row(0).astype(f32)
-        if st.has_bias:
-            x = x + self.bias
-        dt = softplus(x) if st.softplus else x
+        x, dt = _dt(st, row(0).astype(f32), self.bias, valid)
         u, bt = row(1).astype(f32), row(2).astype(f32)
         if valid is not None:
-            dt, u = jnp.where(valid, dt, 0.0), jnp.where(valid, u, 0.0)
+            u = jnp.where(valid, u, 0.0)
         return x, dt, u, bt
 
     def inputs(self, st: _Static, r: dict, t_raw, partial: bool):
@@ -458,11 +464,7 @@ def _fwd_chunk_kernel(*refs, st: _Static, save_ckpt: bool = False):
                                 other=0).astype(jnp.float32) for k in fields)
 
     def dt_exp(c, x):  # (dt [T, BD], exp(dt A) [T, Np, BD]) of chunk c from its raw dt rows; dt = 0 past seqlen
-        if bias is not None:
-            x = x + bias[None, :]
-        dt = softplus(x) if st.softplus else x
-        if partial:
-            dt = jnp.where(valid(c), dt, 0.0)
+        dt = _dt(st, x, bias, valid(c) if partial else None)[1]
         return dt, jnp.exp2(dt[:, None, :] * A2[None])
 
     def trip(c, carry):
@@ -634,11 +636,7 @@ def _bwd_chunk_kernel(*refs, st: _Static):
         return plgpu.load(r[k].at[idx], mask=m, other=0).astype(f32)
 
     def dt_of(t0, masked):  # (pre-softplus x, dt) of rows t0..t0+T-1; dt = 0 past seqlen
-        x = load("dt", t0, masked)
-        if bias is not None:
-            x = x + bias[None, :]
-        dt = softplus(x) if st.softplus else x
-        return x, (jnp.where(valid(t0), dt, 0.0) if masked else dt)
+        return _dt(st, load("dt", t0, masked), bias, valid(t0) if masked else None)
 
     def forward(t0, h0):  # (x_pre, dt, u, B, a, dt u B, h) of the chunk at t0 from its start state h0
         x_pre, dt = dt_of(t0, partial)

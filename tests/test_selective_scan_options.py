@@ -145,3 +145,28 @@ def test_options_lower_to_triton_for_cuda(seqlen, kw, kernels):
     text = exp.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == len(kernels)
     assert all(k in text for k in kernels)
+
+
+def test_falls_back_to_the_per_step_forward_without_the_scan_rule(monkeypatch):
+    """If a jax version moved Pallas' lowering table (linear_scan.TRITON_ERROR set, no tt.scan rule), the kernel
+    warns and lowers the per-step kernels instead of failing deep in the Triton lowering."""
+    from jax import export
+    from jax._src.pallas.triton import lowering as tl
+
+    from kernels import linear_scan
+
+    monkeypatch.setattr(linear_scan, "TRITON_ERROR", "test: lowering table moved")
+    monkeypatch.delitem(tl.triton_lowering_rules, linear_scan.linear_scan_p)
+    sd = jax.ShapeDtypeStruct
+    b, l, d, n = 1, 40, 16, 4
+    args = (sd((b, l, d), jnp.float32), sd((b, l, d), jnp.float32), sd((d, n), jnp.float32),
+            sd((b, l, 1, n), jnp.float32), sd((b, l, 1, n), jnp.float32))
+
+    def loss(*a):
+        out, last = K.selective_scan_triton(*a, config=K.ScanBlockConfig(ckpt_chunk=8))
+        return out.sum() + last.sum()
+
+    with pytest.warns(RuntimeWarning, match="lowering table moved.*scan_chunk=0"):
+        exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=("cuda",),
+                            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    assert exp.mlir_module().count("__gpu$xla.gpu.triton") == 2  # the per-step forward and backward

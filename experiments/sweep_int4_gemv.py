@@ -4,6 +4,9 @@ dequantized weights.  A config is a dict of `kernels.quant_matmul.Int4Blocks` ov
 
     PYTHONPATH=. python3 experiments/sweep_int4_gemv.py --out $OUT/int4_gemv_sweep.json
     PYTHONPATH=. python3 experiments/sweep_int4_gemv.py --configs '[{"unroll": 8, "parts": 2}]' --shapes 4096x14336 --rows 1,2
+    PYTHONPATH=. python3 experiments/sweep_int4_gemv.py --parity --configs '[{}, {"idot": false}]'
+`--parity`: instead of timing, each config's f32 output against the f32 reference on small odd shapes (groups
+32-256, partial word blocks, bf16 / f16 activations, M 1 / 2, with and without zero points, a NaN row).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# the GEMV's own knobs: words per one-warp program, packed rows per step, programs per group, prefetch
-DEFAULT_CONFIGS = [dict(words=w, unroll=u, parts=p, prefetch=f)
+# the f32 GEMV's own knobs (bf16 activations take the integer-dot GEMV unless idot=False): words per one-warp
+# program, packed rows per step, programs per group, prefetch
+DEFAULT_CONFIGS = [dict(idot=False, words=w, unroll=u, parts=p, prefetch=f)
                    for w in (64, 128) for u in (2, 4, 8) for p in (1, 2, 4) for f in (True, False) if u * p <= 64]
 
 
@@ -27,8 +31,11 @@ def main() -> int:
     ap.add_argument("--shapes", default="4096x14336", help="KxN list, comma-separated")
     ap.add_argument("--rows", default="1", help="activation rows M, comma-separated")
     ap.add_argument("--sym", action="store_true", help="symmetric codes (default: with zero points, the library default)")
+    ap.add_argument("--parity", action="store_true", help="check values (f32 out) instead of timing")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "int4_gemv_sweep.json"))
     a = ap.parse_args()
+    if a.parity:
+        return parity(json.loads(a.configs) if a.configs else [{}])
 
     import jax
     import jax.numpy as jnp
@@ -57,7 +64,7 @@ def main() -> int:
             for cfg in configs:
                 blk = qm.QuantBlocks(int4=qm.Int4Blocks(**cfg))
                 row = dict(shape=shape, m=m, cfg=cfg, bf16_us=bf["us"],
-                           plan={kk: v for kk, v in qm.plan(m, k, n, 128, blk, bits=4).items() if kk != "path"})
+                           plan=qm.plan(m, k, n, 128, blk, bits=4, x_dtype=x.dtype))
                 try:
                     f = lambda x, c, s, z, blk=blk: qm.quant_matmul(x, c, s, z, bits=4, group_size=128,  # noqa: E731
                                                                     impl="triton", blocks=blk)
@@ -75,6 +82,47 @@ def main() -> int:
                     json.dump(out, fh, indent=1)
     print(f"done in {time.time() - t0:.0f} s")
     return 0
+
+
+def parity(configs: list[dict], tol: float = 2e-4) -> int:
+    """Each config against `qm.reference` (f32) with f32 output: max |err| / max |ref| <= tol; NaN rows stay NaN."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from iva_jax import quant
+    from kernels import quant_matmul as qm
+
+    fails = 0
+    cases = [(576, 1536, 64), (576, 1000, 64), (320, 130, 32), (1024, 520, 256), (4096, 14336, 128), (14336, 4096, 128)]
+    for ci, (k, n, g) in enumerate(cases):
+        w = jax.random.normal(jax.random.PRNGKey(ci), (k, n), jnp.float32) * 0.05
+        for sym in (False, True):
+            codes = quant.quantize_groupwise(w, bits=4, group_size=g, symmetric=sym)
+            for m, dt in ((1, jnp.bfloat16), (2, jnp.float16)):
+                x = (jax.random.normal(jax.random.PRNGKey(100 + m), (m, k), jnp.float32) * 3).astype(dt)
+                ref = np.asarray(qm.reference(x.astype(jnp.float32), *codes, bits=4, group_size=g))
+                for cfg in configs:
+                    blk = qm.QuantBlocks(int4=qm.Int4Blocks(**cfg))
+                    f = jax.jit(lambda x, c, s, z, blk=blk, g=g: qm.quant_matmul(
+                        x, c, s, z, bits=4, group_size=g, impl="triton", blocks=blk, out_dtype=jnp.float32))
+                    name = f"{k}->{n} g{g} {'sym' if sym else 'asym'} M{m} {jnp.dtype(dt).name} {json.dumps(cfg)}"
+                    try:
+                        got = np.asarray(f(x, *codes))
+                        err = float(np.abs(got - ref).max() / np.abs(ref).max())
+                        nan_ok = True
+                        if m == 2:  # a NaN in row 1: row 1 all NaN, row 0 unchanged
+                            got2 = np.asarray(f(x.at[1, k // 3].set(jnp.nan), *codes))
+                            nan_ok = bool(np.isnan(got2[1]).all() and np.array_equal(got2[0], got[0]))
+                        ok = err <= tol and nan_ok
+                        path = qm.plan(m, k, n, g, blk, bits=4, x_dtype=dt)["path"]
+                        print(f"{'PASS' if ok else 'FAIL'} {name} [{path}] err {err:.2e} nan_ok {nan_ok}", flush=True)
+                    except Exception as e:  # noqa: BLE001
+                        ok = False
+                        print(f"FAIL {name} {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    fails += not ok
+    print(f"parity: {fails} failed")
+    return int(fails > 0)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,17 @@ Implementations (all accumulate in f32; output in x.dtype unless `out_dtype`):
               above, dequantize to x's dtype and one jnp.dot (`reference`: dequantise in f32/f64).
   * "triton": Pallas-Triton kernels; k-splits write f32 partials that one small XLA sum combines
               (deterministic, no atomics).  VJP w.r.t. x through XLA.
-              int4, rows <= `Int4Blocks.gemv_rows` (decode): a GEMV on the 32-bit words.  One warp per
+              int4, rows <= `Int4Blocks.gemv_rows` (decode), bf16 / f16 activations (`Int4Blocks.idot`): a GEMV
+                on integer dot products.  One warp per program takes 128 words (512 columns) of one group;
+                the program's activations become int16 (scaled by their max: |error| <= max|x| / 65534,
+                ~2^-16 relative, far below bf16's own rounding); per step each thread's [4 rows, 4 words]
+                block is byte-transposed with `prmt` so that one register holds 4 rows of one column, its
+                nibbles masked into bytes, and `dp2a` multiplies them by activation pairs with exact int32
+                accumulation (inline PTX, ~1.7 instructions per weight with the activations' conversion,
+                against ~3.6 for the f32 GEMV); the scales, zero points and activation scale are applied
+                once per program.
+              int4, rows <= `Int4Blocks.gemv_rows`, f32 activations (or `idot=False`): a GEMV on the 32-bit
+                words, exact in f32.  One warp per
                 program, each program one part of one group for 128 words (512 columns); the 8 nibbles
                 of a word become exact f32 values c * 2^p with one `lop3` (mask | 2^23 exponent) and
                 one subtract each (inline PTX; the nibbles stay at their bit position p, the 2^-p goes
@@ -61,7 +71,8 @@ _FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float3
 _MAX_KERNEL_ROWS = 16  # H100, 2026-11-22: faster than XLA at M<=16, slower at M=64
 _GROUPED_ROWS = 16  # XLA path: per-group dots up to this many rows
 _GPU_VALIDATED = True  # int8 kernels, H100, jax 0.11.2, 2026-11-22: bench_inference --only check, PASS (sym/asym, M 1/7/16)
-_W4_GPU_VALIDATED = True  # int4 word kernels, H100, jax 0.11.2, 2026-11-23: bench_inference --only check, 30/30 PASS
+_W4_GPU_VALIDATED = True  # int4 word kernels, H100, jax 0.11.2, 2026-11-23: bench_inference --only check, 30/30 PASS;
+# the integer-dot GEMV: experiments/sweep_int4_gemv.py --parity, 0 failed (2026-11-23, session 8)
 
 
 def _pow2(name: str, v: Any, lo: int) -> None:
@@ -71,13 +82,19 @@ def _pow2(name: str, v: Any, lo: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Int4Blocks:
-    """int4 kernel tiling (H100 sweeps: experiments/results/int4_words_*): GEMV up to `gemv_rows` rows:
-    words (4 columns each) per program, warps, rows per step, programs per group (`parts`: more warps
-    for the latency-bound stream), next-step prefetch; more rows: the tl.dot path (`dot_tiles`, words per
+    """int4 kernel tiling (H100 sweeps: experiments/results/int4_words_*, int4_idot_*): GEMV up to `gemv_rows`
+    rows.  With 16-bit activations and `idot`, the integer-dot GEMV: packed rows per step, programs per group,
+    next-step prefetch (`idot_*`), 128 words per warp (`warps`).  Otherwise (f32 activations) the f32 GEMV:
+    words (4 columns each) per program, warps, rows per step, programs per group (`parts`: more warps for
+    the latency-bound stream), next-step prefetch.  More rows: the tl.dot path (`dot_tiles`, words per
     program; k-splits / steps from QuantBlocks) or the tensor-core path (words per program, rows per
     step, groups per program, warps, pipeline stages)."""
 
     gemv_rows: int = 2
+    idot: bool = True
+    idot_unroll: int = 16
+    idot_parts: int = 1
+    idot_prefetch: bool = False
     words: int = 128
     warps: int = 1
     unroll: int = 4
@@ -92,8 +109,8 @@ class Int4Blocks:
     mma_stages: int = 1
 
     def __post_init__(self):
-        for name, lo in (("words", 32), ("unroll", 1), ("parts", 1), ("dot_words", 16), ("mma_words", 16), ("mma_rows", 16),
-                         ("warps", 1), ("mma_warps", 1)):
+        for name, lo in (("words", 32), ("unroll", 1), ("parts", 1), ("idot_unroll", 4), ("idot_parts", 1),
+                         ("dot_words", 16), ("mma_words", 16), ("mma_rows", 16), ("warps", 1), ("mma_warps", 1)):
             _pow2(f"Int4Blocks.{name}", getattr(self, name), lo)
         if not 0 <= self.gemv_rows <= _MAX_KERNEL_ROWS or self.mma_groups < 1 or self.mma_stages < 1:
             raise ValueError(f"Int4Blocks: gemv_rows in [0, {_MAX_KERNEL_ROWS}], mma_groups and mma_stages >= 1; "
@@ -520,6 +537,113 @@ def _w4_dot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, bm, bw, g, gps, per,
         plt.store(o_ref.at[sp, rows[:, None], b, wc[None, :]], accs[b], mask=omask)
 
 
+# --- int4 GEMV on integer dot products (16-bit activations)
+
+_IDOT_QMAX = 32767.0  # activations become int16 v = rint(x * 32767 / max|x|) per program
+_IDOT_MAX_ROWS = 2048  # packed rows per program: 2 * 2048 * 15 * 32767 < 2^31 (int32 accumulators)
+
+
+def _idot_asm_text() -> str:
+    """PTX for one thread's [4 rows, 4 words] step (operand e = 4 * row + word, Triton's element order):
+    each word's 4x4 byte block is transposed with 8 `prmt` (word c, column byte j -> one register holding
+    rows 0..3), its low nibbles (first half-group rows) and high nibbles (second half) masked into bytes,
+    and multiplied by int16 activation pairs with `dp2a` (2 products per instruction, int32 accumulation):
+    ~1.1 instructions per weight.  Operands: $0-15 acc out (element 4j + c: column byte j of word c),
+    $16-31 words, $32-47 / $48-63 scaled activations of the first / second half-group rows (row r of
+    element 4r + c), $64-79 acc in."""
+    lines = ["{", ".reg .b32 a<4>, b<4>, p<4>, t<4>, T, L, H;"]
+    for h, base in enumerate((32, 48)):  # x pairs: p[2h] = rows (0, 1), p[2h + 1] = rows (2, 3), int16 halves
+        for r in range(4):
+            lines.append(f"cvt.rni.s32.f32 {'ab'[r % 2]}{r // 2 + 2 * h}, ${base + 4 * r};")
+        for q in range(2):
+            lines.append(f"prmt.b32 p{2 * h + q}, a{q + 2 * h}, b{q + 2 * h}, 0x5410;")
+    for c in range(4):
+        w = [f"${16 + 4 * r + c}" for r in range(4)]
+        lines += [f"prmt.b32 t0, {w[0]}, {w[1]}, 0x5140;", f"prmt.b32 t1, {w[0]}, {w[1]}, 0x7362;",
+                  f"prmt.b32 t2, {w[2]}, {w[3]}, 0x5140;", f"prmt.b32 t3, {w[2]}, {w[3]}, 0x7362;"]
+        for j in range(4):
+            src, sel = ("t0, t2", "t1, t3")[j // 2], ("0x5410", "0x7632")[j % 2]
+            e = 4 * j + c
+            lines += [f"prmt.b32 T, {src}, {sel};", "and.b32 L, T, 0x0F0F0F0F;", "shr.u32 H, T, 4;",
+                      "and.b32 H, H, 0x0F0F0F0F;",
+                      f"dp2a.lo.s32.u32 ${e}, p0, L, ${64 + e};", f"dp2a.hi.s32.u32 ${e}, p1, L, ${e};",
+                      f"dp2a.lo.s32.u32 ${e}, p2, H, ${e};", f"dp2a.hi.s32.u32 ${e}, p3, H, ${e};"]
+    return "\n".join(lines + ["}"])
+
+
+def _idot_step(w, xl, xh, acc, interpret: bool):
+    """For each block q of 4 rows: acc[4q + j, c] += sum_r v(xl[4q + r]) * lo_nibble(byte j of w[4q + r, c])
+    + v(xh[4q + r]) * hi_nibble(...), v = rint (int16); w, acc [U, bw] int32, xl / xh [U] f32 already scaled."""
+    if interpret:
+        u, bw = w.shape
+        vl, vh = (jnp.round(v).astype(jnp.int32).reshape(u // 4, 1, 4, 1) for v in (xl, xh))
+        shifts = (8 * jnp.arange(4, dtype=jnp.int32))[None, :, None, None]
+        byte = lax.shift_right_logical(w.reshape(u // 4, 1, 4, bw), shifts) & 255  # [q, j, r, c]
+        return acc + jnp.sum(vl * (byte & 15) + vh * (byte >> 4), axis=2).reshape(u, bw)
+    xl = jnp.broadcast_to(xl[:, None], w.shape)
+    xh = jnp.broadcast_to(xh[:, None], w.shape)
+    [acc] = plt.elementwise_inline_asm(_idot_asm_text(), args=[w, xl, xh, acc],
+                                       constraints=",".join(["=&r"] * 16 + ["r"] * 64), pack=16,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.int32)])
+    return acc
+
+
+def _w4_idot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, plen, unroll, prefetch, interpret):
+    """int4 GEMV for 16-bit activations on integer dot products: program (j, sp) takes words [j*bw, (j+1)*bw)
+    of the sp-th run of `plen` packed rows (inside one group), `unroll` rows per step.  Its 2 * plen
+    activations are scaled to int16 by their max (|error| <= max|x| / 65534 each) and the products summed
+    exactly in int32 (one accumulator per 4-row block of the step, added at the end)."""
+    j = pl.program_id(0)
+    sp = pl.program_id(1)
+    wc, wmask = _word_block(w_ref, j, bw)
+    half = g // 2
+    parts = half // plen
+    gi = sp // parts
+    row0 = sp * plen
+    kx = gi * g + (sp % parts) * plen  # first activation column (second half-group: + half)
+    sym = z_ref is None
+    nsteps = plen // unroll
+
+    def load_w(t):
+        return _load(w_ref.at[(row0 + unroll * t + jnp.arange(unroll))[:, None], wc[None, :]], wmask, 0)
+
+    stats = []
+    for r in range(m):
+        xs = [plt.load(x_ref.at[r, kx + h * half + jnp.arange(plen)]).astype(_F32) for h in range(2)]
+        mx = jnp.maximum(jnp.max(jnp.abs(xs[0])), jnp.max(jnp.abs(xs[1])))
+        inv = jnp.where(mx > 0, _IDOT_QMAX / mx, 0.0)
+        stats.append((mx, inv, jnp.sum(xs[0]) + jnp.sum(xs[1])))
+
+    def step(t, carry):
+        accs, wnext = carry
+        if prefetch:
+            w, wnext = wnext, load_w(jnp.minimum(t + 1, nsteps - 1))
+        else:
+            w = load_w(t)
+        accs = list(accs)
+        for r in range(m):
+            xl, xh = (plt.load(x_ref.at[r, kx + h * half + unroll * t + jnp.arange(unroll)]).astype(_F32) * stats[r][1]
+                      for h in range(2))
+            accs[r] = _idot_step(w, xl, xh, accs[r], interpret)
+        return tuple(accs), wnext
+
+    zeros = jnp.zeros((unroll, bw), jnp.int32)
+    w0 = load_w(0) if prefetch else zeros
+    accs, _ = lax.fori_loop(0, nsteps, step, (tuple(zeros for _ in range(m)), w0))
+    r4 = jnp.arange(4)
+    cols = 4 * wc[None, :] + r4[:, None]  # element (j, c): column 4c + j
+    cm = None if wmask is None and n % 4 == 0 else cols < n
+    sc = _load(s_ref.at[gi, cols], cm, 0.0).astype(_F32)
+    zr = None if sym else _load(z_ref.at[gi, cols], cm, 0.0).astype(_F32)
+    for r in range(m):
+        mx, _, xsum = stats[r]
+        acc = accs[r] if unroll == 4 else jnp.sum(accs[r].reshape(unroll // 4, 4, bw), axis=0)
+        d = acc.astype(_F32) * (mx / _IDOT_QMAX)
+        y = (d - 8.0 * xsum) * sc if sym else d * sc + xsum * zr
+        y = y * (mx * 0.0 + 1.0)  # NaN / inf activations: NaN out, not the finite codes' sum
+        plt.store(o_ref.at[sp, r, r4[:, None], wc[None, :]], y, mask=wmask)
+
+
 def _w4_pair_asm(w, i: int, dtype):
     """Nibble i of each int32 word -> (offset + code) in bf16 (offset 128) / f16 (1024): a prmt brings byte
     i // 2 of two words into the low bytes of the two halves, a lop3 masks the nibble and ors the exponent."""
@@ -611,12 +735,18 @@ def _heuristic_splits(programs: int, ngroups: int) -> int:
 
 
 def plan(m: int, k: int, n: int, group_size: int, blocks: "QuantBlocks" = None, *, bits: int = 8,
-         interpret: bool = False) -> dict:
+         interpret: bool = False, x_dtype: Any = jnp.float32) -> dict:
     """The kernel's static launch plan for x [m, k] @ W [k, n] (`bits` 4 or 8): path, tiles, k-splits, grid."""
     blocks = blocks or QuantBlocks()
     ngroups = k // group_size
     if bits == 4:
         b4, nw, half = blocks.int4, -(-n // 4), group_size // 2
+        if m <= b4.gemv_rows and b4.idot and jnp.dtype(x_dtype) != _F32:
+            unroll = max(4, min(b4.idot_unroll, half))
+            parts = min(max(b4.idot_parts, -(-half // _IDOT_MAX_ROWS)), half // unroll)
+            bw = 128 * b4.warps if not interpret else 32  # 4 words per thread: the asm's [4 rows, 4 words]
+            return dict(path="w4_idot", bw=bw, plen=half // parts, unroll=unroll, splits=ngroups * parts,
+                        warps=b4.warps, grid=(pl.cdiv(nw, bw), ngroups * parts))
         if m <= b4.gemv_rows:
             unroll = min(b4.unroll, half)
             parts = max(1, min(b4.parts, half // unroll))
@@ -657,9 +787,13 @@ def plan(m: int, k: int, n: int, group_size: int, blocks: "QuantBlocks" = None, 
 def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interpret):
     m, k = x.shape
     n = scale.shape[1]
-    p = plan(m, k, n, group_size, blocks, bits=bits, interpret=interpret)
+    p = plan(m, k, n, group_size, blocks, bits=bits, interpret=interpret, x_dtype=x.dtype)
     splits, g = p["splits"], group_size
-    if p["path"] == "w4_gemv":
+    if p["path"] == "w4_idot":
+        kern = functools.partial(_w4_idot_kernel, m=m, n=n, bw=p["bw"], g=g, plen=p["plen"], unroll=p["unroll"],
+                                 prefetch=blocks.int4.idot_prefetch, interpret=interpret)
+        warps, stages = p["warps"], 1
+    elif p["path"] == "w4_gemv":
         kern = functools.partial(_w4_gemv_kernel, m=m, n=n, bw=p["bw"], g=g, unroll=p["unroll"], parts=p["parts"],
                                  prefetch=blocks.int4.prefetch, interpret=interpret)
         warps, stages = p["warps"], 1

@@ -2,8 +2,9 @@
 
 int8 / int4, symmetric / asymmetric, 3 rows, K = 192 (three groups of 64), N = 72 (not a multiple of
 the column block), split-K 1 and 3; every kernel path (int8 multiply-reduce GEMV and 16-row tl.dot, int4
-word GEMV and tensor-core path) at M = 1, 2, 3, 16, groups 32 / 64 / 128, odd N (a partial last word),
-partial loop steps; bf16 / f16 activations; the VJP w.r.t. x; CUDA lowering of every path; bad input.
+word GEMV, integer-dot GEMV and tensor-core path) at M = 1, 2, 3, 16, groups 32 / 64 / 128, odd N (a partial
+last word), partial loop steps; bf16 / f16 activations; NaN activations; the integer-dot GEMV's PTX run by a small
+emulator of its instructions; the VJP w.r.t. x; CUDA lowering of every path; bad input.
 The int4 words are built here with numpy's little-endian int32 view of the byte layout (independent of
 the library's packing).
 """
@@ -85,6 +86,10 @@ PATH_CASES = [
     (4, True, 128, 1, 384, 45, "float32", qm.QuantBlocks(), "w4_gemv"),
     (4, False, 32, 2, 160, 72, "float32", qm.QuantBlocks(int4=I4(parts=1, prefetch=False, unroll=2)), "w4_gemv"),
     (4, False, 64, 3, 256, 20, "float32", qm.QuantBlocks(int4=I4(gemv_rows=4, parts=4, unroll=8)), "w4_gemv"),
+    (4, True, 128, 1, 384, 45, "bfloat16", qm.QuantBlocks(), "w4_idot"),
+    (4, False, 64, 2, 320, 72, "float16", qm.QuantBlocks(int4=I4(idot_unroll=4, idot_parts=2, idot_prefetch=True)),
+     "w4_idot"),
+    (4, False, 32, 1, 160, 130, "bfloat16", qm.QuantBlocks(int4=I4(idot_unroll=8)), "w4_idot"),
     (8, True, 64, 1, 192, 33, "float32", qm.QuantBlocks(num_splits=2), "gemv"),
     (8, False, 32, 16, 160, 40, "float32", qm.QuantBlocks(block_k=64, num_splits=3), "dot"),
     (4, True, 32, 16, 96, 72, "bfloat16", qm.QuantBlocks(), "w4_dot"),
@@ -102,9 +107,10 @@ def test_kernel_paths_match_float64(case):
     exp = np.asarray(x, np.float64) @ numpy_dequant(q, s, z, bits, g)
     out = qm.quant_matmul(x, jnp.asarray(q), jnp.asarray(s), None if z is None else jnp.asarray(z), bits=bits,
                           group_size=g, impl="triton", interpret=True, blocks=blocks, out_dtype=jnp.float32)
-    assert qm.plan(m, k, n, g, blocks, bits=bits)["path"] == path
-    # f32 / exact 16-bit products with f32 sums; the tensor-core path carries an offset (2^7 or 2^10) * sum(x)
-    tol = {"float32": 2e-6, "bfloat16": 1e-5, "float16": 4e-5}[dt]
+    assert qm.plan(m, k, n, g, blocks, bits=bits, x_dtype=dt)["path"] == path
+    # f32 / exact 16-bit products with f32 sums; the tensor-core path carries an offset (2^7 or 2^10) * sum(x);
+    # the integer-dot GEMV rounds each activation to 1/65534 of its program's max|x|
+    tol = 1e-4 if path == "w4_idot" else {"float32": 2e-6, "bfloat16": 1e-5, "float16": 4e-5}[dt]
     np.testing.assert_allclose(np.asarray(out), exp, rtol=tol, atol=tol * np.abs(exp).max())
 
 
@@ -115,6 +121,8 @@ def test_plan_fills_the_gpu_without_partial_steps():
     assert qm.plan(16, 4096, 14336, 128)["path"] == "dot"
     p = qm.plan(1, 4096, 14336, 128, bits=4)  # int4: one warp per (512 columns, half a group): 1792 programs
     assert p["path"] == "w4_gemv" and p["grid"] == (28, 64) and p["splits"] == 64
+    p = qm.plan(1, 4096, 14336, 128, bits=4, x_dtype=jnp.bfloat16)  # one warp per (512 columns, group): 896
+    assert p["path"] == "w4_idot" and p["grid"] == (28, 32) and p["unroll"] == 16 and p["plen"] == 64
     assert qm.plan(16, 4096, 14336, 128, bits=4)["path"] == "w4_dot"
     p = qm.plan(1, 4096, 14336, 128, qm.QuantBlocks(num_splits=5, block_k=256))  # 7 groups per split
     assert p["splits"] == 5 and p["per"] == 7 and p["gps"] == 1
@@ -167,7 +175,7 @@ def test_triton_lowering_for_cuda():
     sd = jax.ShapeDtypeStruct
     texts = []
     for bits, zero, splits, m in ((4, True, 1, 1), (4, False, 4, 2), (8, False, 2, 3), (4, True, 2, 16), (8, False, 1, 9),
-                                  (4, False, 1, 5), (4, True, 1, 7)):
+                                  (4, False, 1, 5), (4, True, 1, 7), (4, False, 1, -1)):  # M = -1: f32 x, 1 row
         k, n = 576, 1536
         wq = sd((k // 2, n // 4), jnp.int32) if bits == 4 else sd((k, n), jnp.uint8 if zero else jnp.int8)
         sc = sd((k // 64, n), jnp.float16)
@@ -176,9 +184,76 @@ def test_triton_lowering_for_cuda():
         def f(x, w, s, zz=None, bits=bits, splits=splits, m=m):  # M = 7: the int4 tensor-core path
             blk = qm.QuantBlocks(num_splits=splits, int4=qm.Int4Blocks(dot_tiles=m != 7))
             return qm._triton(x, w, s, zz, bits, 64, jnp.bfloat16, blk, False)
-        args = (sd((m, k), jnp.bfloat16), wq, sc) + ((z,) if zero else ())
+        args = (sd((abs(m), k), jnp.bfloat16 if m > 0 else jnp.float32), wq, sc) + ((z,) if zero else ())
         texts.append(jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text())
     assert all(t.count("__gpu$xla.gpu.triton") == 1 for t in texts)
+
+
+def test_idot_gemv_nan_activations_stay_nan():
+    q, s, z = weights(21, 4, False, 256, 40, 64)
+    x = np.random.default_rng(22).standard_normal((2, 256))
+    x[1, 100] = np.nan
+    out = np.asarray(qm.quant_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(q), jnp.asarray(s), jnp.asarray(z),
+                                     bits=4, group_size=64, impl="triton", interpret=True, out_dtype=jnp.float32))
+    assert np.isnan(out[1]).all()  # not the finite sum of the other activations
+    exp = np.asarray(jnp.asarray(x[:1], jnp.bfloat16), np.float64) @ numpy_dequant(q, s, z, 4, 64)
+    np.testing.assert_allclose(out[:1], exp, rtol=1e-4, atol=1e-4 * np.abs(exp).max())
+
+
+def _run_ptx(text, operands):
+    """A minimal emulator of the integer-dot GEMV's PTX (cvt.rni.s32.f32, prmt.b32, and.b32, shr.u32,
+    dp2a.{lo,hi}.s32.u32), on Python ints; `operands` maps "$i" to input values; returns the register file."""
+    regs = dict(operands)
+    u32 = lambda v: v & 0xFFFFFFFF  # noqa: E731
+    s16 = lambda v: ((v & 0xFFFF) ^ 0x8000) - 0x8000  # noqa: E731
+    val = lambda t: int(t, 0) if t[0].isdigit() else regs[t]  # noqa: E731
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        d, *src = [t.strip() for t in rest.split(",")]
+        if op == "cvt.rni.s32.f32":
+            regs[d] = u32(int(np.rint(np.float32(regs[src[0]]))))
+        elif op == "prmt.b32":
+            a, b, sel = val(src[0]), val(src[1]), val(src[2])
+            pool = a | (b << 32)
+            regs[d] = sum(((pool >> (8 * ((sel >> (4 * i)) & 7))) & 255) << (8 * i) for i in range(4))
+        elif op == "and.b32":
+            regs[d] = val(src[0]) & val(src[1])
+        elif op == "shr.u32":
+            regs[d] = val(src[0]) >> val(src[1])
+        elif op.startswith("dp2a."):
+            a, b, c = val(src[0]), val(src[1]), val(src[2])
+            lo = 0 if ".lo." in op else 2
+            acc = (c ^ 0x80000000) - 0x80000000
+            acc += s16(a) * ((b >> (8 * lo)) & 255) + s16(a >> 16) * ((b >> (8 * lo + 8)) & 255)
+            regs[d] = u32(acc)
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+    return regs
+
+
+def test_idot_ptx_matches_the_interpret_path():
+    """The inline PTX of one thread's [4 rows, 4 words] step (operand e = 4 * row + word) against the jnp path
+    the interpret-mode tests run: same accumulators, bit for bit."""
+    rng = np.random.default_rng(5)
+    w = rng.integers(-2**31, 2**31, (4, 4)).astype(np.int32)
+    xl, xh = (rng.uniform(-32767, 32767, 4).astype(np.float32) for _ in range(2))
+    acc = rng.integers(-2**20, 2**20, (4, 4)).astype(np.int32)
+    ops = {f"${16 + e}": int(w.flat[e]) & 0xFFFFFFFF for e in range(16)}
+    ops.update({f"${32 + 4 * r + c}": float(xl[r]) for r in range(4) for c in range(4)})
+    ops.update({f"${48 + 4 * r + c}": float(xh[r]) for r in range(4) for c in range(4)})
+    ops.update({f"${64 + e}": int(acc.flat[e]) & 0xFFFFFFFF for e in range(16)})
+    regs = _run_ptx(qm._idot_asm_text(), ops)
+    got = np.array([regs[f"${e}"] for e in range(16)], np.uint32).view(np.int32).reshape(4, 4)
+    want = np.asarray(qm._idot_step(jnp.asarray(w), jnp.asarray(xl), jnp.asarray(xh), jnp.asarray(acc), True))
+    np.testing.assert_array_equal(got, want)
+    # and against plain arithmetic: element (j, c) sums rows r of column byte j of word c
+    v = lambda x: np.rint(x).astype(np.int64)  # noqa: E731
+    byte = (w.astype(np.int64)[None] >> (8 * np.arange(4))[:, None, None]) & 255  # [j, r, c]
+    ref = acc + np.einsum("r,jrc->jc", v(xl), byte & 15) + np.einsum("r,jrc->jc", v(xh), byte >> 4)
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_dispatch_and_bad_inputs():

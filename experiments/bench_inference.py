@@ -411,7 +411,7 @@ def quant_bench(shapes, ms_rows, reps: int, sweep: bool, sweep_shape=None,
                     label = f"{case} int{bits} {impl}{tag}" + (f" {blk}" if blk != qm.QuantBlocks() else "")
                     row("quant", label, ms=t, gbs=nbytes / t / 1e6, speedup_vs_bf16=(t_bf / t) if t_bf else float("nan"),
                         bits=bits, M=m, impl=impl, blocks=str(blk),
-                        plan=str(qm.plan(m, k, n, group, blk, bits=bits)) if impl != "xla" else "")
+                        plan=str(qm.plan(m, k, n, group, blk, bits=bits, x_dtype=x.dtype)) if impl != "xla" else "")
                 for impl in ("xla", kernel_impl()):
                     t = guard(f"quant {case} int{bits} {impl}", lambda impl=impl: measure(impl, qm.QuantBlocks()))
                     if t is not None:

@@ -12,7 +12,7 @@ Weight format (one group = `group_size` consecutive rows of W [K, N], one scale 
   dequant:  symmetric  W[k, n] = q[k, n] * scale[g, n]                      (g = k // G)
             asymmetric W[k, n] = u[k, n] * scale[g, n] + zero[g, n]         (zero = the group's minimum)
 
-Implementations (all accumulate in f32; output in x.dtype unless `out_dtype`):
+Implementations (all accumulate in f32, the integer-dot GEMV exactly in int32; output in x.dtype unless `out_dtype`):
   * "xla":    up to 16 rows, per-group dots on the codes with the scales applied to the partial sums;
               above, dequantize to x's dtype and one jnp.dot (`reference`: dequantise in f32/f64).
   * "triton": Pallas-Triton kernels; k-splits write f32 partials that one small XLA sum combines
@@ -437,17 +437,23 @@ def _w4_nibbles_f32(w, interpret: bool):
     return out
 
 
+def _gemv_run(w_ref, bw: int, g: int, plen: int):
+    """Program (j, sp) of the int4 GEMVs: words [j*bw, (j+1)*bw) of the sp-th run of `plen` packed rows (runs
+    never cross a group).  Returns sp, the word columns and their mask, the group, the first packed row and
+    its first activation column (the second half-group's: + g / 2)."""
+    sp = pl.program_id(1)
+    wc, wmask = _word_block(w_ref, pl.program_id(0), bw)
+    parts = (g // 2) // plen
+    gi = sp // parts
+    return sp, wc, wmask, gi, gi * (g // 2) + (sp % parts) * plen, gi * g + (sp % parts) * plen
+
+
 def _w4_gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, unroll, parts, prefetch, interpret):
     """int4 GEMV: program (j, sp) takes words [j*bw, (j+1)*bw) of part sp % parts of group sp // parts;
     per step `unroll` packed rows, accumulators per (activation row, nibble) in f32."""
-    j = pl.program_id(0)
-    sp = pl.program_id(1)
-    wc, wmask = _word_block(w_ref, j, bw)
     half = g // 2
     plen = half // parts
-    gi = sp // parts
-    row0 = gi * half + (sp % parts) * plen  # first packed row; its activation columns: gi*g + (row0 - gi*half)
-    kx = gi * g + (sp % parts) * plen
+    sp, wc, wmask, gi, row0, kx = _gemv_run(w_ref, bw, g, plen)
     row_end = row0 + plen
     sym = z_ref is None
 
@@ -543,12 +549,13 @@ _IDOT_QMAX = 32767.0  # activations become int16 v = rint(x * 32767 / max|x|) pe
 _IDOT_MAX_ROWS = 2048  # packed rows per program: 2 * 2048 * 15 * 32767 < 2^31 (int32 accumulators)
 
 
+@functools.lru_cache(maxsize=None)
 def _idot_asm_text() -> str:
     """PTX for one thread's [4 rows, 4 words] step (operand e = 4 * row + word, Triton's element order):
     each word's 4x4 byte block is transposed with 8 `prmt` (word c, column byte j -> one register holding
     rows 0..3), its low nibbles (first half-group rows) and high nibbles (second half) masked into bytes,
     and multiplied by int16 activation pairs with `dp2a` (2 products per instruction, int32 accumulation):
-    ~1.1 instructions per weight.  Operands: $0-15 acc out (element 4j + c: column byte j of word c),
+    156 instructions per 128 weights, the activations' conversion included.  Operands: $0-15 acc out (element 4j + c: column byte j of word c),
     $16-31 words, $32-47 / $48-63 scaled activations of the first / second half-group rows (row r of
     element 4r + c), $64-79 acc in."""
     lines = ["{", ".reg .b32 a<4>, b<4>, p<4>, t<4>, T, L, H;"]
@@ -593,14 +600,8 @@ def _w4_idot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, plen, unr
     of the sp-th run of `plen` packed rows (inside one group), `unroll` rows per step.  Its 2 * plen
     activations are scaled to int16 by their max (|error| <= max|x| / 65534 each) and the products summed
     exactly in int32 (one accumulator per 4-row block of the step, added at the end)."""
-    j = pl.program_id(0)
-    sp = pl.program_id(1)
-    wc, wmask = _word_block(w_ref, j, bw)
     half = g // 2
-    parts = half // plen
-    gi = sp // parts
-    row0 = sp * plen
-    kx = gi * g + (sp % parts) * plen  # first activation column (second half-group: + half)
+    sp, wc, wmask, gi, row0, kx = _gemv_run(w_ref, bw, g, plen)
     sym = z_ref is None
     nsteps = plen // unroll
 

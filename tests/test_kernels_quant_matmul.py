@@ -174,8 +174,9 @@ def test_pack_roundtrip_and_dequantize_matches_numpy():
 def test_triton_lowering_for_cuda():
     sd = jax.ShapeDtypeStruct
     texts = []
-    for bits, zero, splits, m in ((4, True, 1, 1), (4, False, 4, 2), (8, False, 2, 3), (4, True, 2, 16), (8, False, 1, 9),
-                                  (4, False, 1, 5), (4, True, 1, 7), (4, False, 1, -1)):  # M = -1: f32 x, 1 row
+    bf, f32 = jnp.bfloat16, jnp.float32
+    for bits, zero, splits, m, xdt in ((4, True, 1, 1, bf), (4, False, 4, 2, bf), (8, False, 2, 3, bf), (4, True, 2, 16, bf),
+                                       (8, False, 1, 9, bf), (4, False, 1, 5, bf), (4, True, 1, 7, bf), (4, False, 1, 1, f32)):
         k, n = 576, 1536
         wq = sd((k // 2, n // 4), jnp.int32) if bits == 4 else sd((k, n), jnp.uint8 if zero else jnp.int8)
         sc = sd((k // 64, n), jnp.float16)
@@ -184,7 +185,7 @@ def test_triton_lowering_for_cuda():
         def f(x, w, s, zz=None, bits=bits, splits=splits, m=m):  # M = 7: the int4 tensor-core path
             blk = qm.QuantBlocks(num_splits=splits, int4=qm.Int4Blocks(dot_tiles=m != 7))
             return qm._triton(x, w, s, zz, bits, 64, jnp.bfloat16, blk, False)
-        args = (sd((abs(m), k), jnp.bfloat16 if m > 0 else jnp.float32), wq, sc) + ((z,) if zero else ())
+        args = (sd((m, k), xdt), wq, sc) + ((z,) if zero else ())
         texts.append(jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text())
     assert all(t.count("__gpu$xla.gpu.triton") == 1 for t in texts)
 

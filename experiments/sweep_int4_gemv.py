@@ -6,7 +6,8 @@ dequantized weights.  A config is a dict of `kernels.quant_matmul.Int4Blocks` ov
     PYTHONPATH=. python3 experiments/sweep_int4_gemv.py --configs '[{"unroll": 8, "parts": 2}]' --shapes 4096x14336 --rows 1,2
     PYTHONPATH=. python3 experiments/sweep_int4_gemv.py --parity --configs '[{}, {"idot": false}]'
 `--parity`: instead of timing, each config's f32 output against the f32 reference on small odd shapes (groups
-32-256, partial word blocks, bf16 / f16 activations, M 1 / 2, with and without zero points, a NaN row).
+32-256, partial word blocks, bf16 / f16 activations, M 1 / 2, with and without zero points, a NaN row), and
+the same bits over 5 calls.
 """
 
 from __future__ import annotations
@@ -114,9 +115,13 @@ def parity(configs: list[dict], tol: float = 2e-4) -> int:
                         if m == 2:  # a NaN in row 1: row 1 all NaN, row 0 unchanged
                             got2 = np.asarray(f(x.at[1, k // 3].set(jnp.nan), *codes))
                             nan_ok = bool(np.isnan(got2[1]).all() and np.array_equal(got2[0], got[0]))
-                        ok = err <= tol and nan_ok
+                        # the same bits on every call (the in-kernel split sum adds in split order, whichever
+                        # program arrives last)
+                        same = all(np.array_equal(np.asarray(f(x, *codes)), got) for _ in range(4))
+                        ok = err <= tol and nan_ok and same
                         path = qm.plan(m, k, n, g, blk, bits=4, x_dtype=dt)["path"]
-                        print(f"{'PASS' if ok else 'FAIL'} {name} [{path}] err {err:.2e} nan_ok {nan_ok}", flush=True)
+                        print(f"{'PASS' if ok else 'FAIL'} {name} [{path}] err {err:.2e} nan_ok {nan_ok} "
+                              f"repeatable {same}", flush=True)
                     except Exception as e:  # noqa: BLE001
                         ok = False
                         print(f"FAIL {name} {type(e).__name__}: {str(e)[:300]}", flush=True)

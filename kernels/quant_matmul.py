@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Optional
 
 import jax
@@ -95,6 +96,9 @@ class Int4Blocks:
     idot_unroll: int = 16
     idot_parts: int = 1
     idot_prefetch: bool = False
+    idot_fuse: bool = False
+    idot_fuse_chunk: int = 8
+    idot_fuse_loads: int = 8
     words: int = 128
     warps: int = 1
     unroll: int = 4
@@ -110,6 +114,7 @@ class Int4Blocks:
 
     def __post_init__(self):
         for name, lo in (("words", 32), ("unroll", 1), ("parts", 1), ("idot_unroll", 4), ("idot_parts", 1),
+                         ("idot_fuse_chunk", 1), ("idot_fuse_loads", 1),
                          ("dot_words", 16), ("mma_words", 16), ("mma_rows", 16), ("warps", 1), ("mma_warps", 1)):
             _pow2(f"Int4Blocks.{name}", getattr(self, name), lo)
         if not 0 <= self.gemv_rows <= _MAX_KERNEL_ROWS or self.mma_groups < 1 or self.mma_stages < 1:
@@ -595,11 +600,13 @@ def _idot_step(w, xl, xh, acc, interpret: bool):
     return acc
 
 
-def _w4_idot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, plen, unroll, prefetch, interpret):
+def _w4_idot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, plen, unroll, prefetch, interpret,
+                    fuse=None):
     """int4 GEMV for 16-bit activations on integer dot products: program (j, sp) takes words [j*bw, (j+1)*bw)
     of the sp-th run of `plen` packed rows (inside one group), `unroll` rows per step.  Its 2 * plen
     activations are scaled to int16 by their max (|error| <= max|x| / 65534 each) and the products summed
-    exactly in int32 (one accumulator per 4-row block of the step, added at the end)."""
+    exactly in int32 (one accumulator per 4-row block of the step, added at the end).  `fuse`: the refs and
+    sizes of the split sum in the kernel (`_last_program_sums`)."""
     half = g // 2
     sp, wc, wmask, gi, row0, kx = _gemv_run(w_ref, bw, g, plen)
     sym = z_ref is None
@@ -643,6 +650,60 @@ def _w4_idot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, plen, unr
         y = (d - 8.0 * xsum) * sc if sym else d * sc + xsum * zr
         y = y * (mx * 0.0 + 1.0)  # NaN / inf activations: NaN out, not the finite codes' sum
         plt.store(o_ref.at[sp, r, r4[:, None], wc[None, :]], y, mask=wmask)
+    if fuse is not None:
+        _last_program_sums(o_ref, *fuse, m=m, n=n, wc=wc, wmask=wmask, interpret=interpret)
+
+
+def _ordered_sum(ref, start, count: int, loads: int, r: int, wc, wmask):
+    """sum over i in [start, start + count), in order, of ref[i, r, :, wc] ([4, words] f32), `loads` in flight."""
+    ld = math.gcd(count, loads)
+    r4 = jnp.arange(4)
+
+    def chunk(i, tot):
+        at = [ref.at[start + i * ld + q, r, r4[:, None], wc[None, :]] for q in range(ld)]
+        for v in [_load(a, wmask, 0.0) for a in at]:  # all loads issued before the first add
+            tot = tot + v
+        return tot
+
+    return lax.fori_loop(0, count // ld, chunk, jnp.zeros((4, wc.shape[0]), _F32))
+
+
+def _last_program_sums(part_ref, mid_ref, cnt_ref, out_ref, splits: int, chunk: int, loads: int, *, m, n, wc,
+                       wmask, interpret):
+    """The split sum inside the kernel, in two levels.  Arriving: after a CTA barrier, one thread adds one to a
+    counter (acq_rel at GPU scope: CUTLASS' semaphore pattern), so the program that sees the count complete
+    also sees every partial counted before it.  Level 1: the last of the `chunk` programs of a chunk of splits
+    (of column block j) sums their partials into mid[chunk]; level 2: the last chunk to finish sums the chunks
+    and writes columns 4c + j of the output in its dtype.  Sums run in split order, so the result is the same
+    on every run whichever program comes last.  Counters: cnt[j * (chunks + 1) + chunk], cnt[j * (chunks + 1)
+    + chunks]; `chunk` 1: one level."""
+    j, sp = pl.program_id(0), pl.program_id(1)
+    nch = splits // chunk
+    base = j * (nch + 1)
+    cols = 4 * wc[None, :] + jnp.arange(4)[:, None]
+    cm = None if wmask is None and n % 4 == 0 else cols < n
+
+    def arrive(idx):
+        if not interpret:
+            plt.debug_barrier()  # every thread's stores before the one thread's release
+        return plt.atomic_add(cnt_ref, idx, jnp.asarray(1, jnp.int32))
+
+    def finish(src_ref):
+        for r in range(m):
+            tot = _ordered_sum(src_ref, 0, nch, loads, r, wc, wmask)
+            plt.store(out_ref.at[r, cols], tot.astype(out_ref.dtype), mask=cm)
+
+    if chunk == 1:  # one level
+        pl.when(arrive(base + nch) == nch - 1)(lambda: finish(part_ref))
+        return
+    ch = sp // chunk
+
+    @pl.when(arrive(base + ch) == chunk - 1)
+    def _():
+        for r in range(m):
+            tot = _ordered_sum(part_ref, ch * chunk, chunk, loads, r, wc, wmask)
+            plt.store(mid_ref.at[ch, r, jnp.arange(4)[:, None], wc[None, :]], tot, mask=wmask)
+        pl.when(arrive(base + nch) == nch - 1)(lambda: finish(mid_ref))
 
 
 def _w4_pair_asm(w, i: int, dtype):
@@ -747,7 +808,8 @@ def plan(m: int, k: int, n: int, group_size: int, blocks: "QuantBlocks" = None, 
             parts = min(max(b4.idot_parts, -(-half // _IDOT_MAX_ROWS)), half // unroll)
             bw = 128 * b4.warps if not interpret else 32  # 4 words per thread: the asm's [4 rows, 4 words]
             return dict(path="w4_idot", bw=bw, plen=half // parts, unroll=unroll, splits=ngroups * parts,
-                        warps=b4.warps, grid=(pl.cdiv(nw, bw), ngroups * parts))
+                        warps=b4.warps, grid=(pl.cdiv(nw, bw), ngroups * parts), fused=b4.idot_fuse,
+                        fuse_chunk=math.gcd(ngroups * parts, b4.idot_fuse_chunk))
         if m <= b4.gemv_rows:
             unroll = min(b4.unroll, half)
             parts = max(1, min(b4.parts, half // unroll))
@@ -815,17 +877,35 @@ def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interp
     # int4: partials [splits, m, byte b, word c] (column 4c + b): each store is contiguous along the words
     shape = (splits, m, 4, qweight.shape[1]) if bits == 4 else (splits, m, n) if partials else (m, n)
     args = [x, qweight, scale] + ([zero] if zero is not None else [])
+    anyspec = pl.BlockSpec(memory_space=pl.ANY)
+    name = f"quant_matmul_int{bits}_{p['path']}"
+    if p.get("fused"):  # the split sum in the kernel: outputs (partials, chunk sums, arrival counters, y)
+        chunk, nch = p["fuse_chunk"], splits // p["fuse_chunk"]
+        ncnt = p["grid"][0] * (nch + 1)
+        args.append(jnp.zeros((ncnt,), jnp.int32))
+
+        def kernel(*refs):
+            x_ref, w_ref, s_ref, *zr, _, o_ref, mid_ref, c_ref, y_ref = refs
+            return kern(x_ref, w_ref, s_ref, zr[0] if zr else None, o_ref,
+                        fuse=(mid_ref, c_ref, y_ref, splits, chunk, blocks.int4.idot_fuse_loads))
+
+        outs = pl.pallas_call(
+            kernel, grid=p["grid"], in_specs=[anyspec] * len(args), out_specs=[anyspec] * 4,
+            out_shape=[jax.ShapeDtypeStruct(shape, _F32), jax.ShapeDtypeStruct((nch if chunk > 1 else 1,) + shape[1:], _F32),
+                       jax.ShapeDtypeStruct((ncnt,), jnp.int32), jax.ShapeDtypeStruct((m, n), out_dtype)],
+            input_output_aliases={len(args) - 1: 2},
+            compiler_params=_compiler_params(warps, stages), interpret=interpret, name=name + "_fused",
+        )(*args)
+        return outs[3]
     if zero is None:
         def kernel(x_ref, w_ref, s_ref, o_ref):
             return kern(x_ref, w_ref, s_ref, None, o_ref)
     else:
         kernel = kern
-    anyspec = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
         kernel, grid=p["grid"], in_specs=[anyspec] * len(args), out_specs=anyspec,
         out_shape=jax.ShapeDtypeStruct(shape, _F32 if partials else out_dtype),
-        compiler_params=_compiler_params(warps, stages), interpret=interpret,
-        name=f"quant_matmul_int{bits}_{p['path']}",
+        compiler_params=_compiler_params(warps, stages), interpret=interpret, name=name,
     )(*args)
     if bits == 4:  # one XLA fusion: the split sum, the (b, c) -> 4c + b interleave and the cast
         return jnp.sum(out, axis=0).transpose(0, 2, 1).reshape(m, -1)[:, :n].astype(out_dtype)

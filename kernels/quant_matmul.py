@@ -96,6 +96,7 @@ class Int4Blocks:
     idot_unroll: int = 16
     idot_parts: int = 1
     idot_prefetch: bool = False
+    idot_early: bool = False
     idot_fuse: bool = False
     idot_fuse_chunk: int = 8
     idot_fuse_loads: int = 8
@@ -601,11 +602,12 @@ def _idot_step(w, xl, xh, acc, interpret: bool):
 
 
 def _w4_idot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, plen, unroll, prefetch, interpret,
-                    fuse=None):
+                    early=False, fuse=None):
     """int4 GEMV for 16-bit activations on integer dot products: program (j, sp) takes words [j*bw, (j+1)*bw)
     of the sp-th run of `plen` packed rows (inside one group), `unroll` rows per step.  Its 2 * plen
     activations are scaled to int16 by their max (|error| <= max|x| / 65534 each) and the products summed
-    exactly in int32 (one accumulator per 4-row block of the step, added at the end).  `fuse`: the refs and
+    exactly in int32 (one accumulator per 4-row block of the step, added at the end).  `early`: the first
+    step's words and the scales are loaded first, before the activations.  `fuse`: the refs and
     sizes of the split sum in the kernel (`_last_program_sums`)."""
     half = g // 2
     sp, wc, wmask, gi, row0, kx = _gemv_run(w_ref, bw, g, plen)
@@ -615,6 +617,15 @@ def _w4_idot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, plen, unr
     def load_w(t):
         return _load(w_ref.at[(row0 + unroll * t + jnp.arange(unroll))[:, None], wc[None, :]], wmask, 0)
 
+    r4 = jnp.arange(4)
+    cols = 4 * wc[None, :] + r4[:, None]  # element (j, c): column 4c + j
+    cm = None if wmask is None and n % 4 == 0 else cols < n
+
+    def load_scales():
+        return _load(s_ref.at[gi, cols], cm, 0.0), None if sym else _load(z_ref.at[gi, cols], cm, 0.0)
+
+    if early:  # the first step's words and the scales in flight before the activations' statistics
+        w0, scales = load_w(0), load_scales()
     stats = []
     for r in range(m):
         xs = [plt.load(x_ref.at[r, kx + h * half + jnp.arange(plen)]).astype(_F32) for h in range(2)]
@@ -622,27 +633,33 @@ def _w4_idot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, plen, unr
         inv = jnp.where(mx > 0, _IDOT_QMAX / mx, 0.0)
         stats.append((mx, inv, jnp.sum(xs[0]) + jnp.sum(xs[1])))
 
+    def compute(t, w, accs):
+        accs = list(accs)
+        for r in range(m):
+            xl, xh = (plt.load(x_ref.at[r, kx + h * half + unroll * t + jnp.arange(unroll)]).astype(_F32) * stats[r][1]
+                      for h in range(2))
+            accs[r] = _idot_step(w, xl, xh, accs[r], interpret)
+        return tuple(accs)
+
     def step(t, carry):
         accs, wnext = carry
         if prefetch:
             w, wnext = wnext, load_w(jnp.minimum(t + 1, nsteps - 1))
         else:
             w = load_w(t)
-        accs = list(accs)
-        for r in range(m):
-            xl, xh = (plt.load(x_ref.at[r, kx + h * half + unroll * t + jnp.arange(unroll)]).astype(_F32) * stats[r][1]
-                      for h in range(2))
-            accs[r] = _idot_step(w, xl, xh, accs[r], interpret)
-        return tuple(accs), wnext
+        return compute(t, w, accs), wnext
 
     zeros = jnp.zeros((unroll, bw), jnp.int32)
-    w0 = load_w(0) if prefetch else zeros
-    accs, _ = lax.fori_loop(0, nsteps, step, (tuple(zeros for _ in range(m)), w0))
-    r4 = jnp.arange(4)
-    cols = 4 * wc[None, :] + r4[:, None]  # element (j, c): column 4c + j
-    cm = None if wmask is None and n % 4 == 0 else cols < n
-    sc = _load(s_ref.at[gi, cols], cm, 0.0).astype(_F32)
-    zr = None if sym else _load(z_ref.at[gi, cols], cm, 0.0).astype(_F32)
+    accs = tuple(zeros for _ in range(m))
+    if early:
+        accs = compute(0, w0, accs)
+        w1 = load_w(jnp.minimum(1, nsteps - 1)) if prefetch else zeros
+        accs, _ = lax.fori_loop(1, nsteps, step, (accs, w1))
+    else:
+        accs, _ = lax.fori_loop(0, nsteps, step, (accs, load_w(0) if prefetch else zeros))
+        scales = load_scales()
+    sc = scales[0].astype(_F32)
+    zr = None if sym else scales[1].astype(_F32)
     for r in range(m):
         mx, _, xsum = stats[r]
         acc = accs[r] if unroll == 4 else jnp.sum(accs[r].reshape(unroll // 4, 4, bw), axis=0)
@@ -854,7 +871,8 @@ def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interp
     splits, g = p["splits"], group_size
     if p["path"] == "w4_idot":
         kern = functools.partial(_w4_idot_kernel, m=m, n=n, bw=p["bw"], g=g, plen=p["plen"], unroll=p["unroll"],
-                                 prefetch=blocks.int4.idot_prefetch, interpret=interpret)
+                                 prefetch=blocks.int4.idot_prefetch, early=blocks.int4.idot_early,
+                                 interpret=interpret)
         warps, stages = p["warps"], 1
     elif p["path"] == "w4_gemv":
         kern = functools.partial(_w4_gemv_kernel, m=m, n=n, bw=p["bw"], g=g, unroll=p["unroll"], parts=p["parts"],

@@ -18,14 +18,14 @@ Implementations (all accumulate in f32, the integer-dot GEMV exactly in int32; o
   * "triton": Pallas-Triton kernels; k-splits write f32 partials that one small XLA sum combines
               (deterministic, no atomics).  VJP w.r.t. x through XLA.
               int4, rows <= `Int4Blocks.gemv_rows` (decode), bf16 / f16 activations (`Int4Blocks.idot`): a GEMV
-                on integer dot products.  One warp per program takes 128 words (512 columns) of one group;
-                the program's activations become int16 (scaled by their max: |error| <= max|x| / 65534,
+                on integer dot products.  Each warp takes 128 words (512 columns) of one group, a program
+                `idot_groups` groups (8: 4 partials at K = 4096, not 32); each group's activations become int16 (scaled by their max: |error| <= max|x| / 65534,
                 ~2^-16 relative, far below bf16's own rounding); per step each thread's [4 rows, 4 words]
                 block is byte-transposed with `prmt` so that one register holds 4 rows of one column, its
                 nibbles masked into bytes, and `dp2a` multiplies them by activation pairs with exact int32
                 accumulation (inline PTX, ~1.7 instructions per weight with the activations' conversion,
                 against ~3.6 for the f32 GEMV); the scales, zero points and activation scale are applied
-                once per program.
+                once per group, and the program's groups summed in f32 before its partial is stored.
               int4, rows <= `Int4Blocks.gemv_rows`, f32 activations (or `idot=False`): a GEMV on the 32-bit
                 words, exact in f32.  One warp per
                 program, each program one part of one group for 128 words (512 columns); the 8 nibbles
@@ -84,8 +84,9 @@ def _pow2(name: str, v: Any, lo: int) -> None:
 @dataclasses.dataclass(frozen=True)
 class Int4Blocks:
     """int4 kernel tiling (H100 sweeps: experiments/results/int4_words_*, int4_idot_*): GEMV up to `gemv_rows`
-    rows.  With 16-bit activations and `idot`, the integer-dot GEMV: packed rows per step, programs per group,
-    next-step prefetch (`idot_*`), 128 words per warp (`warps`).  Otherwise (f32 activations) the f32 GEMV:
+    rows.  With 16-bit activations and `idot`, the integer-dot GEMV: packed rows per step, runs per group,
+    runs per program (one warp each, summed in the program: fewer partials; `idot_*`), 128 words per warp
+    (`warps`).  Otherwise (f32 activations) the f32 GEMV:
     words (4 columns each) per program, warps, rows per step, programs per group (`parts`: more warps for
     the latency-bound stream), next-step prefetch.  More rows: the tl.dot path (`dot_tiles`, words per
     program; k-splits / steps from QuantBlocks) or the tensor-core path (words per program, rows per
@@ -95,11 +96,7 @@ class Int4Blocks:
     idot: bool = True
     idot_unroll: int = 16
     idot_parts: int = 1
-    idot_prefetch: bool = False
-    idot_early: bool = False
-    idot_fuse: bool = False
-    idot_fuse_chunk: int = 8
-    idot_fuse_loads: int = 8
+    idot_groups: int = 8
     words: int = 128
     warps: int = 1
     unroll: int = 4
@@ -115,7 +112,7 @@ class Int4Blocks:
 
     def __post_init__(self):
         for name, lo in (("words", 32), ("unroll", 1), ("parts", 1), ("idot_unroll", 4), ("idot_parts", 1),
-                         ("idot_fuse_chunk", 1), ("idot_fuse_loads", 1),
+                         ("idot_groups", 1),
                          ("dot_words", 16), ("mma_words", 16), ("mma_rows", 16), ("warps", 1), ("mma_warps", 1)):
             _pow2(f"Int4Blocks.{name}", getattr(self, name), lo)
         if not 0 <= self.gemv_rows <= _MAX_KERNEL_ROWS or self.mma_groups < 1 or self.mma_stages < 1:
@@ -585,142 +582,73 @@ def _idot_asm_text() -> str:
 
 
 def _idot_step(w, xl, xh, acc, interpret: bool):
-    """For each block q of 4 rows: acc[4q + j, c] += sum_r v(xl[4q + r]) * lo_nibble(byte j of w[4q + r, c])
-    + v(xh[4q + r]) * hi_nibble(...), v = rint (int16); w, acc [U, bw] int32, xl / xh [U] f32 already scaled."""
+    """For each block q of 4 rows: acc[4q + j, ..., c] += sum_r v(xl[4q + r, ...]) * lo_nibble(byte j of
+    w[4q + r, ..., c]) + v(xh[4q + r, ...]) * hi_nibble(...), v = rint (int16); w, acc [U, G, bw] int32,
+    xl / xh [U, G] f32 already scaled."""
     if interpret:
-        u, bw = w.shape
-        vl, vh = (jnp.round(v).astype(jnp.int32).reshape(u // 4, 1, 4, 1) for v in (xl, xh))
-        shifts = (8 * jnp.arange(4, dtype=jnp.int32))[None, :, None, None]
-        byte = lax.shift_right_logical(w.reshape(u // 4, 1, 4, bw), shifts) & 255  # [q, j, r, c]
-        return acc + jnp.sum(vl * (byte & 15) + vh * (byte >> 4), axis=2).reshape(u, bw)
-    xl = jnp.broadcast_to(xl[:, None], w.shape)
-    xh = jnp.broadcast_to(xh[:, None], w.shape)
+        u, gw, bw = w.shape
+        vl, vh = (jnp.round(v).astype(jnp.int32).reshape(u // 4, 1, 4, gw, 1) for v in (xl, xh))
+        shifts = (8 * jnp.arange(4, dtype=jnp.int32))[None, :, None, None, None]
+        byte = lax.shift_right_logical(w.reshape(u // 4, 1, 4, gw, bw), shifts) & 255  # [q, j, r, G, c]
+        return acc + jnp.sum(vl * (byte & 15) + vh * (byte >> 4), axis=2).reshape(u, gw, bw)
+    xl = jnp.broadcast_to(xl[:, :, None], w.shape)
+    xh = jnp.broadcast_to(xh[:, :, None], w.shape)
     [acc] = plt.elementwise_inline_asm(_idot_asm_text(), args=[w, xl, xh, acc],
                                        constraints=",".join(["=&r"] * 16 + ["r"] * 64), pack=16,
                                        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.int32)])
     return acc
 
 
-def _w4_idot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, plen, unroll, prefetch, interpret,
-                    early=False, fuse=None):
-    """int4 GEMV for 16-bit activations on integer dot products: program (j, sp) takes words [j*bw, (j+1)*bw)
-    of the sp-th run of `plen` packed rows (inside one group), `unroll` rows per step.  Its 2 * plen
-    activations are scaled to int16 by their max (|error| <= max|x| / 65534 each) and the products summed
-    exactly in int32 (one accumulator per 4-row block of the step, added at the end).  `early`: the first
-    step's words and the scales are loaded first, before the activations.  `fuse`: the refs and
-    sizes of the split sum in the kernel (`_last_program_sums`)."""
+def _w4_idot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, plen, unroll, gw, interpret):
+    """int4 GEMV for 16-bit activations on integer dot products.  Program (j, p) takes words [j*bw, (j+1)*bw)
+    of `gw` runs of `plen` packed rows (each inside one group): runs p*gw .. p*gw + gw - 1, one per warp (the
+    tiles are [rows, run, words]: Triton puts the warps on the run axis), `unroll` rows per step.  Each run's
+    2 * plen activations are scaled to int16 by their max (|error| <= max|x| / 65534 each) and the products
+    summed exactly in int32 (one accumulator per 4-row block of the step, added at the end); the runs' f32
+    results are summed in the program (deterministic) into one partial."""
     half = g // 2
-    sp, wc, wmask, gi, row0, kx = _gemv_run(w_ref, bw, g, plen)
+    parts = half // plen
+    wc, wmask = _word_block(w_ref, pl.program_id(0), bw)
+    sp = pl.program_id(1) * gw + jnp.arange(gw)  # [G] runs
+    gi = sp // parts
+    row0 = gi * half + (sp % parts) * plen
+    kx = gi * g + (sp % parts) * plen
     sym = z_ref is None
     nsteps = plen // unroll
+    wm = None if wmask is None else wmask[:, None, :]
 
-    def load_w(t):
-        return _load(w_ref.at[(row0 + unroll * t + jnp.arange(unroll))[:, None], wc[None, :]], wmask, 0)
-
-    r4 = jnp.arange(4)
-    cols = 4 * wc[None, :] + r4[:, None]  # element (j, c): column 4c + j
-    cm = None if wmask is None and n % 4 == 0 else cols < n
-
-    def load_scales():
-        return _load(s_ref.at[gi, cols], cm, 0.0), None if sym else _load(z_ref.at[gi, cols], cm, 0.0)
-
-    if early:  # the first step's words and the scales in flight before the activations' statistics
-        w0, scales = load_w(0), load_scales()
-    stats = []
-    for r in range(m):
-        xs = [plt.load(x_ref.at[r, kx + h * half + jnp.arange(plen)]).astype(_F32) for h in range(2)]
-        mx = jnp.maximum(jnp.max(jnp.abs(xs[0])), jnp.max(jnp.abs(xs[1])))
-        inv = jnp.where(mx > 0, _IDOT_QMAX / mx, 0.0)
-        stats.append((mx, inv, jnp.sum(xs[0]) + jnp.sum(xs[1])))
-
-    def compute(t, w, accs):
+    def step(t, accs):
+        rows = row0[None, :, None] + unroll * t + jnp.arange(unroll)[:, None, None]
+        w = _load(w_ref.at[rows, wc[None, None, :]], wm, 0)
         accs = list(accs)
         for r in range(m):
-            xl, xh = (plt.load(x_ref.at[r, kx + h * half + unroll * t + jnp.arange(unroll)]).astype(_F32) * stats[r][1]
-                      for h in range(2))
+            xl, xh = (plt.load(x_ref.at[r, kx[None, :] + h * half + unroll * t + jnp.arange(unroll)[:, None]])
+                      .astype(_F32) * stats[r][1][None, :] for h in range(2))
             accs[r] = _idot_step(w, xl, xh, accs[r], interpret)
         return tuple(accs)
 
-    def step(t, carry):
-        accs, wnext = carry
-        if prefetch:
-            w, wnext = wnext, load_w(jnp.minimum(t + 1, nsteps - 1))
-        else:
-            w = load_w(t)
-        return compute(t, w, accs), wnext
-
-    zeros = jnp.zeros((unroll, bw), jnp.int32)
-    accs = tuple(zeros for _ in range(m))
-    if early:
-        accs = compute(0, w0, accs)
-        w1 = load_w(jnp.minimum(1, nsteps - 1)) if prefetch else zeros
-        accs, _ = lax.fori_loop(1, nsteps, step, (accs, w1))
-    else:
-        accs, _ = lax.fori_loop(0, nsteps, step, (accs, load_w(0) if prefetch else zeros))
-        scales = load_scales()
-    sc = scales[0].astype(_F32)
-    zr = None if sym else scales[1].astype(_F32)
+    stats = []
     for r in range(m):
-        mx, _, xsum = stats[r]
-        acc = accs[r] if unroll == 4 else jnp.sum(accs[r].reshape(unroll // 4, 4, bw), axis=0)
+        xs = [plt.load(x_ref.at[r, kx[:, None] + h * half + jnp.arange(plen)[None, :]]).astype(_F32)
+              for h in range(2)]
+        mx = jnp.maximum(jnp.max(jnp.abs(xs[0]), axis=1), jnp.max(jnp.abs(xs[1]), axis=1))  # [G]
+        inv = jnp.where(mx > 0, _IDOT_QMAX / mx, 0.0)
+        stats.append((mx, inv, jnp.sum(xs[0], axis=1) + jnp.sum(xs[1], axis=1)))
+    zeros = jnp.zeros((unroll, gw, bw), jnp.int32)
+    accs = lax.fori_loop(0, nsteps, step, tuple(zeros for _ in range(m)))
+    r4 = jnp.arange(4)
+    cols = 4 * wc[None, None, :] + r4[:, None, None]  # element (j, ., c): column 4c + j
+    cm = None if wmask is None and n % 4 == 0 else jnp.broadcast_to(cols < n, (4, gw, bw))
+    sc = _load(s_ref.at[gi[None, :, None], cols], cm, 0.0).astype(_F32)
+    zr = None if sym else _load(z_ref.at[gi[None, :, None], cols], cm, 0.0).astype(_F32)
+    for r in range(m):
+        mx, _, xsum = (v[None, :, None] for v in stats[r])
+        acc = accs[r] if unroll == 4 else jnp.sum(accs[r].reshape(unroll // 4, 4, gw, bw), axis=0)
         d = acc.astype(_F32) * (mx / _IDOT_QMAX)
         y = (d - 8.0 * xsum) * sc if sym else d * sc + xsum * zr
         y = y * (mx * 0.0 + 1.0)  # NaN / inf activations: NaN out, not the finite codes' sum
-        plt.store(o_ref.at[sp, r, r4[:, None], wc[None, :]], y, mask=wmask)
-    if fuse is not None:
-        _last_program_sums(o_ref, *fuse, m=m, n=n, wc=wc, wmask=wmask, interpret=interpret)
-
-
-def _ordered_sum(ref, start, count: int, loads: int, r: int, wc, wmask):
-    """sum over i in [start, start + count), in order, of ref[i, r, :, wc] ([4, words] f32), `loads` in flight."""
-    ld = math.gcd(count, loads)
-    r4 = jnp.arange(4)
-
-    def chunk(i, tot):
-        at = [ref.at[start + i * ld + q, r, r4[:, None], wc[None, :]] for q in range(ld)]
-        for v in [_load(a, wmask, 0.0) for a in at]:  # all loads issued before the first add
-            tot = tot + v
-        return tot
-
-    return lax.fori_loop(0, count // ld, chunk, jnp.zeros((4, wc.shape[0]), _F32))
-
-
-def _last_program_sums(part_ref, mid_ref, cnt_ref, out_ref, splits: int, chunk: int, loads: int, *, m, n, wc,
-                       wmask, interpret):
-    """The split sum inside the kernel, in two levels.  Arriving: after a CTA barrier, one thread adds one to a
-    counter (acq_rel at GPU scope: CUTLASS' semaphore pattern), so the program that sees the count complete
-    also sees every partial counted before it.  Level 1: the last of the `chunk` programs of a chunk of splits
-    (of column block j) sums their partials into mid[chunk]; level 2: the last chunk to finish sums the chunks
-    and writes columns 4c + j of the output in its dtype.  Sums run in split order, so the result is the same
-    on every run whichever program comes last.  Counters: cnt[j * (chunks + 1) + chunk], cnt[j * (chunks + 1)
-    + chunks]; `chunk` 1: one level."""
-    j, sp = pl.program_id(0), pl.program_id(1)
-    nch = splits // chunk
-    base = j * (nch + 1)
-    cols = 4 * wc[None, :] + jnp.arange(4)[:, None]
-    cm = None if wmask is None and n % 4 == 0 else cols < n
-
-    def arrive(idx):
-        if not interpret:
-            plt.debug_barrier()  # every thread's stores before the one thread's release
-        return plt.atomic_add(cnt_ref, idx, jnp.asarray(1, jnp.int32))
-
-    def finish(src_ref):
-        for r in range(m):
-            tot = _ordered_sum(src_ref, 0, nch, loads, r, wc, wmask)
-            plt.store(out_ref.at[r, cols], tot.astype(out_ref.dtype), mask=cm)
-
-    if chunk == 1:  # one level
-        pl.when(arrive(base + nch) == nch - 1)(lambda: finish(part_ref))
-        return
-    ch = sp // chunk
-
-    @pl.when(arrive(base + ch) == chunk - 1)
-    def _():
-        for r in range(m):
-            tot = _ordered_sum(part_ref, ch * chunk, chunk, loads, r, wc, wmask)
-            plt.store(mid_ref.at[ch, r, jnp.arange(4)[:, None], wc[None, :]], tot, mask=wmask)
-        pl.when(arrive(base + nch) == nch - 1)(lambda: finish(mid_ref))
+        y = y[:, 0, :] if gw == 1 else jnp.sum(y, axis=1)
+        plt.store(o_ref.at[pl.program_id(1), r, r4[:, None], wc[None, :]], y, mask=wmask)
 
 
 def _w4_pair_asm(w, i: int, dtype):
@@ -824,9 +752,11 @@ def plan(m: int, k: int, n: int, group_size: int, blocks: "QuantBlocks" = None, 
             unroll = max(4, min(b4.idot_unroll, half))
             parts = min(max(b4.idot_parts, -(-half // _IDOT_MAX_ROWS)), half // unroll)
             bw = 128 * b4.warps if not interpret else 32  # 4 words per thread: the asm's [4 rows, 4 words]
-            return dict(path="w4_idot", bw=bw, plen=half // parts, unroll=unroll, splits=ngroups * parts,
-                        warps=b4.warps, grid=(pl.cdiv(nw, bw), ngroups * parts), fused=b4.idot_fuse,
-                        fuse_chunk=math.gcd(ngroups * parts, b4.idot_fuse_chunk))
+            # runs per program, one per warp; only on whole word blocks (a masked block's loads are not
+            # vectorised, and Triton then lays the warps along the words instead of the runs)
+            gw = math.gcd(b4.idot_groups, ngroups * parts) if nw % bw == 0 else 1
+            return dict(path="w4_idot", bw=bw, plen=half // parts, unroll=unroll, gw=gw, splits=ngroups * parts // gw,
+                        warps=b4.warps * gw, grid=(pl.cdiv(nw, bw), ngroups * parts // gw))
         if m <= b4.gemv_rows:
             unroll = min(b4.unroll, half)
             parts = max(1, min(b4.parts, half // unroll))
@@ -871,8 +801,7 @@ def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interp
     splits, g = p["splits"], group_size
     if p["path"] == "w4_idot":
         kern = functools.partial(_w4_idot_kernel, m=m, n=n, bw=p["bw"], g=g, plen=p["plen"], unroll=p["unroll"],
-                                 prefetch=blocks.int4.idot_prefetch, early=blocks.int4.idot_early,
-                                 interpret=interpret)
+                                 gw=p["gw"], interpret=interpret)
         warps, stages = p["warps"], 1
     elif p["path"] == "w4_gemv":
         kern = functools.partial(_w4_gemv_kernel, m=m, n=n, bw=p["bw"], g=g, unroll=p["unroll"], parts=p["parts"],
@@ -897,24 +826,6 @@ def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interp
     args = [x, qweight, scale] + ([zero] if zero is not None else [])
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
     name = f"quant_matmul_int{bits}_{p['path']}"
-    if p.get("fused"):  # the split sum in the kernel: outputs (partials, chunk sums, arrival counters, y)
-        chunk, nch = p["fuse_chunk"], splits // p["fuse_chunk"]
-        ncnt = p["grid"][0] * (nch + 1)
-        args.append(jnp.zeros((ncnt,), jnp.int32))
-
-        def kernel(*refs):
-            x_ref, w_ref, s_ref, *zr, _, o_ref, mid_ref, c_ref, y_ref = refs
-            return kern(x_ref, w_ref, s_ref, zr[0] if zr else None, o_ref,
-                        fuse=(mid_ref, c_ref, y_ref, splits, chunk, blocks.int4.idot_fuse_loads))
-
-        outs = pl.pallas_call(
-            kernel, grid=p["grid"], in_specs=[anyspec] * len(args), out_specs=[anyspec] * 4,
-            out_shape=[jax.ShapeDtypeStruct(shape, _F32), jax.ShapeDtypeStruct((nch if chunk > 1 else 1,) + shape[1:], _F32),
-                       jax.ShapeDtypeStruct((ncnt,), jnp.int32), jax.ShapeDtypeStruct((m, n), out_dtype)],
-            input_output_aliases={len(args) - 1: 2},
-            compiler_params=_compiler_params(warps, stages), interpret=interpret, name=name + "_fused",
-        )(*args)
-        return outs[3]
     if zero is None:
         def kernel(x_ref, w_ref, s_ref, o_ref):
             return kern(x_ref, w_ref, s_ref, None, o_ref)

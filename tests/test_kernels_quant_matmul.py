@@ -87,16 +87,12 @@ PATH_CASES = [
     (4, False, 32, 2, 160, 72, "float32", qm.QuantBlocks(int4=I4(parts=1, prefetch=False, unroll=2)), "w4_gemv"),
     (4, False, 64, 3, 256, 20, "float32", qm.QuantBlocks(int4=I4(gemv_rows=4, parts=4, unroll=8)), "w4_gemv"),
     (4, True, 128, 1, 384, 45, "bfloat16", qm.QuantBlocks(), "w4_idot"),
-    (4, False, 64, 2, 320, 72, "float16", qm.QuantBlocks(int4=I4(idot_unroll=4, idot_parts=2, idot_prefetch=True)),
-     "w4_idot"),
+    (4, False, 64, 2, 320, 72, "float16", qm.QuantBlocks(int4=I4(idot_unroll=4, idot_parts=2)), "w4_idot"),
     (4, False, 32, 1, 160, 130, "bfloat16", qm.QuantBlocks(int4=I4(idot_unroll=8)), "w4_idot"),
-    (4, True, 64, 2, 768, 45, "bfloat16", qm.QuantBlocks(int4=I4(idot_fuse=True, idot_fuse_loads=2, idot_fuse_chunk=4)),
+    (4, True, 64, 2, 768, 128, "bfloat16", qm.QuantBlocks(int4=I4(idot_groups=4)), "w4_idot"),
+    (4, False, 32, 1, 224, 256, "float16", qm.QuantBlocks(int4=I4(idot_groups=2, idot_parts=2, idot_unroll=4)),
      "w4_idot"),
-    (4, False, 64, 1, 576, 130, "bfloat16", qm.QuantBlocks(int4=I4(idot_fuse=True, idot_early=True)), "w4_idot"),
-    (4, True, 128, 2, 384, 45, "float16", qm.QuantBlocks(int4=I4(idot_early=True, idot_prefetch=True, idot_unroll=8)),
-     "w4_idot"),
-    (4, False, 32, 1, 224, 130, "float16", qm.QuantBlocks(int4=I4(idot_fuse=True, idot_parts=2, idot_unroll=4)),
-     "w4_idot"),
+    (4, False, 64, 2, 576, 72, "bfloat16", qm.QuantBlocks(int4=I4(idot_groups=2)), "w4_idot"),
     (8, True, 64, 1, 192, 33, "float32", qm.QuantBlocks(num_splits=2), "gemv"),
     (8, False, 32, 16, 160, 40, "float32", qm.QuantBlocks(block_k=64, num_splits=3), "dot"),
     (4, True, 32, 16, 96, 72, "bfloat16", qm.QuantBlocks(), "w4_dot"),
@@ -128,8 +124,16 @@ def test_plan_fills_the_gpu_without_partial_steps():
     assert qm.plan(16, 4096, 14336, 128)["path"] == "dot"
     p = qm.plan(1, 4096, 14336, 128, bits=4)  # int4: one warp per (512 columns, half a group): 1792 programs
     assert p["path"] == "w4_gemv" and p["grid"] == (28, 64) and p["splits"] == 64
-    p = qm.plan(1, 4096, 14336, 128, bits=4, x_dtype=jnp.bfloat16)  # one warp per (512 columns, group): 896
-    assert p["path"] == "w4_idot" and p["grid"] == (28, 32) and p["unroll"] == 16 and p["plen"] == 64
+    # one warp per (512 columns, group): 896 warps, 8 groups per program (4 partials)
+    p = qm.plan(1, 4096, 14336, 128, bits=4, x_dtype=jnp.bfloat16)
+    assert p["path"] == "w4_idot" and p["unroll"] == 16 and p["plen"] == 64
+    assert p["gw"] == 8 and p["warps"] == 8 and p["grid"] == (28, 4) and p["splits"] == 4
+    b1 = qm.QuantBlocks(int4=qm.Int4Blocks(idot_groups=1))
+    p = qm.plan(1, 4096, 14336, 128, b1, bits=4, x_dtype=jnp.bfloat16)
+    assert p["gw"] == 1 and p["warps"] == 1 and p["grid"] == (28, 32) and p["splits"] == 32
+    b8 = qm.QuantBlocks()
+    assert qm.plan(1, 4096, 14000, 128, b8, bits=4, x_dtype=jnp.bfloat16)["gw"] == 1  # a partial word block
+    assert qm.plan(1, 576, 1536, 64, b8, bits=4, x_dtype=jnp.bfloat16)["gw"] == 1  # 9 groups: gcd(8, 9)
     assert qm.plan(16, 4096, 14336, 128, bits=4)["path"] == "w4_dot"
     p = qm.plan(1, 4096, 14336, 128, qm.QuantBlocks(num_splits=5, block_k=256))  # 7 groups per split
     assert p["splits"] == 5 and p["per"] == 7 and p["gps"] == 1
@@ -255,7 +259,8 @@ def test_idot_ptx_matches_the_interpret_path():
     ops.update({f"${64 + e}": int(acc.flat[e]) & 0xFFFFFFFF for e in range(16)})
     regs = _run_ptx(qm._idot_asm_text(), ops)
     got = np.array([regs[f"${e}"] for e in range(16)], np.uint32).view(np.int32).reshape(4, 4)
-    want = np.asarray(qm._idot_step(jnp.asarray(w), jnp.asarray(xl), jnp.asarray(xh), jnp.asarray(acc), True))
+    want = np.asarray(qm._idot_step(jnp.asarray(w)[:, None], jnp.asarray(xl)[:, None], jnp.asarray(xh)[:, None],
+                                    jnp.asarray(acc)[:, None], True))[:, 0]
     np.testing.assert_array_equal(got, want)
     # and against plain arithmetic: element (j, c) sums rows r of column byte j of word c
     v = lambda x: np.rint(x).astype(np.int64)  # noqa: E731

@@ -1,14 +1,14 @@
 #!/bin/bash
-# Session 8, H100 (issue 9): the int4 GEMV on integer dot products (dp2a, 16-bit activations; `Int4Blocks.idot`):
+# Sessions 8-9, H100 (issue 9): the int4 GEMV on integer dot products (dp2a, 16-bit activations; `Int4Blocks.idot`):
 # GPU parity (f32 out vs the f32 reference, NaN rows; and bench_inference's quant checks), then kernel time against
 # the f32 GEMV (`idot: false`) and the bf16 GEMM at both decode shapes, with and without zero points.
 # Usage: bash experiments/gpu/h100_int4_idot.sh $OUT ['[configs]'] [rows] ['[parity configs]']
 # (configs: Int4Blocks overrides; the session's tuning runs passed their own lists, see BENCHMARKS.md)
 set -u
 OUT=${1:-.}
-CFG=${2:-'[{"idot": false}, {}, {"idot_prefetch": true}, {"idot_unroll": 4, "idot_parts": 2, "idot_prefetch": true}]'}
+CFG=${2:-'[{"idot": false}, {"idot_groups": 1}, {}]'}
 ROWS=${3:-1,2}
-PCFG=${4:-'[{}, {"idot_unroll": 4, "idot_parts": 2, "idot_prefetch": true}, {"warps": 2}]'}
+PCFG=${4:-'[{}, {"idot_groups": 1}, {"idot_groups": 2, "idot_unroll": 4, "idot_parts": 2}, {"warps": 2}]'}
 export PYTHONPATH=. PYTHONUNBUFFERED=1 IVA_KERNELS_ALLOW_UNVALIDATED=1
 t0=$(date +%s)
 F='^USDT\|Warn\|warn'

@@ -115,8 +115,7 @@ def parity(configs: list[dict], tol: float = 2e-4) -> int:
                         if m == 2:  # a NaN in row 1: row 1 all NaN, row 0 unchanged
                             got2 = np.asarray(f(x.at[1, k // 3].set(jnp.nan), *codes))
                             nan_ok = bool(np.isnan(got2[1]).all() and np.array_equal(got2[0], got[0]))
-                        # the same bits on every call (the in-kernel split sum adds in split order, whichever
-                        # program arrives last)
+                        # the same bits on every call (every sum runs in a fixed order)
                         same = all(np.array_equal(np.asarray(f(x, *codes)), got) for _ in range(4))
                         ok = err <= tol and nan_ok and same
                         path = qm.plan(m, k, n, g, blk, bits=4, x_dtype=dt)["path"]

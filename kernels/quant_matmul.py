@@ -19,8 +19,9 @@ Implementations (all accumulate in f32, the integer-dot GEMV exactly in int32; o
               (deterministic, no atomics).  VJP w.r.t. x through XLA.
               int4, rows <= `Int4Blocks.gemv_rows` (decode), bf16 / f16 activations (`Int4Blocks.idot`): a GEMV
                 on integer dot products.  Each warp takes 128 words (512 columns) of one group, a program
-                `idot_groups` groups (8: 4 partials at K = 4096, not 32); each group's activations become int16 (scaled by their max: |error| <= max|x| / 65534,
-                ~2^-16 relative, far below bf16's own rounding); per step each thread's [4 rows, 4 words]
+                `idot_groups` groups (8: 4 partials at K = 4096, not 32); each group's activations become
+                int16 (scaled by their max: |error| <= max|x| / 65534, ~2^-16 relative, far below bf16's own
+                rounding); per step each thread's [4 rows, 4 words]
                 block is byte-transposed with `prmt` so that one register holds 4 rows of one column, its
                 nibbles masked into bytes, and `dp2a` multiplies them by activation pairs with exact int32
                 accumulation (inline PTX, ~1.7 instructions per weight with the activations' conversion,
@@ -441,7 +442,7 @@ def _w4_nibbles_f32(w, interpret: bool):
 
 
 def _gemv_run(w_ref, bw: int, g: int, plen: int):
-    """Program (j, sp) of the int4 GEMVs: words [j*bw, (j+1)*bw) of the sp-th run of `plen` packed rows (runs
+    """Program (j, sp) of the f32 int4 GEMV: words [j*bw, (j+1)*bw) of the sp-th run of `plen` packed rows (runs
     never cross a group).  Returns sp, the word columns and their mask, the group, the first packed row and
     its first activation column (the second half-group's: + g / 2)."""
     sp = pl.program_id(1)
@@ -824,17 +825,17 @@ def _triton(x, qweight, scale, zero, bits, group_size, out_dtype, blocks, interp
     # int4: partials [splits, m, byte b, word c] (column 4c + b): each store is contiguous along the words
     shape = (splits, m, 4, qweight.shape[1]) if bits == 4 else (splits, m, n) if partials else (m, n)
     args = [x, qweight, scale] + ([zero] if zero is not None else [])
-    anyspec = pl.BlockSpec(memory_space=pl.ANY)
-    name = f"quant_matmul_int{bits}_{p['path']}"
     if zero is None:
         def kernel(x_ref, w_ref, s_ref, o_ref):
             return kern(x_ref, w_ref, s_ref, None, o_ref)
     else:
         kernel = kern
+    anyspec = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
         kernel, grid=p["grid"], in_specs=[anyspec] * len(args), out_specs=anyspec,
         out_shape=jax.ShapeDtypeStruct(shape, _F32 if partials else out_dtype),
-        compiler_params=_compiler_params(warps, stages), interpret=interpret, name=name,
+        compiler_params=_compiler_params(warps, stages), interpret=interpret,
+        name=f"quant_matmul_int{bits}_{p['path']}",
     )(*args)
     if bits == 4:  # one XLA fusion: the split sum, the (b, c) -> 4c + b interleave and the cast
         return jnp.sum(out, axis=0).transpose(0, 2, 1).reshape(m, -1)[:, :n].astype(out_dtype)

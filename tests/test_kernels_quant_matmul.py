@@ -131,9 +131,8 @@ def test_plan_fills_the_gpu_without_partial_steps():
     b1 = qm.QuantBlocks(int4=qm.Int4Blocks(idot_groups=1))
     p = qm.plan(1, 4096, 14336, 128, b1, bits=4, x_dtype=jnp.bfloat16)
     assert p["gw"] == 1 and p["warps"] == 1 and p["grid"] == (28, 32) and p["splits"] == 32
-    b8 = qm.QuantBlocks()
-    assert qm.plan(1, 4096, 14000, 128, b8, bits=4, x_dtype=jnp.bfloat16)["gw"] == 1  # a partial word block
-    assert qm.plan(1, 576, 1536, 64, b8, bits=4, x_dtype=jnp.bfloat16)["gw"] == 1  # 9 groups: gcd(8, 9)
+    assert qm.plan(1, 4096, 14000, 128, bits=4, x_dtype=jnp.bfloat16)["gw"] == 1  # a partial word block
+    assert qm.plan(1, 576, 1536, 64, bits=4, x_dtype=jnp.bfloat16)["gw"] == 1  # 9 groups: gcd(8, 9)
     assert qm.plan(16, 4096, 14336, 128, bits=4)["path"] == "w4_dot"
     p = qm.plan(1, 4096, 14336, 128, qm.QuantBlocks(num_splits=5, block_k=256))  # 7 groups per split
     assert p["splits"] == 5 and p["per"] == 7 and p["gps"] == 1

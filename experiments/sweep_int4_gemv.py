@@ -86,7 +86,8 @@ def main() -> int:
 
 
 def parity(configs: list[dict], tol: float = 2e-4) -> int:
-    """Each config against `qm.reference` (f32) with f32 output: max |err| / max |ref| <= tol; NaN rows stay NaN."""
+    """Each config against `qm.reference` (f32) with f32 output: max |err| / max |ref| <= tol, NaN rows stay NaN,
+    the same bits over 5 calls.  Each line names the plan's path (and groups per program for the idot GEMV)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -118,7 +119,8 @@ def parity(configs: list[dict], tol: float = 2e-4) -> int:
                         # the same bits on every call (every sum runs in a fixed order)
                         same = all(np.array_equal(np.asarray(f(x, *codes)), got) for _ in range(4))
                         ok = err <= tol and nan_ok and same
-                        path = qm.plan(m, k, n, g, blk, bits=4, x_dtype=dt)["path"]
+                        p = qm.plan(m, k, n, g, blk, bits=4, x_dtype=dt)
+                        path = p["path"] + (f" gw {p['gw']}" if "gw" in p else "")
                         print(f"{'PASS' if ok else 'FAIL'} {name} [{path}] err {err:.2e} nan_ok {nan_ok} "
                               f"repeatable {same}", flush=True)
                     except Exception as e:  # noqa: BLE001

@@ -12,7 +12,8 @@ Weight format (one group = `group_size` consecutive rows of W [K, N], one scale 
   dequant:  symmetric  W[k, n] = q[k, n] * scale[g, n]                      (g = k // G)
             asymmetric W[k, n] = u[k, n] * scale[g, n] + zero[g, n]         (zero = the group's minimum)
 
-Implementations (all accumulate in f32, the integer-dot GEMV exactly in int32; output in x.dtype unless `out_dtype`):
+Implementations (all accumulate in f32, the integer-dot GEMV exactly in int32; output in x.dtype unless
+`out_dtype`):
   * "xla":    up to 16 rows, per-group dots on the codes with the scales applied to the partial sums;
               above, dequantize to x's dtype and one jnp.dot (`reference`: dequantise in f32/f64).
   * "triton": Pallas-Triton kernels; k-splits write f32 partials that one small XLA sum combines
@@ -21,20 +22,18 @@ Implementations (all accumulate in f32, the integer-dot GEMV exactly in int32; o
                 on integer dot products.  Each warp takes 128 words (512 columns) of one group, a program
                 `idot_groups` groups (8: 4 partials at K = 4096, not 32); each group's activations become
                 int16 (scaled by their max: |error| <= max|x| / 65534, ~2^-16 relative, far below bf16's own
-                rounding); per step each thread's [4 rows, 4 words]
-                block is byte-transposed with `prmt` so that one register holds 4 rows of one column, its
-                nibbles masked into bytes, and `dp2a` multiplies them by activation pairs with exact int32
-                accumulation (inline PTX, ~1.7 instructions per weight with the activations' conversion,
-                against ~3.6 for the f32 GEMV); the scales, zero points and activation scale are applied
-                once per group, and the program's groups summed in f32 before its partial is stored.
-              int4, rows <= `Int4Blocks.gemv_rows`, f32 activations (or `idot=False`): a GEMV on the 32-bit
-                words, exact in f32.  One warp per
-                program, each program one part of one group for 128 words (512 columns); the 8 nibbles
-                of a word become exact f32 values c * 2^p with one `lop3` (mask | 2^23 exponent) and
-                one subtract each (inline PTX; the nibbles stay at their bit position p, the 2^-p goes
-                into the per-group scale), multiplied by the row's activation with f32 accumulation in
-                the thread (no cross-thread reduction until the program's end); the next step's words
-                are loaded before this step's math.
+                rounding); per step each thread's [4 rows, 4 words] block is byte-transposed with `prmt` so
+                that one register holds 4 rows of one column, its nibbles masked into bytes, and `dp2a`
+                multiplies them by activation pairs with exact int32 accumulation (inline PTX, ~1.7
+                instructions per weight with the activations' conversion, against ~3.6 for the f32 GEMV);
+                the scales, zero points and activation scale are applied once per group, and the program's
+                groups summed in f32 before its partial is stored.
+              int4, rows <= `Int4Blocks.gemv_rows`, f32 activations (or `idot=False`): a GEMV on the 32-bit words,
+                exact in f32.  One warp per program, each program one part of one group for 128 words (512 columns);
+                the 8 nibbles of a word become exact f32 values c * 2^p with one `lop3` (mask | 2^23 exponent) and one
+                subtract each (inline PTX; the nibbles stay at their bit position p, the 2^-p goes into the per-group
+                scale), multiplied by the row's activation with f32 accumulation in the thread (no cross-thread
+                reduction until the program's end); the next step's words are loaded before this step's math.
               int4, more rows (up to 16; the default, `Int4Blocks.dot_tiles`): per group the words tile
                 [G/2, words] becomes 8 exact code tiles in x's dtype and 8 tl.dot [16, G/2] x [G/2, words].
               int4, `dot_tiles=False` (bf16/f16 activations): tensor cores.  Per step of `mma_rows`
@@ -74,7 +73,8 @@ _MAX_KERNEL_ROWS = 16  # H100, 2026-11-22: faster than XLA at M<=16, slower at M
 _GROUPED_ROWS = 16  # XLA path: per-group dots up to this many rows
 _GPU_VALIDATED = True  # int8 kernels, H100, jax 0.11.2, 2026-11-22: bench_inference --only check, PASS (sym/asym, M 1/7/16)
 _W4_GPU_VALIDATED = True  # int4 word kernels, H100, jax 0.11.2, 2026-11-23: bench_inference --only check, 30/30 PASS;
-# the integer-dot GEMV: experiments/sweep_int4_gemv.py --parity, 0 failed (2026-11-23, session 8)
+# the integer-dot GEMV: experiments/sweep_int4_gemv.py --parity, 0 failed (2026-11-23, sessions 8 and 9: 96/96
+# with idot_groups 8)
 
 
 def _pow2(name: str, v: Any, lo: int) -> None:
@@ -441,15 +441,12 @@ def _w4_nibbles_f32(w, interpret: bool):
     return out
 
 
-def _gemv_run(w_ref, bw: int, g: int, plen: int):
-    """Program (j, sp) of the f32 int4 GEMV: words [j*bw, (j+1)*bw) of the sp-th run of `plen` packed rows (runs
-    never cross a group).  Returns sp, the word columns and their mask, the group, the first packed row and
-    its first activation column (the second half-group's: + g / 2)."""
-    sp = pl.program_id(1)
-    wc, wmask = _word_block(w_ref, pl.program_id(0), bw)
+def _run_start(sp, g: int, plen: int):
+    """Run sp (a scalar or an array of runs) of `plen` packed rows, runs never crossing a group: its group, its
+    first packed row and that row's first activation column (the second half-group's: + g / 2)."""
     parts = (g // 2) // plen
     gi = sp // parts
-    return sp, wc, wmask, gi, gi * (g // 2) + (sp % parts) * plen, gi * g + (sp % parts) * plen
+    return gi, gi * (g // 2) + (sp % parts) * plen, gi * g + (sp % parts) * plen
 
 
 def _w4_gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, unroll, parts, prefetch, interpret):
@@ -457,7 +454,9 @@ def _w4_gemv_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, unroll, p
     per step `unroll` packed rows, accumulators per (activation row, nibble) in f32."""
     half = g // 2
     plen = half // parts
-    sp, wc, wmask, gi, row0, kx = _gemv_run(w_ref, bw, g, plen)
+    sp = pl.program_id(1)
+    wc, wmask = _word_block(w_ref, pl.program_id(0), bw)
+    gi, row0, kx = _run_start(sp, g, plen)
     row_end = row0 + plen
     sym = z_ref is None
 
@@ -559,9 +558,9 @@ def _idot_asm_text() -> str:
     each word's 4x4 byte block is transposed with 8 `prmt` (word c, column byte j -> one register holding
     rows 0..3), its low nibbles (first half-group rows) and high nibbles (second half) masked into bytes,
     and multiplied by int16 activation pairs with `dp2a` (2 products per instruction, int32 accumulation):
-    156 instructions per 128 weights, the activations' conversion included.  Operands: $0-15 acc out (element 4j + c: column byte j of word c),
-    $16-31 words, $32-47 / $48-63 scaled activations of the first / second half-group rows (row r of
-    element 4r + c), $64-79 acc in."""
+    156 instructions per 128 weights, the activations' conversion included.  Operands: $0-15 acc out
+    (element 4j + c: column byte j of word c), $16-31 words, $32-47 / $48-63 scaled activations of the first /
+    second half-group rows (row r of element 4r + c), $64-79 acc in."""
     lines = ["{", ".reg .b32 a<4>, b<4>, p<4>, t<4>, T, L, H;"]
     for h, base in enumerate((32, 48)):  # x pairs: p[2h] = rows (0, 1), p[2h + 1] = rows (2, 3), int16 halves
         for r in range(4):
@@ -608,12 +607,8 @@ def _w4_idot_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, m, n, bw, g, plen, unr
     summed exactly in int32 (one accumulator per 4-row block of the step, added at the end); the runs' f32
     results are summed in the program (deterministic) into one partial."""
     half = g // 2
-    parts = half // plen
     wc, wmask = _word_block(w_ref, pl.program_id(0), bw)
-    sp = pl.program_id(1) * gw + jnp.arange(gw)  # [G] runs
-    gi = sp // parts
-    row0 = gi * half + (sp % parts) * plen
-    kx = gi * g + (sp % parts) * plen
+    gi, row0, kx = _run_start(pl.program_id(1) * gw + jnp.arange(gw), g, plen)  # [G] runs
     sym = z_ref is None
     nsteps = plen // unroll
     wm = None if wmask is None else wmask[:, None, :]
@@ -755,9 +750,10 @@ def plan(m: int, k: int, n: int, group_size: int, blocks: "QuantBlocks" = None, 
             bw = 128 * b4.warps if not interpret else 32  # 4 words per thread: the asm's [4 rows, 4 words]
             # runs per program, one per warp; only on whole word blocks (a masked block's loads are not
             # vectorised, and Triton then lays the warps along the words instead of the runs)
-            gw = math.gcd(b4.idot_groups, ngroups * parts) if nw % bw == 0 else 1
-            return dict(path="w4_idot", bw=bw, plen=half // parts, unroll=unroll, gw=gw, splits=ngroups * parts // gw,
-                        warps=b4.warps * gw, grid=(pl.cdiv(nw, bw), ngroups * parts // gw))
+            runs = ngroups * parts
+            gw = math.gcd(b4.idot_groups, runs) if nw % bw == 0 else 1
+            return dict(path="w4_idot", bw=bw, plen=half // parts, unroll=unroll, gw=gw, splits=runs // gw,
+                        warps=b4.warps * gw, grid=(pl.cdiv(nw, bw), runs // gw))
         if m <= b4.gemv_rows:
             unroll = min(b4.unroll, half)
             parts = max(1, min(b4.parts, half // unroll))

@@ -314,33 +314,37 @@ def bench_attention(torch_ok, peak, sweep, which="all"):
             torch.cuda.empty_cache()
         if do_sweep and not TINY:
             scale2 = d ** -0.5 * 1.4426950408889634
-            fwd_tiles = ((fam.Tiles(block_kv=128), fam.Tiles(block_kv=64)) if d > 64 else
-                         (fam.Tiles(block_kv=128), fam.Tiles(block_kv=256), fam.Tiles(block_kv=128, stages=3)))
+            # heavy_first=False: the launch order before session 10 (q tiles in order within each batch)
+            fwd_tiles = ((fam.Tiles(block_kv=128), fam.Tiles(heavy_first=False), fam.Tiles(block_kv=64))
+                         if d > 64 else (fam.Tiles(block_kv=128), fam.Tiles(heavy_first=False),
+                                         fam.Tiles(block_kv=256), fam.Tiles(block_kv=128, stages=3)))
+            order = lambda t: "" if t.heavy_first else " natural order"  # noqa: E731
             for tiles in fwd_tiles:
                 f = jax.jit(lambda q, k, v, t=tiles: fam.forward(q, k, v, None, None, scale2=scale2, causal=True,
                                                                  window=None, q_offset=0, tiles=t))
                 guard(f"sweep fwd {tiles}", lambda f=f, tiles=tiles: rec(
-                    "sweep", f"mosaic fwd bq={tiles.block_q} bk={tiles.block_kv} st={tiles.stages}",
+                    "sweep", f"mosaic fwd bq={tiles.block_q} bk={tiles.block_kv} st={tiles.stages}{order(tiles)}",
                     time_jax(f, [(q, k, v)], reps=10), 1))
             o, lse = fa.flash_attention_with_lse(q, k, v, impl="auto")
             lse2 = lse * 1.4426950408889634
             delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
             two, fused = fam.Tiles(fused_dq=False), fam.Tiles(fused_dq=True)
-            bwd_tiles = ((two, fam.Tiles(fused_dq=False, dq_block_kv=128), fused, fam.Tiles(fused_dq=True, stages=3),
+            natural = fam.Tiles(fused_dq=False, heavy_first=False)
+            bwd_tiles = ((two, natural, fam.Tiles(fused_dq=False, dq_block_kv=128), fused,
                           fam.Tiles(fused_dq=True, dq_split=False)) if d > 64 else
-                         (two, fam.Tiles(fused_dq=False, dq_block_kv=128), fam.Tiles(fused_dq=False, bwd_block_q=128),
-                          fused, fam.Tiles(fused_dq=True, dq_split=False), fam.Tiles(fused_dq=True, stages=3)))
+                         (two, natural, fam.Tiles(fused_dq=False, dq_block_kv=128),
+                          fam.Tiles(fused_dq=False, bwd_block_q=128), fused, fam.Tiles(fused_dq=True, dq_split=False)))
 
             def bwd_label(t):
                 how = ("fused dQ " + ("split" if t.dq_split else "per-wg")) if t.fused_dq else \
                     f"dQ kernel dq_bk={t.dq_block_kv}"
-                return f"mosaic bwd {how} dkv_bq={t.bwd_block_q} st={t.stages}"
+                return f"mosaic bwd {how} dkv_bq={t.bwd_block_q} st={t.stages}{order(t)}"
             for tiles in bwd_tiles:
                 f = jax.jit(lambda q, k, v, do, lse2, delta, t=tiles: fam.backward(
                     q, k, v, None, None, do, lse2, delta, scale2=scale2, causal=True, window=None, q_offset=0, tiles=t))
                 guard(f"sweep bwd {tiles}", lambda f=f, tiles=tiles: rec(
                     "sweep", bwd_label(tiles), time_jax(f, [(q, k, v, do, lse2, delta)], reps=10), 2.5))
-            for tiles in (two, fused):  # end to end through the public op (fam.TILES is read when the VJP traces)
+            for tiles in (two, natural):  # end to end through the public op (fam.TILES is read when the VJP traces)
                 saved, fam.TILES = fam.TILES, tiles
                 try:
                     fb = jax.jit(lambda q, k, v, do: jax.vjp(lambda q, k, v: fa.flash_attention(

@@ -63,6 +63,10 @@ class Tiles:
     # SMEM tiles then use a 64-byte swizzle); False: each warpgroup reduce-adds the [bq, d] partial of
     # its own keys (twice the traffic, no barrier between the warpgroups)
     dq_split: bool = True
+    # launch order: the causal tiles with the most keys (forward, dQ: the last q tiles) or the most queries
+    # (dK/dV: the first kv tiles) first, over all batches and heads (the grid's slowest axis), so the light
+    # tiles fill the tail of the last wave (longest-processing-time-first; False: tile order within each batch)
+    heavy_first: bool = True
     # SMEM of the fused dK/dV/dQ kernel at D=128, bq = bk = 64 (sm90 allows 227 KiB): K, V 2 x 32 KiB,
     # Q/dO ring stages x 32 KiB, dS^T 2 x 16 KiB, f32 dQ staging 2 x 16 KiB (split; 2 x 32 per-warpgroup),
     # lse/delta stages x 0.5 KiB: 193 KiB at 2 stages, ~226 KiB at 3 (at the limit)
@@ -132,6 +136,19 @@ def _rem(t, n):
 
 def _clamp(x, lo, hi):
     return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def _grid(heads, tiles, b, name, tiles_cfg) -> dict:
+    """grid and grid_names of a heads x tiles x batch launch: heavy_first puts the tile axis slowest."""
+    if tiles_cfg.heavy_first:
+        return dict(grid=(heads, b, tiles), grid_names=("heads", "batch", name))
+    return dict(grid=(heads, tiles, b), grid_names=("heads", name, "batch"))
+
+
+def _tile_index(name, n_tiles, reverse):
+    """This CTA's tile along `name`; reverse walks the tiles from the last one."""
+    i = lax.axis_index(name)
+    return n_tiles - 1 - i if reverse else i
 
 
 def _pad_rows(x, mult):
@@ -229,7 +246,7 @@ def _forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles, sq, sk
         wg = lax.axis_index("wg")
         (qo_smem2, k_smem, v_smem, lse_smem2, qseg_smem2, kseg_smem), bars = scoped
         k_bar, v_bar, q_bar, kseg_bar, k_cons, v_cons, sched = bars
-        cta_q0 = lax.axis_index("q_seq") * (2 * bq)
+        cta_q0 = _tile_index("q_seq", n_q_tiles, causal and tiles.heavy_first) * (2 * bq)
         p_first = q_offset + cta_q0
         p_last = q_offset + jnp.minimum(cta_q0 + 2 * bq, sq) - 1
         lo, hi = _kv_range(p_first, p_last, skv, bk, **log)
@@ -381,8 +398,7 @@ def _forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles, sq, sk
     o, lse2 = plgpu.kernel(
         entry,
         out_type=[jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b, hq, sq_pad), _F32)],
-        grid=(hq, n_q_tiles, b),
-        grid_names=("heads", "q_seq", "batch"),
+        **_grid(hq, n_q_tiles, b, "q_seq", tiles),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -450,13 +466,14 @@ def _dq(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, t
     transforms = _smem_transforms(d, dtype)
     log = dict(causal=causal, window=window)
     sm_scale = scale2 / 1.4426950408889634
+    n_q_tiles = _cdiv(sq, 2 * bq)
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dq_ref, scoped):
         bi = lax.axis_index("batch")
         h = lax.axis_index("heads")
         wg = lax.axis_index("wg")
         (q_smem2, do_smem2, lse_smem2, dl_smem2, qseg_smem2, k_smem, v_smem, kseg_smem), (own_bar, ld_bar, cons) = scoped
-        cta_q0 = lax.axis_index("q_seq") * (2 * bq)
+        cta_q0 = _tile_index("q_seq", n_q_tiles, causal and tiles.heavy_first) * (2 * bq)
         p_first = q_offset + cta_q0
         p_last = q_offset + jnp.minimum(cta_q0 + 2 * bq, sq) - 1
         lo, hi = _kv_range(p_first, p_last, skv, bk, **log)
@@ -566,8 +583,7 @@ def _dq(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, t
     return plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(hq, _cdiv(sq, 2 * bq), b),
-        grid_names=("heads", "q_seq", "batch"),
+        **_grid(hq, n_q_tiles, b, "q_seq", tiles),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -782,8 +798,7 @@ def _dkv(q, k, v, qs, ks, do, lse2, delta, *, scale2, causal, window, q_offset, 
 
     args = [q, k, v] + ([qs, ks] if seg else []) + [do, lse2, delta]
     out_type = [jax.ShapeDtypeStruct(k.shape, dtype)] * 2
-    launch = dict(grid=(hkv, _cdiv(skv, 2 * bk), b), grid_names=("heads", "kv_seq", "batch"), num_threads=3,
-                  thread_name="wg")
+    launch = dict(**_grid(hkv, _cdiv(skv, 2 * bk), b, "kv_seq", tiles), num_threads=3, thread_name="wg")
     params = plgpu.CompilerParams(approx_math=True)
     if fused:  # pl.kernel (not plgpu.kernel, whose vmap wrapper rejects Refs) aliases the Ref in and out
         from jax._src import config as jax_config  # like plgpu.kernel: no vma check (kernels run inside shard_map)

@@ -290,12 +290,48 @@ def _atomic_add(ref, idx, val):
     plgpu.atomic_add(ref, idx, val)
 
 
+# In-kernel elementwise math on MUFU approximations.  libdevice's expf, log1pf and an IEEE division cost ~40
+# (softplus) and ~20 (silu) instructions per value: a third of the chunked f32 forward's loop (offline SASS).
+# These take ~15 and ~5.  Relative errors: ~2e-7 (1 + |x|), the f32 rounding of the exponent x log2 e (as in the
+# scan's own exp2(dt A log2 e)) being the part that grows with |x| (f32 values are checked to 1e-5).
+_ATANH_COEFFS = tuple(2.0 / (2 * k + 1) for k in range(7))  # 2 atanh(s) = s * sum_k 2 s^(2k) / (2k + 1)
+
+
+def _rcp(x, interpret: bool):
+    """1 / x: `rcp.approx.ftz.f32` on the GPU (one MUFU op, error below 1 ulp), a division in interpret mode."""
+    if interpret:
+        return 1.0 / x
+    from jax.experimental.pallas import triton as plt
+
+    [r] = plt.elementwise_inline_asm("rcp.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
+                                     result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return r
+
+
+def _sigmoid_k(x, interpret: bool):
+    """sigmoid(x) in a kernel: 1 / (1 + 2^(-x log2 e)); in f32 exactly 1 beyond x ~ 17.3, as torch's."""
+    return _rcp(1.0 + jnp.exp2(-LOG2E * x), interpret)
+
+
+def _softplus_k(x, interpret: bool):
+    """softplus(x) in a kernel, within ~2e-7 (1 + |x|) relative of torch's (threshold 20: beyond it both give x in
+    f32): max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1], and log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3,
+    whose series to s^13 is within 2e-8 relative."""
+    e = jnp.exp2(-LOG2E * jnp.abs(x))
+    s = e * _rcp(2.0 + e, interpret)
+    s2 = s * s
+    p = _ATANH_COEFFS[-1]
+    for c in reversed(_ATANH_COEFFS[:-1]):
+        p = p * s2 + c
+    return jnp.maximum(x, 0.0) + s * p
+
+
 def _dt(st: _Static, x, bias, valid=None):
     """(x + bias, dt) for raw dt rows x in f32: dt = softplus(x + bias) when st.softplus (else x + bias), zeroed
     where not valid (None: everywhere valid).  bias None: no delta_bias."""
     if bias is not None:
         x = x + bias
-    dt = softplus(x) if st.softplus else x
+    dt = _softplus_k(x, st.interpret) if st.softplus else x
     return x, (dt if valid is None else jnp.where(valid, dt, 0.0))
 
 
@@ -384,7 +420,7 @@ def _fwd_kernel(*refs, st: _Static, save_ckpt: bool = False, state_only: bool = 
                 y = y + P.D * u
             if st.has_z:
                 zt = get(4).astype(f32)
-                y = y * (zt * jax.nn.sigmoid(zt))
+                y = y * (zt * _sigmoid_k(zt, st.interpret))
             _store(r["out"], (P.b, t, P.dsl), y.astype(r["out"].dtype), valid)
         return (h, sdt) if state_only else h
 
@@ -485,10 +521,10 @@ def _fwd_chunk_kernel(*refs, st: _Static, save_ckpt: bool = False):
             y = y + Dv[None, :] * u
         if st.has_z:
             zt = cur[3]
-            y = y * (zt * jax.nn.sigmoid(zt))
+            y = y * (zt * _sigmoid_k(zt, st.interpret))
         tsl = pl.ds(pl.multiple_of(c * T, T), T)
         _store(r["out"], (b, tsl, dsl), y.astype(r["out"].dtype), valid(c) if partial else None)
-        h_last = jnp.sum(jnp.where(ti == T - 1, h, 0.0), axis=0)
+        h_last = jnp.sum(jnp.where(ti == T - 1, h, -0.0), axis=0)  # x + -0.0 folds away: no adds
         return h_last, nxt_exp, nxt[1:], ahead
 
     first = load(0)
@@ -536,7 +572,7 @@ def _bwd_kernel(*refs, st: _Static):
             go = r["dout"][P.b, t, P.dsl].astype(f32)
             if st.has_z:
                 zt = r["z"][P.b, t, P.dsl].astype(f32)
-                sz = jax.nn.sigmoid(zt)
+                sz = _sigmoid_k(zt, st.interpret)
                 y = jnp.sum(h_t * ct[None, :], axis=1)
                 if st.has_D:
                     y = y + P.D * u
@@ -560,7 +596,7 @@ def _bwd_kernel(*refs, st: _Static):
             dA_acc = dA_acc + q * dt[:, None]
             lam = lam * a
             if st.softplus:
-                ddt = ddt * jnp.where(x > SOFTPLUS_THRESHOLD, 1.0, jax.nn.sigmoid(x))
+                ddt = ddt * _sigmoid_k(x, st.interpret)  # softplus' (1 beyond the threshold too)
             if partial:
                 ddt = jnp.where(valid, ddt, 0.0)
             if st.has_bias:
@@ -659,7 +695,7 @@ def _bwd_chunk_kernel(*refs, st: _Static):
         vmask = valid(t0) if partial else None
         if st.has_z:
             zt = load("z", t0, partial)
-            sz = jax.nn.sigmoid(zt)
+            sz = _sigmoid_k(zt, st.interpret)
             y = jnp.sum(h * ct[:, :, None], axis=1)
             if st.has_D:
                 y = y + Dv[None, :] * u
@@ -680,7 +716,7 @@ def _bwd_chunk_kernel(*refs, st: _Static):
         plgpu.atomic_add(r["dB"], (b, tsl, g, slice(None)), jnp.sum(lt * (dt * u)[:, None, :], axis=2))
         plgpu.atomic_add(r["dC"], (b, tsl, g, slice(None)), jnp.sum(h * dy[:, None, :], axis=2))
         if st.softplus:
-            ddt = ddt * jnp.where(x_pre > SOFTPLUS_THRESHOLD, 1.0, jax.nn.sigmoid(x_pre))
+            ddt = ddt * _sigmoid_k(x_pre, st.interpret)  # softplus' (1 beyond the threshold too)
         if partial:
             ddt = jnp.where(vmask, ddt, 0.0)
         if st.has_bias:

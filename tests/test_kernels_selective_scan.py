@@ -70,3 +70,24 @@ def test_package_exports_and_describe():
     assert rms_norm is importlib.import_module("kernels.rms_norm").rms_norm
     row = dispatch.describe()["selective_scan[any shape]"]
     assert row["impl"] == "xla" and "triton:" in row["why"]
+
+
+def test_in_kernel_softplus_and_sigmoid_vs_float64():
+    """The kernels' softplus (log1p as an atanh series) and sigmoid match float64 over the whole range: relative
+    error ~2e-7 (1 + |x|), the f32 rounding of the exponent x log2 e being the one that grows with |x|; both sides of
+    torch's threshold 20, where the f32 values are x and 1 exactly; NaN in, NaN out."""
+    import numpy as np
+
+    x = np.concatenate([np.linspace(-30, 30, 6001), [-100.0, -0.0, 0.0, 1e-8, 17.5, 19.99, 20.0, 20.01, 88.0]])
+    x32 = jnp.asarray(x, jnp.float32)
+    x64 = np.asarray(x32, np.float64)
+    sp = np.asarray(jax.jit(lambda v: K._softplus_k(v, True))(x32), np.float64)
+    sg = np.asarray(jax.jit(lambda v: K._sigmoid_k(v, True))(x32), np.float64)
+    sp_ref = np.where(x64 > 20, x64, np.log1p(np.exp(np.minimum(x64, 20))))
+    sg_ref = 1 / (1 + np.exp(-x64))
+    tol = 2e-7 * (1 + np.abs(x64))
+    assert np.all(np.abs(sp - sp_ref) <= tol * sp_ref + 1e-37)  # 1e-37: exp(-100) is below f32's normal range
+    assert np.all(np.abs(sg - sg_ref) <= tol * sg_ref + 1e-37)
+    assert np.max((np.abs(sp - sp_ref) / sp_ref)[np.abs(x64) < 10]) < 1e-6
+    assert np.all(sp[x64 > 20] == np.float32(x64[x64 > 20])) and np.all(sg[x64 > 17.4] == 1.0)
+    assert np.isnan(K._softplus_k(jnp.float32(np.nan), True)) and np.isnan(K._sigmoid_k(jnp.float32(np.nan), True))

@@ -9,10 +9,10 @@ export PYTHONPATH=.
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.sm --format=csv > "$OUT/gpu.txt" 2>&1
 if [ "$WHAT" != scan ]; then
-  CHECK_ATTN_IMPLS=mosaic timeout 150 python3 experiments/check_kernels_gpu.py --only attention \
+  CHECK_ATTN_IMPLS=mosaic timeout 240 python3 experiments/check_kernels_gpu.py --only attention \
     --out "$OUT/check_attn.json" > "$OUT/check_attn.log" 2>&1
   echo "attention check rc=$? $(( $(date +%s) - t0 )) s"
-  timeout 240 python3 experiments/profile_kernels.py --only attention --attn main \
+  timeout 150 python3 experiments/profile_kernels.py --only attention --attn main \
     --out "$OUT/profile_attn.json" > "$OUT/profile_attn.log" 2>&1
   echo "attention profile rc=$? $(( $(date +%s) - t0 )) s"
 fi
@@ -20,7 +20,7 @@ if [ "$WHAT" != attn ]; then
   timeout 150 python3 experiments/bench_ssm.py --only check --skip-slow --out "$OUT/ssm_check.json" \
     > "$OUT/ssm_check.log" 2>&1
   echo "scan check rc=$? $(( $(date +%s) - t0 )) s"
-  left=$(( 590 - ( $(date +%s) - t0 ) ))
+  left=$(( 595 - ( $(date +%s) - t0 ) ))
   OUT=$OUT timeout $left python3 experiments/ssm_kernel_times.py > "$OUT/ssm_kernel_times.log" 2>&1
   echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
 fi

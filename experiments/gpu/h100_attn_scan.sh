@@ -1,14 +1,14 @@
 #!/bin/bash
 # Session 10 (issues 3 and 6) in one device call: GPU parity of the Mosaic attention (heavy-first launch order)
 # and its B4 S4096 H16 D128 profile with the order sweep; selective-scan parity and kernel times (MUFU-based
-# softplus / sigmoid in the kernels).  Usage: bash experiments/gpu/h100_attn_scan.sh $OUT [attn|scan|both]
+# softplus / sigmoid in the kernels).  Usage: bash experiments/gpu/h100_attn_scan.sh $OUT [attn|scan|both|attn_kt|scan_kt [json]]
 set -u
 OUT=${1:-.}
 WHAT=${2:-both}
 export PYTHONPATH=.
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.sm --format=csv > "$OUT/gpu.txt" 2>&1
-if [ "$WHAT" != scan ]; then
+if [ "$WHAT" = attn ] || [ "$WHAT" = both ]; then
   CHECK_ATTN_IMPLS=mosaic timeout 240 python3 experiments/check_kernels_gpu.py --only attention \
     --out "$OUT/check_attn.json" > "$OUT/check_attn.log" 2>&1
   echo "attention check rc=$? $(( $(date +%s) - t0 )) s"
@@ -16,11 +16,24 @@ if [ "$WHAT" != scan ]; then
     --out "$OUT/profile_attn.json" > "$OUT/profile_attn.log" 2>&1
   echo "attention profile rc=$? $(( $(date +%s) - t0 )) s"
 fi
-if [ "$WHAT" != attn ]; then
+if [ "$WHAT" = scan ] || [ "$WHAT" = both ]; then
   timeout 150 python3 experiments/bench_ssm.py --only check --skip-slow --out "$OUT/ssm_check.json" \
     > "$OUT/ssm_check.log" 2>&1
   echo "scan check rc=$? $(( $(date +%s) - t0 )) s"
   left=$(( 595 - ( $(date +%s) - t0 ) ))
   OUT=$OUT timeout $left python3 experiments/ssm_kernel_times.py > "$OUT/ssm_kernel_times.log" 2>&1
+  echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
+fi
+if [ "$WHAT" = attn_kt ]; then  # attention at kernel time (CUPTI), interleaved rounds
+  timeout 200 python3 experiments/attn_kernel_times.py --configs main --orders --out "$OUT/attn_kt_main.json" \
+    > "$OUT/attn_kt_main.log" 2>&1
+  echo "attention kernel times (main) rc=$? $(( $(date +%s) - t0 )) s"
+  left=$(( 590 - ( $(date +%s) - t0 ) ))
+  timeout $left python3 experiments/attn_kernel_times.py --configs s1k,s8k,s16k,d64,gqa4,window1024 --rounds 3 \
+    --out "$OUT/attn_kt_all.json" > "$OUT/attn_kt_all.log" 2>&1
+  echo "attention kernel times (all) rc=$? $(( $(date +%s) - t0 )) s"
+fi
+if [ "$WHAT" = scan_kt ]; then  # scan forward configs at kernel time; $3: JSON of extra configs
+  OUT=$OUT timeout 580 python3 experiments/ssm_kernel_times.py "${3:-{\}}" > "$OUT/ssm_kernel_times.log" 2>&1
   echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
 fi

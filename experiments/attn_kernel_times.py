@@ -11,6 +11,7 @@ Writes $OUT/attn_kernel_times.json (GPU only).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -45,8 +46,8 @@ def main():
     import torch
     import torch.nn.functional as F
 
-    from kernels import flash_attention as fa
-    from kernels import flash_attention_mosaic as fam
+    fa = importlib.import_module("kernels.flash_attention")  # the module (kernels/__init__ exports the function)
+    fam = importlib.import_module("kernels.flash_attention_mosaic")
 
     results = []
     for cname in args.configs.split(","):

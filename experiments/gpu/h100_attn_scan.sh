@@ -37,3 +37,13 @@ if [ "$WHAT" = scan_kt ]; then  # scan forward configs at kernel time; $3: JSON 
   OUT=$OUT timeout 580 python3 experiments/ssm_kernel_times.py "${3:-{\}}" > "$OUT/ssm_kernel_times.log" 2>&1
   echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
 fi
+if [ "$WHAT" = scan_fma ]; then  # exp2 on the FMA pipe: parity, then kernel times
+  timeout 200 python3 experiments/bench_ssm.py --only check --skip-slow --out "$OUT/ssm_check_fma.json" \
+    --check-configs '[{"fma_exp2_steps": 2}, {"fma_exp2_steps": 4}]' > "$OUT/ssm_check_fma.log" 2>&1
+  echo "scan check rc=$? $(( $(date +%s) - t0 )) s"
+  left=$(( 590 - ( $(date +%s) - t0 ) ))
+  OUT=$OUT timeout $left python3 experiments/ssm_kernel_times.py \
+    '{"fma_exp2_steps 1": {"fma_exp2_steps": 1}, "fma_exp2_steps 2": {"fma_exp2_steps": 2}, "fma_exp2_steps 4": {"fma_exp2_steps": 4}}' \
+    > "$OUT/ssm_kernel_times.log" 2>&1
+  echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
+fi

@@ -169,8 +169,6 @@ class ScanBlockConfig:
     scan_chunk: steps of the chunked forward's register tile (0: the per-step forward, which `chunk`,
         `prefetch`, `group_loads` and `time_splits` configure).  With it, block_d None picks
         2048 * num_warps / (scan_chunk * dstate) dims per program (64 tile values per thread: 16 at dstate 16).
-    fma_exp2_steps: of each chunk's steps, how many (the last ones) take exp(dt A) from a polynomial on the FMA
-        pipe instead of the MUFU (chunked forward; 0: all on the MUFU).
     """
 
     block_d: Optional[int] = None
@@ -185,7 +183,6 @@ class ScanBlockConfig:
     group_loads: bool = False
     time_splits: int = 1
     scan_chunk: int = 8
-    fma_exp2_steps: int = 0
 
     def __post_init__(self):
         for f in ("block_d", "num_warps", "chunk", "ckpt_chunk", "bwd_chunk", "block_d_bwd", "num_warps_bwd",
@@ -200,8 +197,6 @@ class ScanBlockConfig:
         for f in ("prefetch", "group_loads"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ScanBlockConfig.{f}={getattr(self, f)!r} must be a bool")
-        if not (isinstance(self.fma_exp2_steps, int) and 0 <= self.fma_exp2_steps <= self.scan_chunk):
-            raise ValueError(f"ScanBlockConfig.fma_exp2_steps={self.fma_exp2_steps!r} must be in [0, scan_chunk]")
         if self.scan_chunk and self.time_splits > 1:
             raise ValueError("ScanBlockConfig: time_splits applies to the per-step forward; set scan_chunk=0 with it")
 
@@ -231,7 +226,6 @@ class _Static:
     group_loads: bool = False
     P: int = 1  # forward time segments (the forward kernels then see seqlen L / P and batch * P)
     Tc: int = 0  # steps per chunk of the chunked forward (0: the per-step forward)
-    Fx: int = 0  # steps per chunk whose exp2 runs on the FMA pipe (chunked forward)
 
     @property
     def NC1(self) -> int:
@@ -264,8 +258,7 @@ def _make_static(l, g, dg, n, cfg: ScanBlockConfig, **flags) -> _Static:
         p *= 2
     return _Static(L=l, G=g, Dgp=-(-dg // step) * step, Np=np_, BD=bd, BDb=bdb, Kf=min(cfg.chunk, k1), K1=k1,
                    Kb=min(cfg.bwd_chunk, k1), nw=cfg.num_warps, nwb=cfg.num_warps_bwd, num_stages=cfg.num_stages,
-                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, P=1 if tc else p, Tc=tc,
-                   Fx=min(cfg.fma_exp2_steps, tc), **flags)
+                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, P=1 if tc else p, Tc=tc, **flags)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -331,30 +324,6 @@ def _softplus_k(x, interpret: bool):
     for c in reversed(_ATANH_COEFFS[:-1]):
         p = p * s2 + c
     return jnp.maximum(x, 0.0) + s * p
-
-
-# 2^f on [-1/2, 1/2], degree 5 (a Chebyshev fit; 2.5e-7 relative with f32 Horner steps)
-_EXP2_POLY = (1.0000001192092896, 0.6931471824645996, 0.2402210682630539, 0.05550327152013779,
-              0.009676037356257439, 0.0013400432653725147)
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: x + it holds round(x) in its low mantissa bits
-
-
-def _exp2_fma(x, interpret: bool):
-    """2^x without the MUFU (FMA-pipe adds and multiplies and two integer ops), x clamped to [-126, 127]:
-    2^round(x) goes into the exponent bits of a polynomial for 2^(x - round(x)).  Relative error < 3e-7."""
-    x = jnp.clip(x, -126.0, 127.0)
-    if interpret:  # XLA simplifies (x + M) - M to x; the kernel's LLVM keeps IEEE order (the GPU check covers it)
-        r = jnp.round(x)
-        j = r.astype(jnp.int32)
-    else:
-        big = x + _ROUND_MAGIC  # round(x) in the low mantissa bits (round half to even, as jnp.round)
-        r = big - _ROUND_MAGIC
-        j = lax.bitcast_convert_type(big, jnp.int32)  # its low 9 bits are round(x)'s: all that j << 23 keeps
-    f = x - r
-    p = jnp.full_like(f, _EXP2_POLY[-1])
-    for c in reversed(_EXP2_POLY[:-1]):
-        p = p * f + c
-    return lax.bitcast_convert_type(lax.bitcast_convert_type(p, jnp.int32) + lax.shift_left(j, 23), jnp.float32)
 
 
 def _dt(st: _Static, x, bias, valid=None):
@@ -532,11 +501,7 @@ def _fwd_chunk_kernel(*refs, st: _Static, save_ckpt: bool = False):
 
     def dt_exp(c, x):  # (dt [T, BD], exp(dt A) [T, Np, BD]) of chunk c from its raw dt rows; dt = 0 past seqlen
         dt = _dt(st, x, bias, valid(c) if partial else None)[1]
-        arg = dt[:, None, :] * A2[None]
-        if not st.Fx:
-            return dt, jnp.exp2(arg)
-        # the time axis is within each thread, so this select is static per register: each value takes one path
-        return dt, jnp.where(ti >= T - st.Fx, _exp2_fma(arg, st.interpret), jnp.exp2(arg))
+        return dt, jnp.exp2(dt[:, None, :] * A2[None])
 
     def trip(c, carry):
         h0, (dt, a), cur, nxt = carry

@@ -47,3 +47,7 @@ if [ "$WHAT" = scan_fma ]; then  # exp2 on the FMA pipe: parity, then kernel tim
     > "$OUT/ssm_kernel_times.log" 2>&1
   echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
 fi
+if [ "$WHAT" = scan_probe ]; then  # the forward's access pattern without the scan
+  OUT=$OUT timeout 300 python3 experiments/ssm_access_probe.py > "$OUT/ssm_access_probe.log" 2>&1
+  echo "probe rc=$? $(( $(date +%s) - t0 )) s"
+fi

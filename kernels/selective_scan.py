@@ -19,9 +19,10 @@ Triton keeps it inside each thread (a sequential in-register scan), dstate is mo
 <h, C> sum is adds plus a shuffle), and the previous chunk's state enters through the first step.  Its trips
 are software pipelined: loads two chunks ahead, the exp2 (MUFU) of the next chunk beside this chunk's FMA chain.
 That is ~7 instructions per (step, dim, state) against ~30 for the per-step forward (SASS, Triton 3.6, sm90),
-and 1.7x faster on the H100 (BENCHMARKS.md: 839 us, 42.5% of copy, f32 at B8 L4096 D2048 N16).  Padded steps
+and 1.7x faster on the H100 (BENCHMARKS.md run 7: 824 us, 43% of copy, f32 at B8 L4096 D2048 N16).  Padded steps
 past seqlen get dt = 0 (masked loads and stores), i.e. the identity map on the state.  With it comes the
 chunked backward (`_bwd_chunk_kernel`: the adjoint as a reverse `tt.scan`), 2.0x faster forward+backward.
+All kernels take softplus and sigmoid from MUFU approximations (`_softplus_k`, `_sigmoid_k`), not libdevice.
 
 The per-step forward (scan_chunk = 0) keeps a [block_d, dstate] f32 state tile in registers and
 walks time inside the kernel, `chunk` steps statically unrolled per loop trip.  block_d defaults to 128/dstate

@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--orders", action="store_true", help="also time the forward/backward in natural launch order")
+    ap.add_argument("--variants", default="{}", help='JSON {name: Tiles overrides} of Mosaic variants to time too, '
+                    'e.g. \'{"unfolded scale": {"fold_scale": false}}\'')
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "attn_kernel_times.json"))
     args = ap.parse_args()
     import torch
@@ -76,6 +78,8 @@ def main():
         impls = {"ours": (attn, None), "jax cuDNN": (cudnn, None)}
         if args.orders:
             impls["ours natural order"] = (attn, fam.Tiles(heavy_first=False))
+        for vname, kw in json.loads(args.variants).items():
+            impls[f"ours {vname}"] = (attn, fam.Tiles(**kw))
         runs = {}
         for name, (f, tiles) in impls.items():
             fb = lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do)  # noqa: E731

@@ -51,3 +51,11 @@ if [ "$WHAT" = scan_probe ]; then  # the forward's access pattern without the sc
   OUT=$OUT timeout 300 python3 experiments/ssm_access_probe.py > "$OUT/ssm_access_probe.log" 2>&1
   echo "probe rc=$? $(( $(date +%s) - t0 )) s"
 fi
+if [ "$WHAT" = attn_fold ]; then  # forward softmax with the scale folded into the exp2 FFMA: parity + kernel time
+  CHECK_ATTN_IMPLS=mosaic timeout 240 python3 experiments/check_kernels_gpu.py --only attention \
+    --out "$OUT/check_attn.json" > "$OUT/check_attn.log" 2>&1
+  echo "attention check rc=$? $(( $(date +%s) - t0 )) s"
+  timeout 200 python3 experiments/attn_kernel_times.py --configs main --variants '{"unfolded scale": {"fold_scale": false}}' \
+    --out "$OUT/attn_kt_fold.json" > "$OUT/attn_kt_fold.log" 2>&1
+  echo "attention kernel times rc=$? $(( $(date +%s) - t0 )) s"
+fi

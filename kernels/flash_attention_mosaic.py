@@ -68,9 +68,6 @@ class Tiles:
     # grid keeps (heads, tiles, batch), so the CTAs in flight share their batch's K/V (or Q/dO) in L2: making
     # the tiles the slowest axis (heavy first over all batches) ran the backward 8% slower (session 10)
     heavy_first: bool = True
-    # forward softmax: p = exp2(s * scale - m) as one FFMA per score, the row max taken on the unscaled scores
-    # (FA3's form); False: the scores are scaled first (one more multiply per score)
-    fold_scale: bool = True
     # SMEM of the fused dK/dV/dQ kernel at D=128, bq = bk = 64 (sm90 allows 227 KiB): K, V 2 x 32 KiB,
     # Q/dO ring stages x 32 KiB, dS^T 2 x 16 KiB, f32 dQ staging 2 x 16 KiB (split; 2 x 32 per-warpgroup),
     # lse/delta stages x 0.5 KiB: 193 KiB at 2 stages, ~226 KiB at 3 (at the limit)
@@ -288,8 +285,7 @@ def _forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles, sq, sk
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bk), _F32))
-                if not tiles.fold_scale:
-                    s = s * scale2
+                s = s * scale2
                 if masked:
                     kseg = None
                     if seg:
@@ -299,13 +295,9 @@ def _forward(q, k, v, qs, ks, *, scale2, causal, window, q_offset, tiles, sq, sk
                                  qseg=qseg if seg else None, kseg=kseg, **log)
                     s = jnp.where(mask, s, -jnp.inf)
                 plgpu.barrier_arrive(k_cons.at[slot])
-                if tiles.fold_scale:  # scale2 > 0: max(s) * scale2 = max(s * scale2)
-                    m_new = jnp.maximum(m_i, s.max(axis=1) * scale2)
-                    p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                else:
-                    m_new = jnp.maximum(m_i, s.max(axis=1))
-                    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i = l_i * alpha
                 p16 = p.astype(dtype)

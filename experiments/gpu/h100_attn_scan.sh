@@ -37,7 +37,7 @@ if [ "$WHAT" = scan_kt ]; then  # scan forward configs at kernel time; $3: JSON 
   OUT=$OUT timeout 580 python3 experiments/ssm_kernel_times.py "${3:-{\}}" > "$OUT/ssm_kernel_times.log" 2>&1
   echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
 fi
-if [ "$WHAT" = scan_fma ]; then  # exp2 on the FMA pipe: parity, then kernel times
+if [ "$WHAT" = scan_fma ]; then  # exp2 on the FMA pipe (fma_exp2_steps: commit 4317a34, then reverted)
   timeout 200 python3 experiments/bench_ssm.py --only check --skip-slow --out "$OUT/ssm_check_fma.json" \
     --check-configs '[{"fma_exp2_steps": 2}, {"fma_exp2_steps": 4}]' > "$OUT/ssm_check_fma.log" 2>&1
   echo "scan check rc=$? $(( $(date +%s) - t0 )) s"
@@ -51,7 +51,7 @@ if [ "$WHAT" = scan_probe ]; then  # the forward's access pattern without the sc
   OUT=$OUT timeout 300 python3 experiments/ssm_access_probe.py > "$OUT/ssm_access_probe.log" 2>&1
   echo "probe rc=$? $(( $(date +%s) - t0 )) s"
 fi
-if [ "$WHAT" = attn_fold ]; then  # forward softmax with the scale folded into the exp2 FFMA: parity + kernel time
+if [ "$WHAT" = attn_fold ]; then  # the scale folded into the exp2 FFMA (Tiles.fold_scale: commit ef975e4, then removed)
   CHECK_ATTN_IMPLS=mosaic timeout 240 python3 experiments/check_kernels_gpu.py --only attention \
     --out "$OUT/check_attn.json" > "$OUT/check_attn.log" 2>&1
   echo "attention check rc=$? $(( $(date +%s) - t0 )) s"

@@ -64,9 +64,10 @@ class Tiles:
     # its own keys (twice the traffic, no barrier between the warpgroups)
     dq_split: bool = True
     # causal forward and dQ: launch each batch's q tiles from the last (the most keys) to the first, so that the
-    # light tiles fill the tail of the last wave (dK/dV's kv tiles already go from the most queries down).  The
-    # grid keeps (heads, tiles, batch), so the CTAs in flight share their batch's K/V (or Q/dO) in L2: making
-    # the tiles the slowest axis (heavy first over all batches) ran the backward 8% slower (session 10)
+    # light tiles fill the tail of the last wave (dK/dV's kv tiles already go from the most queries down).  H100,
+    # B4 S4096 H16 D128, kernel time: forward 479 vs 476 us, forward+backward 1956 vs 1977 us (BENCHMARKS.md).
+    # The grid keeps (heads, tiles, batch), so the CTAs in flight share their batch's K/V (or Q/dO) in L2: the
+    # tiles as the slowest axis (heavy first over all batches) ran the backward 8% slower (session 10)
     heavy_first: bool = True
     # SMEM of the fused dK/dV/dQ kernel at D=128, bq = bk = 64 (sm90 allows 227 KiB): K, V 2 x 32 KiB,
     # Q/dO ring stages x 32 KiB, dS^T 2 x 16 KiB, f32 dQ staging 2 x 16 KiB (split; 2 x 32 per-warpgroup),

@@ -170,6 +170,9 @@ class ScanBlockConfig:
     scan_chunk: steps of the chunked forward's register tile (0: the per-step forward, which `chunk`,
         `prefetch`, `group_loads` and `time_splits` configure).  With it, block_d None picks
         2048 * num_warps / (scan_chunk * dstate) dims per program (64 tile values per thread: 16 at dstate 16).
+    scan_unroll: chunks per loop trip of the chunked forward.  Its rows are loaded two chunks ahead; with 3 the
+        three row buffers come back to their registers at the end of each trip, so no register copy of a row
+        (which would wait for its load) closes the trip.
     """
 
     block_d: Optional[int] = None
@@ -184,6 +187,7 @@ class ScanBlockConfig:
     group_loads: bool = False
     time_splits: int = 1
     scan_chunk: int = 8
+    scan_unroll: int = 3
 
     def __post_init__(self):
         for f in ("block_d", "num_warps", "chunk", "ckpt_chunk", "bwd_chunk", "block_d_bwd", "num_warps_bwd",
@@ -198,6 +202,8 @@ class ScanBlockConfig:
         for f in ("prefetch", "group_loads"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ScanBlockConfig.{f}={getattr(self, f)!r} must be a bool")
+        if not (isinstance(self.scan_unroll, int) and 1 <= self.scan_unroll <= 4):
+            raise ValueError(f"ScanBlockConfig.scan_unroll={self.scan_unroll!r} must be 1, 2, 3 or 4")
         if self.scan_chunk and self.time_splits > 1:
             raise ValueError("ScanBlockConfig: time_splits applies to the per-step forward; set scan_chunk=0 with it")
 
@@ -227,6 +233,7 @@ class _Static:
     group_loads: bool = False
     P: int = 1  # forward time segments (the forward kernels then see seqlen L / P and batch * P)
     Tc: int = 0  # steps per chunk of the chunked forward (0: the per-step forward)
+    U: int = 1  # chunks per loop trip of the chunked forward
 
     @property
     def NC1(self) -> int:
@@ -259,7 +266,8 @@ def _make_static(l, g, dg, n, cfg: ScanBlockConfig, **flags) -> _Static:
         p *= 2
     return _Static(L=l, G=g, Dgp=-(-dg // step) * step, Np=np_, BD=bd, BDb=bdb, Kf=min(cfg.chunk, k1), K1=k1,
                    Kb=min(cfg.bwd_chunk, k1), nw=cfg.num_warps, nwb=cfg.num_warps_bwd, num_stages=cfg.num_stages,
-                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, P=1 if tc else p, Tc=tc, **flags)
+                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, P=1 if tc else p, Tc=tc, U=cfg.scan_unroll,
+                   **flags)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -530,8 +538,16 @@ def _fwd_chunk_kernel(*refs, st: _Static, save_ckpt: bool = False):
 
     first = load(0)
     init = (jnp.zeros((Np, BD), f32), dt_exp(0, first[0]), first[1:], load(1))
-    h = lax.fori_loop(0, nch, trip, init)[0]
-    r["last"][b, dsl, :] = h.T
+
+    def trips(i, carry):  # st.U chunks, statically unrolled
+        for k in range(st.U):
+            carry = trip(i * st.U + k, carry)
+        return carry
+
+    carry = lax.fori_loop(0, nch // st.U, trips, init)
+    for c in range(nch - nch % st.U, nch):  # the chunks left over, unrolled after the loop
+        carry = trip(jnp.int32(c), carry)
+    r["last"][b, dsl, :] = carry[0].T
 
 
 def _bwd_refs(st: _Static, refs) -> dict:

@@ -25,8 +25,9 @@ CFG_L12 = K.ScanBlockConfig(block_d=4, chunk=4, ckpt_chunk=8, bwd_chunk=4, block
 
 
 @pytest.mark.parametrize("name,cfg", [("full", CFG), ("bare_l12", CFG_L12),
+                                      ("full", dataclasses.replace(CFG, scan_unroll=2)),  # 2 trips + 1 left over
                                       ("full", dataclasses.replace(CFG, scan_chunk=0))],  # the per-step forward
-                         ids=["full", "bare_l12", "full_per_step"])
+                         ids=["full", "bare_l12", "full_unroll2", "full_per_step"])
 def test_kernel_values_and_vjps_f32(name, cfg):
     jargs, sp, out_ref, last_ref, ct, g_ref = case(name)
     assert_matches_reference(run(jargs, sp, "pallas", ct, interpret=True, config=cfg), jargs, out_ref, last_ref, g_ref)

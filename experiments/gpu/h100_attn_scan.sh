@@ -59,3 +59,12 @@ if [ "$WHAT" = attn_fold ]; then  # the scale folded into the exp2 FFMA (Tiles.f
     --out "$OUT/attn_kt_fold.json" > "$OUT/attn_kt_fold.log" 2>&1
   echo "attention kernel times rc=$? $(( $(date +%s) - t0 )) s"
 fi
+if [ "$WHAT" = scan_unroll ]; then  # the chunked forward unrolled (scan_unroll, default 3): parity, kernel times
+  timeout 150 python3 experiments/bench_ssm.py --only check --skip-slow --out "$OUT/ssm_check_unroll.json" \
+    --check-configs '[{"scan_unroll": 1}, {"scan_unroll": 2}]' > "$OUT/ssm_check_unroll.log" 2>&1
+  echo "scan check rc=$? $(( $(date +%s) - t0 )) s"
+  left=$(( 590 - ( $(date +%s) - t0 ) ))
+  OUT=$OUT timeout $left python3 experiments/ssm_kernel_times.py \
+    '{"scan_unroll 1": {"scan_unroll": 1}, "scan_unroll 2": {"scan_unroll": 2}}' > "$OUT/ssm_kernel_times.log" 2>&1
+  echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
+fi

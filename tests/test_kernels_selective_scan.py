@@ -56,6 +56,8 @@ def test_dispatch_and_config_errors():
         assert "not yet validated" in K.unsupported()["triton"] and "triton" not in K.unsupported(interpret=True)
     with pytest.raises(ValueError, match="block_d"):
         K.ScanBlockConfig(block_d=3)
+    with pytest.raises(ValueError, match="scan_unroll"):
+        K.ScanBlockConfig(scan_unroll=5)
     with pytest.raises(ValueError, match="B must be"):
         K.selective_scan(**{**bld, "B": bld["B"][:, :-1]}, impl="triton", interpret=True)
 

@@ -59,7 +59,7 @@ if [ "$WHAT" = attn_fold ]; then  # the scale folded into the exp2 FFMA (Tiles.f
     --out "$OUT/attn_kt_fold.json" > "$OUT/attn_kt_fold.log" 2>&1
   echo "attention kernel times rc=$? $(( $(date +%s) - t0 )) s"
 fi
-if [ "$WHAT" = scan_unroll ]; then  # the chunked forward unrolled (scan_unroll, default 3): parity, kernel times
+if [ "$WHAT" = scan_unroll ]; then  # the chunked forward unrolled (ran with scan_unroll default 3): parity, times
   timeout 150 python3 experiments/bench_ssm.py --only check --skip-slow --out "$OUT/ssm_check_unroll.json" \
     --check-configs '[{"scan_unroll": 1}, {"scan_unroll": 2}]' > "$OUT/ssm_check_unroll.log" 2>&1
   echo "scan check rc=$? $(( $(date +%s) - t0 )) s"

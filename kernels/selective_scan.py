@@ -19,7 +19,8 @@ Triton keeps it inside each thread (a sequential in-register scan), dstate is mo
 <h, C> sum is adds plus a shuffle), and the previous chunk's state enters through the first step.  Its trips
 are software pipelined: loads two chunks ahead, the exp2 (MUFU) of the next chunk beside this chunk's FMA chain.
 That is ~7 instructions per (step, dim, state) against ~30 for the per-step forward (SASS, Triton 3.6, sm90),
-and 1.7x faster on the H100 (BENCHMARKS.md run 7: 824 us, 43% of copy, f32 at B8 L4096 D2048 N16).  Padded steps
+and 1.7x faster on the H100 (BENCHMARKS.md runs 7-8: f32 824 us, 43% of copy; bf16 624 us, 29.5%, unrolled two
+chunks per trip; at B8 L4096 D2048 N16).  Padded steps
 past seqlen get dt = 0 (masked loads and stores), i.e. the identity map on the state.  With it comes the
 chunked backward (`_bwd_chunk_kernel`: the adjoint as a reverse `tt.scan`), 2.0x faster forward+backward.
 All kernels take softplus and sigmoid from MUFU approximations (`_softplus_k`, `_sigmoid_k`), not libdevice.

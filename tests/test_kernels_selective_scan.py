@@ -17,17 +17,16 @@ K = importlib.import_module("kernels.selective_scan")  # the module (kernels/__i
 # Tiny blocks so that one test crosses several dim blocks (atomic sums of dB/dC), padded dims
 # (dim 5 -> 6, group of 3 -> 4), padded dstate (3 -> 4), several checkpoint chunks (37 = 4 * 8 + 5)
 # and a partial last step chunk (5 = 2 * 2 + 1); the chunked forward (the default) then runs 8-step chunks with a
-# masked last one.
-CFG = K.ScanBlockConfig(block_d=2, chunk=2, ckpt_chunk=8, bwd_chunk=2, block_d_bwd=2)
+# masked last one, unrolled two per loop trip (2 trips and 1 chunk left over; bare_l12 keeps the default unroll).
+CFG = K.ScanBlockConfig(block_d=2, chunk=2, ckpt_chunk=8, bwd_chunk=2, block_d_bwd=2, scan_unroll=2)
 
 
 CFG_L12 = K.ScanBlockConfig(block_d=4, chunk=4, ckpt_chunk=8, bwd_chunk=4, block_d_bwd=2)  # no partial chunks
 
 
 @pytest.mark.parametrize("name,cfg", [("full", CFG), ("bare_l12", CFG_L12),
-                                      ("full", dataclasses.replace(CFG, scan_unroll=2)),  # 2 trips + 1 left over
                                       ("full", dataclasses.replace(CFG, scan_chunk=0))],  # the per-step forward
-                         ids=["full", "bare_l12", "full_unroll2", "full_per_step"])
+                         ids=["full", "bare_l12", "full_per_step"])
 def test_kernel_values_and_vjps_f32(name, cfg):
     jargs, sp, out_ref, last_ref, ct, g_ref = case(name)
     assert_matches_reference(run(jargs, sp, "pallas", ct, interpret=True, config=cfg), jargs, out_ref, last_ref, g_ref)

@@ -1,7 +1,13 @@
 #!/bin/bash
-# Session 10 (issues 3 and 6) in one device call: GPU parity of the Mosaic attention (heavy-first launch order)
-# and its B4 S4096 H16 D128 profile with the order sweep; selective-scan parity and kernel times (MUFU-based
-# softplus / sigmoid in the kernels).  Usage: bash experiments/gpu/h100_attn_scan.sh $OUT [attn|scan|both|attn_kt|scan_kt [json]]
+# Session 10 (issues 3 and 6), one mode per device call:
+#   attn | scan | both: GPU parity of the Mosaic attention and its B4 S4096 H16 D128 profile with the launch-order
+#     sweep; selective-scan parity and kernel times
+#   attn_kt: attention at kernel time (CUPTI, interleaved rounds), all shapes
+#   scan_kt [json]: scan kernel times with extra ScanBlockConfig overrides; scan_unroll: unroll 1 and 2, with parity
+#   scan_probe: the scan forward's access pattern without the scan
+# Two options the session measured and removed ran from their own commits' copies of this script:
+# fma_exp2_steps (4317a34) and Tiles.fold_scale (ef975e4).
+# Usage: bash experiments/gpu/h100_attn_scan.sh $OUT [mode] [json]
 set -u
 OUT=${1:-.}
 WHAT=${2:-both}
@@ -37,29 +43,11 @@ if [ "$WHAT" = scan_kt ]; then  # scan forward configs at kernel time; $3: JSON 
   OUT=$OUT timeout 580 python3 experiments/ssm_kernel_times.py "${3:-{\}}" > "$OUT/ssm_kernel_times.log" 2>&1
   echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
 fi
-if [ "$WHAT" = scan_fma ]; then  # exp2 on the FMA pipe (fma_exp2_steps: commit 4317a34, then reverted)
-  timeout 200 python3 experiments/bench_ssm.py --only check --skip-slow --out "$OUT/ssm_check_fma.json" \
-    --check-configs '[{"fma_exp2_steps": 2}, {"fma_exp2_steps": 4}]' > "$OUT/ssm_check_fma.log" 2>&1
-  echo "scan check rc=$? $(( $(date +%s) - t0 )) s"
-  left=$(( 590 - ( $(date +%s) - t0 ) ))
-  OUT=$OUT timeout $left python3 experiments/ssm_kernel_times.py \
-    '{"fma_exp2_steps 1": {"fma_exp2_steps": 1}, "fma_exp2_steps 2": {"fma_exp2_steps": 2}, "fma_exp2_steps 4": {"fma_exp2_steps": 4}}' \
-    > "$OUT/ssm_kernel_times.log" 2>&1
-  echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
-fi
 if [ "$WHAT" = scan_probe ]; then  # the forward's access pattern without the scan
   OUT=$OUT timeout 300 python3 experiments/ssm_access_probe.py > "$OUT/ssm_access_probe.log" 2>&1
   echo "probe rc=$? $(( $(date +%s) - t0 )) s"
 fi
-if [ "$WHAT" = attn_fold ]; then  # the scale folded into the exp2 FFMA (Tiles.fold_scale: commit ef975e4, then removed)
-  CHECK_ATTN_IMPLS=mosaic timeout 240 python3 experiments/check_kernels_gpu.py --only attention \
-    --out "$OUT/check_attn.json" > "$OUT/check_attn.log" 2>&1
-  echo "attention check rc=$? $(( $(date +%s) - t0 )) s"
-  timeout 200 python3 experiments/attn_kernel_times.py --configs main --variants '{"unfolded scale": {"fold_scale": false}}' \
-    --out "$OUT/attn_kt_fold.json" > "$OUT/attn_kt_fold.log" 2>&1
-  echo "attention kernel times rc=$? $(( $(date +%s) - t0 )) s"
-fi
-if [ "$WHAT" = scan_unroll ]; then  # the chunked forward unrolled (ran with scan_unroll default 3): parity, times
+if [ "$WHAT" = scan_unroll ]; then  # the chunked forward at scan_unroll 1 and 2 beside the default: parity, times
   timeout 150 python3 experiments/bench_ssm.py --only check --skip-slow --out "$OUT/ssm_check_unroll.json" \
     --check-configs '[{"scan_unroll": 1}, {"scan_unroll": 2}]' > "$OUT/ssm_check_unroll.log" 2>&1
   echo "scan check rc=$? $(( $(date +%s) - t0 )) s"

@@ -11,6 +11,11 @@
 set -u
 OUT=${1:-.}
 WHAT=${2:-both}
+case "$WHAT" in
+  attn|scan|both|attn_kt|scan_kt|scan_probe|scan_unroll) ;;
+  *) echo "h100_attn_scan.sh: unknown mode '$WHAT' (attn, scan, both, attn_kt, scan_kt, scan_probe, scan_unroll)" >&2
+     exit 2 ;;
+esac
 export PYTHONPATH=.
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.sm --format=csv > "$OUT/gpu.txt" 2>&1

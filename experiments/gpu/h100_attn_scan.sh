@@ -4,7 +4,8 @@
 #     sweep; selective-scan parity and kernel times
 #   attn_kt: attention at kernel time (CUPTI, interleaved rounds), all shapes
 #   scan_kt [json]: scan kernel times with extra ScanBlockConfig overrides; scan_unroll: unroll 1 and 2, with parity
-#   scan_probe: the scan forward's access pattern without the scan
+#   scan_probe: the scan forward's access pattern without the scan (variants: chunks ahead, chunk, block_d)
+#   scan_ncu [json]: Nsight Compute (full set) of the scan forward f32 / bf16 and its probe
 # Two options the session measured and removed ran from their own commits' copies of this script:
 # fma_exp2_steps (4317a34) and Tiles.fold_scale (ef975e4).
 # Usage: bash experiments/gpu/h100_attn_scan.sh $OUT [mode] [json]
@@ -12,8 +13,8 @@ set -u
 OUT=${1:-.}
 WHAT=${2:-both}
 case "$WHAT" in
-  attn|scan|both|attn_kt|scan_kt|scan_probe|scan_unroll) ;;
-  *) echo "h100_attn_scan.sh: unknown mode '$WHAT' (attn, scan, both, attn_kt, scan_kt, scan_probe, scan_unroll)" >&2
+  attn|scan|both|attn_kt|scan_kt|scan_probe|scan_unroll|scan_ncu) ;;
+  *) echo "h100_attn_scan.sh: unknown mode '$WHAT' (attn, scan, both, attn_kt, scan_kt, scan_probe, scan_unroll, scan_ncu)" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=.
@@ -47,6 +48,16 @@ fi
 if [ "$WHAT" = scan_kt ]; then  # scan forward configs at kernel time; $3: JSON of extra configs
   OUT=$OUT timeout 580 python3 experiments/ssm_kernel_times.py "${3:-{\}}" > "$OUT/ssm_kernel_times.log" 2>&1
   echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
+fi
+if [ "$WHAT" = scan_ncu ]; then  # hardware counters and per-instruction stall samples of the forward
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+  timeout 300 "$NCU" --clock-control none --set full --import-source no -f -o "$OUT/scan_ncu" \
+    --kernel-name regex:'selective_scan_fwd|ssm_access_probe' --launch-count 4 \
+    python3 experiments/ssm_ncu.py "${3:-{\}}" > "$OUT/scan_ncu.log" 2>&1
+  echo "ncu rc=$? $(( $(date +%s) - t0 )) s"
+  "$NCU" -i "$OUT/scan_ncu.ncu-rep" --page details > "$OUT/scan_ncu_details.txt" 2>&1
+  "$NCU" -i "$OUT/scan_ncu.ncu-rep" --page source --csv --print-source sass > "$OUT/scan_ncu_source.csv" 2>&1
+  echo "ncu export rc=$? $(( $(date +%s) - t0 )) s"
 fi
 if [ "$WHAT" = scan_probe ]; then  # the forward's access pattern without the scan
   OUT=$OUT timeout 300 python3 experiments/ssm_access_probe.py > "$OUT/ssm_access_probe.log" 2>&1

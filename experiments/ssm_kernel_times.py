@@ -5,6 +5,7 @@ the checkpoint-saving forward), the forward's effective bandwidth (`kernels.sele
 share of a copy (`x + 1`, timed the same way), and its output's difference from the first config's.
     python experiments/ssm_kernel_times.py                       # the chunked default vs the per-step forward
     python experiments/ssm_kernel_times.py '{"bd8": {"block_d": 8}}'   # extra ScanBlockConfig overrides by name
+    ('"_fb": false' in a config's overrides times its forward only)
 Writes $OUT/ssm_kernel_times.json (GPU only: kernel times come from torch's CUDA profiler).
 """
 import importlib
@@ -21,7 +22,9 @@ import kernel_times as kt  # noqa: E402
 
 K = importlib.import_module("kernels.selective_scan")
 b, l, d, n = 8, 4096, 2048, 16
-cfgs = {"chunked (default)": {}, "per-step (prefetch, chunk 4)": dict(scan_chunk=0)}
+cfgs = {"chunked (default)": {}}
+if not os.environ.get("SSM_KT_NO_PER_STEP"):  # set: skip the per-step forward (saves its compiles)
+    cfgs["per-step (prefetch, chunk 4)"] = dict(scan_chunk=0)
 cfgs.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
 res = []
 for dn in ("float32", "bfloat16"):
@@ -38,6 +41,8 @@ for dn in ("float32", "bfloat16"):
     ct = f(b, l, d)
     ref = None
     for name, kw in cfgs.items():
+        kw = dict(kw)
+        with_fb = kw.pop("_fb", True)  # "_fb": false times the forward only
         cfg = K.ScanBlockConfig(**kw)
         fwd = jax.jit(lambda a, cfg=cfg: K.selective_scan_triton(**a, delta_softplus=True, config=cfg)[0])
         loss = lambda a, cfg=cfg: jnp.sum(K.selective_scan_triton(**a, delta_softplus=True, config=cfg)[0].astype(jnp.float32) * ct)
@@ -46,7 +51,7 @@ for dn in ("float32", "bfloat16"):
         ref = out if ref is None else ref
         err = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
         tf = kt.kernel_table(fwd, [a], iters=20)
-        tb = kt.kernel_table(fb, [a], iters=10)
+        tb = kt.kernel_table(fb, [a], iters=10) if with_fb else dict(kernel_us_per_iter=None, rows=[])
         row = dict(dtype=dn, config=name, kw=kw, fwd_us=tf["kernel_us_per_iter"], fwd_wall_us=tf["wall_us_per_iter"],
                    fwd_gbs=nbytes / tf["kernel_us_per_iter"] / 1e3, copy_gbs=copy_gbs,
                    pct_copy=100 * nbytes / tf["kernel_us_per_iter"] / 1e3 / copy_gbs,

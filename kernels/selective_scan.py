@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import dispatch, linear_scan
+from kernels import dispatch, fma_ops, linear_scan
 
 LOG2E = 1.4426950408889634
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus: x > 20 -> x
@@ -190,6 +190,8 @@ class ScanBlockConfig:
     time_splits: int = 1
     scan_chunk: int = 8
     scan_unroll: Optional[int] = None
+    exp_ahead: bool = True
+    scan_slots: bool = False
 
     def __post_init__(self):
         for f in ("block_d", "num_warps", "chunk", "ckpt_chunk", "bwd_chunk", "block_d_bwd", "num_warps_bwd",
@@ -201,7 +203,7 @@ class ScanBlockConfig:
                 raise ValueError(f"ScanBlockConfig.{f}={v!r} must be a positive power of two")
         if self.num_stages < 1:
             raise ValueError(f"ScanBlockConfig.num_stages={self.num_stages!r} must be >= 1")
-        for f in ("prefetch", "group_loads"):
+        for f in ("prefetch", "group_loads", "exp_ahead", "scan_slots"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ScanBlockConfig.{f}={getattr(self, f)!r} must be a bool")
         if self.scan_unroll is not None and not (isinstance(self.scan_unroll, int) and 1 <= self.scan_unroll <= 4):
@@ -236,6 +238,8 @@ class _Static:
     P: int = 1  # forward time segments (the forward kernels then see seqlen L / P and batch * P)
     Tc: int = 0  # steps per chunk of the chunked forward (0: the per-step forward)
     U: int = 0  # chunks per loop trip of the chunked forward (0: ScanBlockConfig.scan_unroll's rule)
+    slots: bool = False  # chunked forward: per-chunk row buffers (else rotated buffers)
+    exp_ahead: bool = True  # chunked forward: exp2 of chunk c + 1 in trip c (else of chunk c in trip c)
 
     @property
     def NC1(self) -> int:
@@ -268,7 +272,7 @@ def _make_static(l, g, dg, n, cfg: ScanBlockConfig, **flags) -> _Static:
         p *= 2
     return _Static(L=l, G=g, Dgp=-(-dg // step) * step, Np=np_, BD=bd, BDb=bdb, Kf=min(cfg.chunk, k1), K1=k1,
                    Kb=min(cfg.bwd_chunk, k1), nw=cfg.num_warps, nwb=cfg.num_warps_bwd, num_stages=cfg.num_stages,
-                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, P=1 if tc else p, Tc=tc, U=cfg.scan_unroll or 0,
+                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, P=1 if tc else p, Tc=tc, U=cfg.scan_unroll or 0, exp_ahead=cfg.exp_ahead, slots=cfg.scan_slots,
                    **flags)
 
 
@@ -333,6 +337,20 @@ def _exp2_k(x, interpret: bool):
     return r
 
 
+def _to_f32_k(x, interpret: bool):
+    """x in f32.  bf16 / f16 through `cvt.f32.{bf16,f16}` (inline PTX) on the GPU: Triton does not move an asm
+    past a layout conversion, so rows loaded as bf16 convert once per loaded value, not once per element of the
+    broadcast they feed (a plain convert is rematerialised after the conversion: 8x the conversions)."""
+    if x.dtype == jnp.float32 or interpret:
+        return x.astype(jnp.float32)
+    from jax.experimental.pallas import triton as plt
+
+    src = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(x.dtype)]
+    [r] = plt.elementwise_inline_asm(f"cvt.f32.{src} $0, $1;", args=[x], constraints="=r,h", pack=1,
+                                     result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return r
+
+
 def _sigmoid_k(x, interpret: bool):
     """sigmoid(x) in a kernel: 1 / (1 + 2^(-x log2 e)); in f32 exactly 1 beyond x ~ 17.3, as torch's."""
     return _rcp(1.0 + _exp2_k(-LOG2E * x, interpret), interpret)
@@ -347,7 +365,7 @@ def _softplus_k(x, interpret: bool):
     s2 = s * s
     p = _ATANH_COEFFS[-1]
     for c in reversed(_ATANH_COEFFS[:-1]):
-        p = p * s2 + c
+        p = fma_ops.fma(p, s2, jnp.full_like(p, c))
     return jnp.maximum(x, 0.0) + s * p
 
 
@@ -513,60 +531,86 @@ def _fwd_chunk_kernel(*refs, st: _Static, save_ckpt: bool = False):
     def valid(c):  # [T, 1]: steps of chunk c before seqlen
         return (c * T + lax.broadcasted_iota(jnp.int32, (T, 1), 0)) < st.L
 
-    def load(c):  # rows of chunk c in f32 (past the last chunk: the last one again, never used).  Converting
-        # at the load keeps the carried rows f32: converted later, Triton converted them after their broadcast,
-        # per tile element (bf16: 1140 -> 795 SASS instructions per trip; 964 -> 830 us on the H100)
+    def load(c, f32_rows: bool = True):  # rows of chunk c (past the last chunk: the last one again, never used)
+        # in f32 (rotate) or the storage dtype (slots).  Rotated rows convert at the load: converted later, Triton
+        # converted them after their broadcast, per tile element (bf16: 1140 -> 795 SASS instructions per trip)
         c = jnp.minimum(c, nch - 1)
         tsl = pl.ds(pl.multiple_of(c * T, T), T)
         idx = lambda k: (b, tsl, g, slice(None)) if k in ("B", "C") else (b, tsl, dsl)  # noqa: E731
+        cast = (lambda v: v.astype(f32)) if f32_rows else (lambda v: v)  # noqa: E731
         if not partial:
-            return tuple(r[k][idx(k)].astype(jnp.float32) for k in fields)
+            return tuple(cast(r[k][idx(k)]) for k in fields)
         m = valid(c)
-        return tuple(plgpu.load(r[k].at[idx(k)], mask=jnp.broadcast_to(m, (T, Np if k in ("B", "C") else BD)),
-                                other=0).astype(jnp.float32) for k in fields)
+        return tuple(cast(plgpu.load(r[k].at[idx(k)], mask=jnp.broadcast_to(m, (T, Np if k in ("B", "C") else BD)),
+                                     other=0)) for k in fields)
 
     def dt_exp(c, x):  # (dt [T, BD], exp(dt A) [T, Np, BD]) of chunk c from its raw dt rows; dt = 0 past seqlen
-        dt = _dt(st, x, bias, valid(c) if partial else None)[1]
+        dt = _dt(st, _to_f32_k(x, st.interpret), bias, valid(c) if partial else None)[1]
         return dt, _exp2_k(dt[:, None, :] * A2[None], st.interpret)
 
-    def trip(c, carry):
-        h0, (dt, a), cur, nxt = carry
-        ahead = load(c + 2)  # in flight during this trip's math
-        nxt_exp = dt_exp(c + 1, nxt[0])  # chunk c + 1's MUFU work, independent of chunk c's scan
+    def scan_chunk(c, h0, dt, a, rows):
+        """Chunk c from state h0 (its dt and exp(dt A) given, its u, B, C[, z] rows): stores out, returns the
+        chunk's last state."""
         if save_ckpt:
             @pl.when(lax.rem(c, per_ckpt) == 0)
             def _():
                 r["ckpt"][b, lax.div(c, per_ckpt), dsl, :] = h0.T
 
-        u, bt, ct = cur[:3]
+        u, bt, ct = (_to_f32_k(v, st.interpret) for v in rows[:3])
         x = (dt * u)[:, None, :] * bt[:, :, None]
-        x = jnp.where(ti == 0, x + a * h0[None], x)
+        x = jnp.where(ti == 0, fma_ops.fma(a, jnp.broadcast_to(h0[None], a.shape), x), x)
         _, h = linear_scan.linear_scan(a, x, axis=0)
-        y = jnp.sum(h * ct[:, :, None], axis=1)  # [T, BD]
+        y = fma_ops.dot_sum(h, jnp.broadcast_to(ct[:, :, None], h.shape), axis=1)  # [T, BD]
         if st.has_D:
-            y = y + Dv[None, :] * u
+            y = fma_ops.fma(jnp.broadcast_to(Dv[None, :], u.shape), u, y)
         if st.has_z:
-            zt = cur[3]
+            zt = _to_f32_k(rows[3], st.interpret)
             y = y * (zt * _sigmoid_k(zt, st.interpret))
         tsl = pl.ds(pl.multiple_of(c * T, T), T)
         _store(r["out"], (b, tsl, dsl), y.astype(r["out"].dtype), valid(c) if partial else None)
-        h_last = jnp.sum(jnp.where(ti == T - 1, h, -0.0), axis=0)  # x + -0.0 folds away: no adds
-        return h_last, nxt_exp, nxt[1:], ahead
-
-    first = load(0)
-    init = (jnp.zeros((Np, BD), f32), dt_exp(0, first[0]), first[1:], load(1))
+        return jnp.sum(jnp.where(ti == T - 1, h, -0.0), axis=0)  # x + -0.0 folds away: no adds
 
     unroll = st.U or (2 if jnp.dtype(r["u"].dtype).itemsize == 2 and not save_ckpt else 1)
+    h0 = jnp.zeros((Np, BD), f32)
+    if st.slots:  # `unroll` row buffers, one per chunk of a trip: chunk i U + k reads buffer k, then reloads it
+        # with chunk (i + 1) U + k, after its store (no load passes it), so the new rows take the buffer's own
+        # registers: no copies (a copy of loaded registers waits for the load), U - 1 chunks of latency hidden
+        def trips(i, carry):
+            h, slots = carry
+            slots = list(slots)
+            for k in range(unroll):
+                c = i * unroll + k
+                h = scan_chunk(c, h, *dt_exp(c, slots[k][0]), slots[k][1:])
+                slots[k] = load(c + unroll, False)
+            return h, tuple(slots)
 
-    def trips(i, carry):  # `unroll` chunks, statically unrolled
-        for k in range(unroll):
-            carry = trip(i * unroll + k, carry)
-        return carry
+        h0, slots = lax.fori_loop(0, nch // unroll, trips, (h0, tuple(load(k, False) for k in range(unroll))))
+        for k in range(nch % unroll):  # the chunks left over, from their buffers
+            c = jnp.int32(nch - nch % unroll + k)
+            h0 = scan_chunk(c, h0, *dt_exp(c, slots[k][0]), slots[k][1:])
+    else:  # rotate: three row buffers (this chunk's, the next one's, the one in flight) carried and rotated
+        def trip(c, carry):
+            h, pre, cur, nxt = carry
+            ahead = load(c + 2)  # in flight during this trip's math
+            if st.exp_ahead:  # chunk c + 1's MUFU work, independent of chunk c's scan
+                (dt, a), nxt_pre = pre, dt_exp(c + 1, nxt[0])
+            else:
+                (dt, a), nxt_pre = dt_exp(c, pre), nxt[0]
+            return scan_chunk(c, h, dt, a, cur), nxt_pre, nxt[1:], ahead
 
-    carry = lax.fori_loop(0, nch // unroll, trips, init)
-    for c in range(nch - nch % unroll, nch):  # the chunks left over, unrolled after the loop
-        carry = trip(jnp.int32(c), carry)
-    r["last"][b, dsl, :] = carry[0].T
+        first = load(0)
+        carry = (h0, dt_exp(0, first[0]) if st.exp_ahead else first[0], first[1:], load(1))
+
+        def trips(i, carry):  # `unroll` chunks, statically unrolled
+            for k in range(unroll):
+                carry = trip(i * unroll + k, carry)
+            return carry
+
+        carry = lax.fori_loop(0, nch // unroll, trips, carry)
+        for c in range(nch - nch % unroll, nch):  # the chunks left over, unrolled after the loop
+            carry = trip(jnp.int32(c), carry)
+        h0 = carry[0]
+    r["last"][b, dsl, :] = h0.T
 
 
 def _bwd_refs(st: _Static, refs) -> dict:

@@ -6,15 +6,16 @@
 #   scan_kt [json]: scan kernel times with extra ScanBlockConfig overrides; scan_unroll: unroll 1 and 2, with parity
 #   scan_probe: the scan forward's access pattern without the scan (variants: chunks ahead, chunk, block_d)
 #   scan_ncu [json]: Nsight Compute (full set) of the scan forward f32 / bf16 and its probe
+#   scan_cfg CHECK_JSON KT_JSON: parity of a list of ScanBlockConfig overrides, then kernel times of named ones
 # Two options the session measured and removed ran from their own commits' copies of this script:
 # fma_exp2_steps (4317a34) and Tiles.fold_scale (ef975e4).
-# Usage: bash experiments/gpu/h100_attn_scan.sh $OUT [mode] [json]
+# Usage: bash experiments/gpu/h100_attn_scan.sh $OUT [mode] [json [json]]
 set -u
 OUT=${1:-.}
 WHAT=${2:-both}
 case "$WHAT" in
-  attn|scan|both|attn_kt|scan_kt|scan_probe|scan_unroll|scan_ncu) ;;
-  *) echo "h100_attn_scan.sh: unknown mode '$WHAT' (attn, scan, both, attn_kt, scan_kt, scan_probe, scan_unroll, scan_ncu)" >&2
+  attn|scan|both|attn_kt|scan_kt|scan_probe|scan_unroll|scan_ncu|scan_cfg) ;;
+  *) echo "h100_attn_scan.sh: unknown mode '$WHAT' (attn, scan, both, attn_kt, scan_kt, scan_probe, scan_unroll, scan_ncu, scan_cfg)" >&2
      exit 2 ;;
 esac
 export PYTHONPATH=.
@@ -70,5 +71,14 @@ if [ "$WHAT" = scan_unroll ]; then  # the chunked forward at scan_unroll 1 and 2
   left=$(( 590 - ( $(date +%s) - t0 ) ))
   OUT=$OUT timeout $left python3 experiments/ssm_kernel_times.py \
     '{"scan_unroll 1": {"scan_unroll": 1}, "scan_unroll 2": {"scan_unroll": 2}}' > "$OUT/ssm_kernel_times.log" 2>&1
+  echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
+fi
+if [ "$WHAT" = scan_cfg ]; then  # parity of configs ($3), then kernel times of named configs ($4)
+  timeout 200 python3 experiments/bench_ssm.py --only check --skip-slow --out "$OUT/ssm_check_cfg.json" \
+    --check-configs "${3:-[]}" > "$OUT/ssm_check_cfg.log" 2>&1
+  echo "scan check rc=$? $(( $(date +%s) - t0 )) s"
+  left=$(( 590 - ( $(date +%s) - t0 ) ))
+  SSM_KT_NO_PER_STEP=1 OUT=$OUT timeout $left python3 experiments/ssm_kernel_times.py "${4:-{\}}" \
+    > "$OUT/ssm_kernel_times.log" 2>&1
   echo "scan kernel times rc=$? $(( $(date +%s) - t0 )) s"
 fi

@@ -4,7 +4,8 @@ B8 L4096 D2048 N16 with Mamba's features, the inputs of `ssm_kernel_times.py`.  
 the kernels whose names match (the forward is `selective_scan_fwd`, the probe `ssm_access_probe`):
     ncu --clock-control none --set full --kernel-name regex:'selective_scan_fwd|ssm_access_probe' \\
         -o $OUT/scan python3 experiments/ssm_ncu.py ['{"scan_unroll": 1}']
-The optional JSON gives ScanBlockConfig overrides.  Each kernel launches once (compiled first, no warm-up launches),
+The optional JSON gives ScanBlockConfig overrides, for both dtypes or per dtype ('{"float32": {...}, "bfloat16":
+{...}}'); SSM_NCU_NO_PROBE=1 skips the probes.  Each kernel launches once (compiled first, no warm-up launches),
 so ncu's launch order is: forward f32, forward bf16, probe f32, probe bf16.  GPU only.
 """
 import functools
@@ -35,13 +36,16 @@ def inputs(dt_):
 def main():
     from jax.experimental import pallas as pl
 
-    cfg = K.ScanBlockConfig(**(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}))
-    fwd = jax.jit(lambda a: K.selective_scan_triton(**a, delta_softplus=True, config=cfg)[0])
+    kw = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     data = {dn: inputs(jnp.dtype(dn)) for dn in ("float32", "bfloat16")}
     for dn, a in data.items():
+        cfg = K.ScanBlockConfig(**(kw.get(dn, {}) if set(kw) <= set(data) else kw))
+        fwd = jax.jit(lambda a, cfg=cfg: K.selective_scan_triton(**a, delta_softplus=True, config=cfg)[0])
         comp = fwd.lower(a).compile()
         jax.block_until_ready(comp(a))
         print("forward", dn, "launched", flush=True)
+    if os.environ.get("SSM_NCU_NO_PROBE"):
+        return
     T, bd, nw, ahead = probe.VARIANTS[0]
     for dn, a in data.items():
         call = pl.pallas_call(functools.partial(probe.probe_kernel, T=T, BD=bd, L=l, ahead=ahead),

@@ -53,7 +53,7 @@ fi
 if [ "$WHAT" = scan_ncu ]; then  # hardware counters and per-instruction stall samples of the forward
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
   timeout 300 "$NCU" --clock-control none --set full --import-source no -f -o "$OUT/scan_ncu" \
-    --kernel-name regex:'selective_scan_fwd|ssm_access_probe' --launch-count 4 \
+    --kernel-name regex:'selective_scan_fwd|ssm_access_probe' --launch-count ${NCU_LAUNCHES:-4} \
     python3 experiments/ssm_ncu.py "${3:-{\}}" > "$OUT/scan_ncu.log" 2>&1
   echo "ncu rc=$? $(( $(date +%s) - t0 )) s"
   "$NCU" -i "$OUT/scan_ncu.ncu-rep" --page details > "$OUT/scan_ncu_details.txt" 2>&1

@@ -67,6 +67,8 @@ def fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
     """a * b + c, one rounding in a Pallas Triton kernel (broadcasts its operands to one shape and dtype)."""
     a, b, c = jnp.broadcast_arrays(a, b, c)
     dt = jnp.result_type(a, b, c)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"fma: floating operands only, got {dt}")
     return fma_p.bind(a.astype(dt), b.astype(dt), c.astype(dt))
 
 
@@ -74,6 +76,8 @@ def dot_sum(x: jax.Array, y: jax.Array, axis: int) -> jax.Array:
     """sum(x * y, axis) with the products fused into the sum's adds in a Pallas Triton kernel."""
     x, y = jnp.broadcast_arrays(x, y)
     dt = jnp.result_type(x, y)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"dot_sum: floating operands only, got {dt}")
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"dot_sum: axis {axis} out of range for rank {x.ndim}")
     return dot_sum_p.bind(x.astype(dt), y.astype(dt), axis=axis % x.ndim)

@@ -16,11 +16,13 @@ Two forward kernels and a backward kernel for each (grid: batch x groups x dim-b
 The chunked forward (the default, `ScanBlockConfig.scan_chunk` = 8) scans a [scan_chunk, dstate, block_d] f32
 tile per loop trip with `kernels.linear_scan` (one Triton `tt.scan`).  The tile's time axis is its slowest, so
 Triton keeps it inside each thread (a sequential in-register scan), dstate is mostly in-thread as well (the
-<h, C> sum is adds plus a shuffle), and the previous chunk's state enters through the first step.  Its trips
-are software pipelined: loads two chunks ahead, the exp2 (MUFU) of the next chunk beside this chunk's FMA chain.
-That is ~7 instructions per (step, dim, state) against ~30 for the per-step forward (SASS, Triton 3.6, sm90),
-and 1.7x faster on the H100 (BENCHMARKS.md runs 7-8: f32 824 us, 43% of copy; bf16 624 us, 29.5%, unrolled two
-chunks per trip; at B8 L4096 D2048 N16).  Padded steps
+<h, C> sum is FMAs plus a shuffle: `kernels.fma_ops`, since XLA's Triton path does not contract a multiply
+and an add), and the previous chunk's state enters through the first step.  Its loads run ahead of the math
+through one of two pipelines (`ScanBlockConfig.scan_pipeline`): three rotated row buffers, or one buffer per
+unrolled chunk, reloaded after its chunk's store so the loaded registers are never copied (a copy of a loaded
+register waits for the load).  That is ~8 instructions per (step, dim, state) against ~30 for the per-step
+forward (SASS, Triton 3.6, sm90), and 2x faster on the H100 (BENCHMARKS.md scan run 9: f32 693 us, 51% of
+copy; bf16 527 us, 35%; at B8 L4096 D2048 N16).  Padded steps
 past seqlen get dt = 0 (masked loads and stores), i.e. the identity map on the state.  With it comes the
 chunked backward (`_bwd_chunk_kernel`: the adjoint as a reverse `tt.scan`), 2.0x faster forward+backward.
 All kernels take softplus and sigmoid from MUFU approximations (`_softplus_k`, `_sigmoid_k`), not libdevice.
@@ -74,6 +76,7 @@ from jax import lax
 from kernels import dispatch, fma_ops, linear_scan
 
 LOG2E = 1.4426950408889634
+SCAN_PIPELINES = ("rotate", "slots", "slots_fenced")  # ScanBlockConfig.scan_pipeline
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus: x > 20 -> x
 IMPLS = dispatch.IMPLS
 # Flip once experiments/bench_ssm.py's GPU parity check (values and VJPs vs the XLA scan) passes on an H100.
@@ -171,10 +174,16 @@ class ScanBlockConfig:
     scan_chunk: steps of the chunked forward's register tile (0: the per-step forward, which `chunk`,
         `prefetch`, `group_loads` and `time_splits` configure).  With it, block_d None picks
         2048 * num_warps / (scan_chunk * dstate) dims per program (64 tile values per thread: 16 at dstate 16).
-    scan_unroll: chunks per loop trip of the chunked forward (its rows are loaded two chunks ahead; unrolled, the
-        row buffers need fewer register copies, each of which waits for its load).  None: 2 for bf16 / f16
-        inputs without checkpoints (inference; H100: 624 vs 745 us), else 1 (f32 824 us at 1, 858 at 2, 836 at
-        3; the checkpointing forward of training 703 / 616 us at 1, 767 / 656 at 2, f32 / bf16).
+    scan_unroll: chunks per loop trip of the chunked forward, statically unrolled (with "slots", also its
+        row buffers: chunks of load latency hidden + 1).  None: `scan_pipeline`'s rule below.
+    scan_pipeline: how the chunked forward keeps rows in flight.  "rotate": three f32 row buffers carried and
+        rotated (rows loaded two chunks ahead; ptxas copies the loaded registers at the next trip's top, so about
+        one trip of latency is hidden).  "slots": `scan_unroll` buffers, chunk k of a trip reloads buffer k
+        after its store, no copies.  "slots_fenced": slots, each chunk's dt waiting for the previous chunk's
+        output (else ptxas hoists later chunks' softplus to the trip's top, right behind their loads).  None:
+        the fastest measured (H100, B8 L4096 D2048 N16, BENCHMARKS.md scan run 9): f32 "slots" with 4 chunks per
+        trip (693 us against 750 for run 8's default), 2 with checkpoints (732 against 804); bf16 / f16
+        "rotate" with 2 (527 against 650), with checkpoints "slots_fenced" with 4 (600 against 624).
     """
 
     block_d: Optional[int] = None
@@ -190,8 +199,7 @@ class ScanBlockConfig:
     time_splits: int = 1
     scan_chunk: int = 8
     scan_unroll: Optional[int] = None
-    exp_ahead: bool = True
-    scan_slots: bool = False
+    scan_pipeline: Optional[str] = None
 
     def __post_init__(self):
         for f in ("block_d", "num_warps", "chunk", "ckpt_chunk", "bwd_chunk", "block_d_bwd", "num_warps_bwd",
@@ -203,11 +211,14 @@ class ScanBlockConfig:
                 raise ValueError(f"ScanBlockConfig.{f}={v!r} must be a positive power of two")
         if self.num_stages < 1:
             raise ValueError(f"ScanBlockConfig.num_stages={self.num_stages!r} must be >= 1")
-        for f in ("prefetch", "group_loads", "exp_ahead", "scan_slots"):
+        for f in ("prefetch", "group_loads"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ScanBlockConfig.{f}={getattr(self, f)!r} must be a bool")
         if self.scan_unroll is not None and not (isinstance(self.scan_unroll, int) and 1 <= self.scan_unroll <= 4):
             raise ValueError(f"ScanBlockConfig.scan_unroll={self.scan_unroll!r} must be None, 1, 2, 3 or 4")
+        if self.scan_pipeline is not None and self.scan_pipeline not in SCAN_PIPELINES:
+            raise ValueError(f"ScanBlockConfig.scan_pipeline={self.scan_pipeline!r} must be None or one of "
+                             f"{SCAN_PIPELINES}")
         if self.scan_chunk and self.time_splits > 1:
             raise ValueError("ScanBlockConfig: time_splits applies to the per-step forward; set scan_chunk=0 with it")
 
@@ -238,8 +249,7 @@ class _Static:
     P: int = 1  # forward time segments (the forward kernels then see seqlen L / P and batch * P)
     Tc: int = 0  # steps per chunk of the chunked forward (0: the per-step forward)
     U: int = 0  # chunks per loop trip of the chunked forward (0: ScanBlockConfig.scan_unroll's rule)
-    slots: bool = False  # chunked forward: per-chunk row buffers (else rotated buffers)
-    exp_ahead: bool = True  # chunked forward: exp2 of chunk c + 1 in trip c (else of chunk c in trip c)
+    pipe: str = ""  # chunked forward: ScanBlockConfig.scan_pipeline ("": its rule)
 
     @property
     def NC1(self) -> int:
@@ -272,8 +282,25 @@ def _make_static(l, g, dg, n, cfg: ScanBlockConfig, **flags) -> _Static:
         p *= 2
     return _Static(L=l, G=g, Dgp=-(-dg // step) * step, Np=np_, BD=bd, BDb=bdb, Kf=min(cfg.chunk, k1), K1=k1,
                    Kb=min(cfg.bwd_chunk, k1), nw=cfg.num_warps, nwb=cfg.num_warps_bwd, num_stages=cfg.num_stages,
-                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, P=1 if tc else p, Tc=tc, U=cfg.scan_unroll or 0, exp_ahead=cfg.exp_ahead, slots=cfg.scan_slots,
+                   prefetch=cfg.prefetch, group_loads=cfg.group_loads, P=1 if tc else p, Tc=tc, U=cfg.scan_unroll or 0,
+                   pipe=cfg.scan_pipeline or "",
                    **flags)
+
+
+def _chunk_pipeline(st: _Static, dtype, save_ckpt: bool) -> Tuple[str, int]:
+    """(pipeline, chunks per trip) of the chunked forward: the config's, else the fastest measured on the H100
+    (BENCHMARKS.md, scan run 9, B8 L4096 D2048 N16): f32 "slots" with 4 chunks per trip (2 when it also saves
+    checkpoints); bf16 / f16 "rotate" with 2 (with checkpoints "slots_fenced" with 4)."""
+    half = jnp.dtype(dtype).itemsize == 2
+    if st.pipe:
+        pipe = st.pipe
+    else:
+        pipe = ("slots_fenced" if save_ckpt else "rotate") if half else "slots"
+    if st.U:
+        return pipe, st.U
+    if pipe == "rotate":
+        return pipe, 2 if half else 1
+    return pipe, 4 if (half or not save_ckpt) else 2
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -349,6 +376,18 @@ def _to_f32_k(x, interpret: bool):
     [r] = plt.elementwise_inline_asm(f"cvt.f32.{src} $0, $1;", args=[x], constraints="=r,h", pack=1,
                                      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
     return r
+
+
+_NEVER_BITS = 0x7FC0_0A5C  # a quiet-NaN payload: NVIDIA arithmetic makes NaNs 0x7FFFFFFF, loads keep theirs
+
+
+def _after(x, dep, interpret: bool):
+    """x, with a data dependency on dep (same shape, f32): ptxas schedules within a basic block by dependencies
+    only, so this keeps x's users after dep exists.  A select on dep's bits equalling a NaN payload that GPU
+    arithmetic never produces, so its value is x (2 instructions per element); x itself in interpret mode."""
+    if interpret:
+        return x
+    return jnp.where(lax.bitcast_convert_type(dep, jnp.int32) == _NEVER_BITS, dep, x)
 
 
 def _sigmoid_k(x, interpret: bool):
@@ -545,7 +584,7 @@ def _fwd_chunk_kernel(*refs, st: _Static, save_ckpt: bool = False):
                                      other=0)) for k in fields)
 
     def dt_exp(c, x):  # (dt [T, BD], exp(dt A) [T, Np, BD]) of chunk c from its raw dt rows; dt = 0 past seqlen
-        dt = _dt(st, _to_f32_k(x, st.interpret), bias, valid(c) if partial else None)[1]
+        dt = _dt(st, x, bias, valid(c) if partial else None)[1]
         return dt, _exp2_k(dt[:, None, :] * A2[None], st.interpret)
 
     def scan_chunk(c, h0, dt, a, rows):
@@ -568,45 +607,45 @@ def _fwd_chunk_kernel(*refs, st: _Static, save_ckpt: bool = False):
             y = y * (zt * _sigmoid_k(zt, st.interpret))
         tsl = pl.ds(pl.multiple_of(c * T, T), T)
         _store(r["out"], (b, tsl, dsl), y.astype(r["out"].dtype), valid(c) if partial else None)
-        return jnp.sum(jnp.where(ti == T - 1, h, -0.0), axis=0)  # x + -0.0 folds away: no adds
+        return jnp.sum(jnp.where(ti == T - 1, h, -0.0), axis=0), y  # x + -0.0 folds away: no adds
 
-    unroll = st.U or (2 if jnp.dtype(r["u"].dtype).itemsize == 2 and not save_ckpt else 1)
+    pipe, unroll = _chunk_pipeline(st, jnp.dtype(r["u"].dtype), save_ckpt)
     h0 = jnp.zeros((Np, BD), f32)
-    if st.slots:  # `unroll` row buffers, one per chunk of a trip: chunk i U + k reads buffer k, then reloads it
-        # with chunk (i + 1) U + k, after its store (no load passes it), so the new rows take the buffer's own
-        # registers: no copies (a copy of loaded registers waits for the load), U - 1 chunks of latency hidden
+    if pipe != "rotate":  # `unroll` row buffers, one per chunk of a trip: chunk i U + k reads buffer k, then reloads
+        # it with chunk (i + 1) U + k after its store (no load passes a store that may alias), so the new rows take
+        # the buffer's own registers: no copies (a copy of loaded registers waits for the load), and U - 1 chunks
+        # of latency to hide.  Rows stay in their storage dtype until used (`_to_f32_k`).
+        def step(c, h, y, rows):
+            x = _to_f32_k(rows[0], st.interpret)
+            if pipe == "slots_fenced":  # ptxas would hoist the later chunks' softplus to the trip's top, right
+                x = _after(x, y, st.interpret)  # after their loads were issued: make it wait for chunk c - 1's out
+            return scan_chunk(c, h, *dt_exp(c, x), rows[1:])
+
         def trips(i, carry):
-            h, slots = carry
+            h, y, slots = carry
             slots = list(slots)
             for k in range(unroll):
                 c = i * unroll + k
-                h = scan_chunk(c, h, *dt_exp(c, slots[k][0]), slots[k][1:])
+                h, y = step(c, h, y, slots[k])
                 slots[k] = load(c + unroll, False)
-            return h, tuple(slots)
+            return h, y, tuple(slots)
 
-        h0, slots = lax.fori_loop(0, nch // unroll, trips, (h0, tuple(load(k, False) for k in range(unroll))))
+        y = jnp.zeros((T, BD), f32)
+        h0, y, slots = lax.fori_loop(0, nch // unroll, trips, (h0, y, tuple(load(k, False) for k in range(unroll))))
         for k in range(nch % unroll):  # the chunks left over, from their buffers
-            c = jnp.int32(nch - nch % unroll + k)
-            h0 = scan_chunk(c, h0, *dt_exp(c, slots[k][0]), slots[k][1:])
-    else:  # rotate: three row buffers (this chunk's, the next one's, the one in flight) carried and rotated
+            h0, y = step(jnp.int32(nch - nch % unroll + k), h0, y, slots[k])
+    else:  # three f32 row buffers carried and rotated (this chunk's, the next one's, the one in flight)
         def trip(c, carry):
-            h, pre, cur, nxt = carry
+            h, cur, nxt = carry
             ahead = load(c + 2)  # in flight during this trip's math
-            if st.exp_ahead:  # chunk c + 1's MUFU work, independent of chunk c's scan
-                (dt, a), nxt_pre = pre, dt_exp(c + 1, nxt[0])
-            else:
-                (dt, a), nxt_pre = dt_exp(c, pre), nxt[0]
-            return scan_chunk(c, h, dt, a, cur), nxt_pre, nxt[1:], ahead
-
-        first = load(0)
-        carry = (h0, dt_exp(0, first[0]) if st.exp_ahead else first[0], first[1:], load(1))
+            return scan_chunk(c, h, *dt_exp(c, cur[0]), cur[1:])[0], nxt, ahead
 
         def trips(i, carry):  # `unroll` chunks, statically unrolled
             for k in range(unroll):
                 carry = trip(i * unroll + k, carry)
             return carry
 
-        carry = lax.fori_loop(0, nch // unroll, trips, carry)
+        carry = lax.fori_loop(0, nch // unroll, trips, (h0, load(0), load(1)))
         for c in range(nch - nch % unroll, nch):  # the chunks left over, unrolled after the loop
             carry = trip(jnp.int32(c), carry)
         h0 = carry[0]

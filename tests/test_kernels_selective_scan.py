@@ -57,6 +57,8 @@ def test_dispatch_and_config_errors():
         K.ScanBlockConfig(block_d=3)
     with pytest.raises(ValueError, match="scan_unroll"):
         K.ScanBlockConfig(scan_unroll=5)
+    with pytest.raises(ValueError, match="scan_pipeline"):
+        K.ScanBlockConfig(scan_pipeline="ahead")
     with pytest.raises(ValueError, match="B must be"):
         K.selective_scan(**{**bld, "B": bld["B"][:, :-1]}, impl="triton", interpret=True)
 

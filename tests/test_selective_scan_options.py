@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from test_ssm_reference import ARG_NAMES, make_inputs, scan_ref_np, scan_ref_vjp
-from test_ssm_scan import LOW, assert_matches_reference, run
+from test_ssm_scan import LOW, S, assert_matches_reference, rel_err, run
 
 K = importlib.import_module("kernels.selective_scan")  # the module (kernels/__init__ exports the function)
 
@@ -28,6 +28,11 @@ CONFIGS = {  # name -> (seqlen, config)
     "chunked": (100, K.ScanBlockConfig(block_d=8, ckpt_chunk=16, bwd_chunk=4, scan_chunk=8)),
     # 4-step chunks, block_d from the default rule (2048 / (4 * 4) = 128 -> the padded group of 16), 96 = 24 * 4
     "chunked4": (96, K.ScanBlockConfig(ckpt_chunk=8, bwd_chunk=4, scan_chunk=4)),
+    # the chunked forward's load pipelines, 3 chunks per trip: 13 chunks = 4 trips + 1 left over
+    "rotate3": (100, K.ScanBlockConfig(block_d=8, ckpt_chunk=16, bwd_chunk=4, scan_pipeline="rotate",
+                                       scan_unroll=3)),
+    "slots_fenced3": (100, K.ScanBlockConfig(block_d=8, ckpt_chunk=16, bwd_chunk=4, scan_pipeline="slots_fenced",
+                                             scan_unroll=3)),
     "group_loads": (100, K.ScanBlockConfig(**BASE, group_loads=True)),
     "prefetch": (100, K.ScanBlockConfig(**BASE, prefetch=True)),
     # 4 segments of 24 steps = 3 checkpoint chunks of 8 each
@@ -78,6 +83,20 @@ def test_options_values_and_vjps_bf16():
                                  last_ref, g_ref, "bfloat16")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_pipelines_forward_only(dtype):
+    """The forward without checkpoints (inference) through each load pipeline at its default unroll (f32 slots 4,
+    bf16 rotate 2: 13 chunks leave 1 over) and slots with one chunk per trip, against float64 numpy."""
+    jargs, out_ref, last_ref, _, _ = _case(100, dtype)
+    tol = 2e-5 if dtype == "float32" else 2e-2
+    for pipe, unroll in ((None, None), ("rotate", None), ("slots", None), ("slots_fenced", None), ("slots", 1)):
+        cfg = K.ScanBlockConfig(block_d=8, ckpt_chunk=16, scan_pipeline=pipe, scan_unroll=unroll)
+        out, last = jax.jit(lambda a, cfg=cfg: S.selective_scan(**a, delta_softplus=True, return_last_state=True,
+                                                              impl="pallas", interpret=True, config=cfg))(jargs)
+        assert out.dtype == jnp.dtype(dtype)
+        assert rel_err(out, out_ref) < tol and rel_err(last, last_ref) < tol, (pipe, unroll)
+
+
 def test_load_schedules_are_the_same_arithmetic():
     """group_loads and prefetch only move loads: values and gradients are bit-identical to the default's."""
     jargs, _, _, ct, _ = _case(100)
@@ -118,6 +137,8 @@ def test_time_split_plan():
 @pytest.mark.parametrize("seqlen,kw,kernels", [
     (48, dict(), ("selective_scan_fwd", "selective_scan_bwd")),  # the default config (forward with checkpoints)
     (52, dict(), ("selective_scan_fwd", "selective_scan_bwd")),  # chunked, 52 = 6 * 8 + 4: masked loads and stores
+    (52, dict(scan_pipeline="rotate"), ("selective_scan_fwd", "selective_scan_bwd")),
+    (52, dict(scan_pipeline="slots", scan_unroll=3), ("selective_scan_fwd", "selective_scan_bwd")),
     (52, dict(prefetch=True, scan_chunk=0), ("selective_scan_fwd", "selective_scan_bwd")),  # per-step, masked tail
     (96, dict(prefetch=True, time_splits=4, scan_chunk=0),
      ("selective_scan_state", "selective_scan_fwd", "selective_scan_bwd")),

@@ -76,7 +76,7 @@ from jax import lax
 from kernels import dispatch, fma_ops, linear_scan
 
 LOG2E = 1.4426950408889634
-SCAN_PIPELINES = ("rotate", "slots", "slots_fenced")  # ScanBlockConfig.scan_pipeline
+SCAN_PIPELINES = ("rotate", "slots")  # ScanBlockConfig.scan_pipeline
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus: x > 20 -> x
 IMPLS = dispatch.IMPLS
 # Flip once experiments/bench_ssm.py's GPU parity check (values and VJPs vs the XLA scan) passes on an H100.
@@ -177,13 +177,13 @@ class ScanBlockConfig:
     scan_unroll: chunks per loop trip of the chunked forward, statically unrolled (with "slots", also its
         row buffers: chunks of load latency hidden + 1).  None: `scan_pipeline`'s rule below.
     scan_pipeline: how the chunked forward keeps rows in flight.  "rotate": three f32 row buffers carried and
-        rotated (rows loaded two chunks ahead; ptxas copies the loaded registers at the next trip's top, so about
-        one trip of latency is hidden).  "slots": `scan_unroll` buffers, chunk k of a trip reloads buffer k
-        after its store, no copies.  "slots_fenced": slots, each chunk's dt waiting for the previous chunk's
-        output (else ptxas hoists later chunks' softplus to the trip's top, right behind their loads).  None:
-        the fastest measured (H100, B8 L4096 D2048 N16, BENCHMARKS.md scan run 9): f32 "slots" with 4 chunks per
-        trip (693 us against 750 for run 8's default), 2 with checkpoints (732 against 804); bf16 / f16
-        "rotate" with 2 (527 against 650), with checkpoints "slots_fenced" with 4 (600 against 624).
+        rotated (rows loaded two chunks ahead; ptxas copies the loaded registers at the next trip's top, and a
+        copy waits for its load, so about one trip of latency is hidden).  "slots": `scan_unroll` buffers in
+        the storage dtype, chunk k of a trip reloading buffer k after its store: no copies.  None: the fastest
+        measured (H100, B8 L4096 D2048 N16, BENCHMARKS.md scan run 9): the f32 forward of inference "slots"
+        with 4 chunks per trip (693 us against 750 for the previous default, exp2 one chunk ahead); otherwise
+        "rotate", 1 chunk per trip in f32 and 2 in bf16 / f16 (bf16 forward 529 us against 650; the
+        checkpointing forward of training 649 / 553 us f32 / bf16, against 804 / 624).
     """
 
     block_d: Optional[int] = None
@@ -289,18 +289,15 @@ def _make_static(l, g, dg, n, cfg: ScanBlockConfig, **flags) -> _Static:
 
 def _chunk_pipeline(st: _Static, dtype, save_ckpt: bool) -> Tuple[str, int]:
     """(pipeline, chunks per trip) of the chunked forward: the config's, else the fastest measured on the H100
-    (BENCHMARKS.md, scan run 9, B8 L4096 D2048 N16): f32 "slots" with 4 chunks per trip (2 when it also saves
-    checkpoints); bf16 / f16 "rotate" with 2 (with checkpoints "slots_fenced" with 4)."""
+    (BENCHMARKS.md, scan run 9, B8 L4096 D2048 N16): "slots" with 4 chunks per trip for the f32 forward of
+    inference, else "rotate" (1 chunk per trip in f32, 2 in bf16 / f16)."""
     half = jnp.dtype(dtype).itemsize == 2
-    if st.pipe:
-        pipe = st.pipe
-    else:
-        pipe = ("slots_fenced" if save_ckpt else "rotate") if half else "slots"
+    pipe = st.pipe or ("rotate" if (half or save_ckpt) else "slots")
     if st.U:
         return pipe, st.U
     if pipe == "rotate":
         return pipe, 2 if half else 1
-    return pipe, 4 if (half or not save_ckpt) else 2
+    return pipe, 2 if save_ckpt else 4
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -376,18 +373,6 @@ def _to_f32_k(x, interpret: bool):
     [r] = plt.elementwise_inline_asm(f"cvt.f32.{src} $0, $1;", args=[x], constraints="=r,h", pack=1,
                                      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
     return r
-
-
-_NEVER_BITS = 0x7FC0_0A5C  # a quiet-NaN payload: NVIDIA arithmetic makes NaNs 0x7FFFFFFF, loads keep theirs
-
-
-def _after(x, dep, interpret: bool):
-    """x, with a data dependency on dep (same shape, f32): ptxas schedules within a basic block by dependencies
-    only, so this keeps x's users after dep exists.  A select on dep's bits equalling a NaN payload that GPU
-    arithmetic never produces, so its value is x (2 instructions per element); x itself in interpret mode."""
-    if interpret:
-        return x
-    return jnp.where(lax.bitcast_convert_type(dep, jnp.int32) == _NEVER_BITS, dep, x)
 
 
 def _sigmoid_k(x, interpret: bool):
@@ -587,15 +572,16 @@ def _fwd_chunk_kernel(*refs, st: _Static, save_ckpt: bool = False):
         dt = _dt(st, x, bias, valid(c) if partial else None)[1]
         return dt, _exp2_k(dt[:, None, :] * A2[None], st.interpret)
 
-    def scan_chunk(c, h0, dt, a, rows):
-        """Chunk c from state h0 (its dt and exp(dt A) given, its u, B, C[, z] rows): stores out, returns the
-        chunk's last state."""
+    def scan_chunk(c, h0, rows):
+        """Chunk c from state h0 and its rows (dt, u, B, C[, z]; f32 or the storage dtype): stores out, returns
+        the chunk's last state."""
+        dt, a = dt_exp(c, _to_f32_k(rows[0], st.interpret))
         if save_ckpt:
             @pl.when(lax.rem(c, per_ckpt) == 0)
             def _():
                 r["ckpt"][b, lax.div(c, per_ckpt), dsl, :] = h0.T
 
-        u, bt, ct = (_to_f32_k(v, st.interpret) for v in rows[:3])
+        u, bt, ct = (_to_f32_k(v, st.interpret) for v in rows[1:4])
         x = (dt * u)[:, None, :] * bt[:, :, None]
         x = jnp.where(ti == 0, fma_ops.fma(a, jnp.broadcast_to(h0[None], a.shape), x), x)
         _, h = linear_scan.linear_scan(a, x, axis=0)
@@ -603,42 +589,35 @@ def _fwd_chunk_kernel(*refs, st: _Static, save_ckpt: bool = False):
         if st.has_D:
             y = fma_ops.fma(jnp.broadcast_to(Dv[None, :], u.shape), u, y)
         if st.has_z:
-            zt = _to_f32_k(rows[3], st.interpret)
+            zt = _to_f32_k(rows[4], st.interpret)
             y = y * (zt * _sigmoid_k(zt, st.interpret))
         tsl = pl.ds(pl.multiple_of(c * T, T), T)
         _store(r["out"], (b, tsl, dsl), y.astype(r["out"].dtype), valid(c) if partial else None)
-        return jnp.sum(jnp.where(ti == T - 1, h, -0.0), axis=0), y  # x + -0.0 folds away: no adds
+        return jnp.sum(jnp.where(ti == T - 1, h, -0.0), axis=0)  # x + -0.0 folds away: no adds
 
     pipe, unroll = _chunk_pipeline(st, jnp.dtype(r["u"].dtype), save_ckpt)
     h0 = jnp.zeros((Np, BD), f32)
-    if pipe != "rotate":  # `unroll` row buffers, one per chunk of a trip: chunk i U + k reads buffer k, then reloads
-        # it with chunk (i + 1) U + k after its store (no load passes a store that may alias), so the new rows take
-        # the buffer's own registers: no copies (a copy of loaded registers waits for the load), and U - 1 chunks
-        # of latency to hide.  Rows stay in their storage dtype until used (`_to_f32_k`).
-        def step(c, h, y, rows):
-            x = _to_f32_k(rows[0], st.interpret)
-            if pipe == "slots_fenced":  # ptxas would hoist the later chunks' softplus to the trip's top, right
-                x = _after(x, y, st.interpret)  # after their loads were issued: make it wait for chunk c - 1's out
-            return scan_chunk(c, h, *dt_exp(c, x), rows[1:])
-
+    if pipe == "slots":  # `unroll` row buffers, one per chunk of a trip: chunk i U + k reads buffer k, then
+        # reloads it with chunk (i + 1) U + k after its store (no load passes a store that may alias), so the new
+        # rows take the buffer's own registers: no copies (a copy of loaded registers waits for the load), and
+        # U - 1 chunks of latency to hide.  Rows stay in their storage dtype until used (`_to_f32_k`).
         def trips(i, carry):
-            h, y, slots = carry
+            h, slots = carry
             slots = list(slots)
             for k in range(unroll):
                 c = i * unroll + k
-                h, y = step(c, h, y, slots[k])
+                h = scan_chunk(c, h, slots[k])
                 slots[k] = load(c + unroll, False)
-            return h, y, tuple(slots)
+            return h, tuple(slots)
 
-        y = jnp.zeros((T, BD), f32)
-        h0, y, slots = lax.fori_loop(0, nch // unroll, trips, (h0, y, tuple(load(k, False) for k in range(unroll))))
+        h0, slots = lax.fori_loop(0, nch // unroll, trips, (h0, tuple(load(k, False) for k in range(unroll))))
         for k in range(nch % unroll):  # the chunks left over, from their buffers
-            h0, y = step(jnp.int32(nch - nch % unroll + k), h0, y, slots[k])
+            h0 = scan_chunk(jnp.int32(nch - nch % unroll + k), h0, slots[k])
     else:  # three f32 row buffers carried and rotated (this chunk's, the next one's, the one in flight)
         def trip(c, carry):
             h, cur, nxt = carry
             ahead = load(c + 2)  # in flight during this trip's math
-            return scan_chunk(c, h, *dt_exp(c, cur[0]), cur[1:])[0], nxt, ahead
+            return scan_chunk(c, h, cur), nxt, ahead
 
         def trips(i, carry):  # `unroll` chunks, statically unrolled
             for k in range(unroll):

@@ -31,8 +31,7 @@ CONFIGS = {  # name -> (seqlen, config)
     # the chunked forward's load pipelines, 3 chunks per trip: 13 chunks = 4 trips + 1 left over
     "rotate3": (100, K.ScanBlockConfig(block_d=8, ckpt_chunk=16, bwd_chunk=4, scan_pipeline="rotate",
                                        scan_unroll=3)),
-    "slots_fenced3": (100, K.ScanBlockConfig(block_d=8, ckpt_chunk=16, bwd_chunk=4, scan_pipeline="slots_fenced",
-                                             scan_unroll=3)),
+    "slots3": (100, K.ScanBlockConfig(block_d=8, ckpt_chunk=16, bwd_chunk=4, scan_pipeline="slots", scan_unroll=3)),
     "group_loads": (100, K.ScanBlockConfig(**BASE, group_loads=True)),
     "prefetch": (100, K.ScanBlockConfig(**BASE, prefetch=True)),
     # 4 segments of 24 steps = 3 checkpoint chunks of 8 each
@@ -86,10 +85,10 @@ def test_options_values_and_vjps_bf16():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_chunked_pipelines_forward_only(dtype):
     """The forward without checkpoints (inference) through each load pipeline at its default unroll (f32 slots 4,
-    bf16 rotate 2: 13 chunks leave 1 over) and slots with one chunk per trip, against float64 numpy."""
+    bf16 rotate 2: 13 chunks leave 1 over) and slots with 1 and 2 chunks per trip, against float64 numpy."""
     jargs, out_ref, last_ref, _, _ = _case(100, dtype)
     tol = 2e-5 if dtype == "float32" else 2e-2
-    for pipe, unroll in ((None, None), ("rotate", None), ("slots", None), ("slots_fenced", None), ("slots", 1)):
+    for pipe, unroll in ((None, None), ("rotate", None), ("slots", None), ("slots", 1), ("slots", 2)):
         cfg = K.ScanBlockConfig(block_d=8, ckpt_chunk=16, scan_pipeline=pipe, scan_unroll=unroll)
         out, last = jax.jit(lambda a, cfg=cfg: S.selective_scan(**a, delta_softplus=True, return_last_state=True,
                                                               impl="pallas", interpret=True, config=cfg))(jargs)

@@ -22,7 +22,7 @@ through one of two pipelines (`ScanBlockConfig.scan_pipeline`): three rotated ro
 unrolled chunk, reloaded after its chunk's store so the loaded registers are never copied (a copy of a loaded
 register waits for the load).  That is ~8 instructions per (step, dim, state) against ~30 for the per-step
 forward (SASS, Triton 3.6, sm90), and 2x faster on the H100 (BENCHMARKS.md scan run 9: f32 693 us, 51% of
-copy; bf16 527 us, 35%; at B8 L4096 D2048 N16).  Padded steps
+copy; bf16 529 us, 35%; at B8 L4096 D2048 N16).  Padded steps
 past seqlen get dt = 0 (masked loads and stores), i.e. the identity map on the state.  With it comes the
 chunked backward (`_bwd_chunk_kernel`: the adjoint as a reverse `tt.scan`), 2.0x faster forward+backward.
 All kernels take softplus and sigmoid from MUFU approximations (`_softplus_k`, `_sigmoid_k`), not libdevice.

@@ -56,34 +56,19 @@ def test_inside_a_pallas_kernel_interpret():
 
 def test_lowers_to_tt_scan_for_cuda():
     """The Triton rule is registered on this jax and emits one tt.scan over both operands."""
-    from jax import export
     from jax.experimental import pallas as pl
 
     from kernels.selective_scan import _compiler_params
+    from triton_ttir import cuda_ttir
 
     assert LS.TRITON_ERROR is None
-    captured = []
-    from jax._src.pallas.triton import lowering as tl
-
-    orig = tl.lower_jaxpr_to_triton_module
-
-    def spy(*a, **k):
-        res = orig(*a, **k)
-        captured.append(res.module.operation.get_asm())
-        return res
 
     def kernel(a_ref, b_ref, h_ref):
         h = LS.linear_scan(a_ref[...], b_ref[...], axis=0)[1]
         h_ref[...] = LS.linear_scan(a_ref[...], h, axis=0, reverse=True)[1]
 
     sd = jax.ShapeDtypeStruct((8, 16, 32), jnp.float32)
-    tl.lower_jaxpr_to_triton_module = spy
-    try:
-        call = pl.pallas_call(kernel, out_shape=sd, compiler_params=_compiler_params(4, 1))  # Triton
-        export.export(jax.jit(call), platforms=("cuda",),
-                      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(sd, sd)
-    finally:
-        tl.lower_jaxpr_to_triton_module = orig
+    captured = cuda_ttir(pl.pallas_call(kernel, out_shape=sd, compiler_params=_compiler_params(4, 1)), sd, sd)
     assert len(captured) == 1 and captured[0].count('"tt.scan"') == 2
     assert captured[0].count("reverse = true") == 1 and captured[0].count("reverse = false") == 1
 

@@ -529,9 +529,10 @@ def _fwd_chunk_kernel(*refs, st: _Static, save_ckpt: bool = False):
 
     h0 enters through the first step (b_0 += a_0 h0), so `linear_scan`'s h is the state itself; the tile's time
     axis is its slowest, which Triton keeps within each thread (a sequential in-register scan, no shuffles), and
-    dstate is mostly in-thread too (the <h, C> sum is adds plus at most a shuffle or two).  Software pipelined:
-    a trip issues the loads of chunk c + 2 and the exp2 of chunk c + 1 (carried) before chunk c's scan, so the
-    MUFU work of one chunk and the FMA chain of the other are independent instructions in one trip.
+    dstate is mostly in-thread too (the <h, C> sum is FMAs plus at most a shuffle or two).  Rows are loaded ahead
+    of their chunk through `_chunk_pipeline`'s pipeline; a chunk's exp2 (MUFU) and its scan's FMA chain are one
+    trip's work, so ptxas interleaves them (computed a chunk ahead, its 64 MUFU ops ended up in a row at the end of
+    the trip).
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu

@@ -78,8 +78,8 @@ def main():
             ref = np.asarray(u.astype(jnp.float32) * dl + z + jnp.sum(B * C, axis=3), np.float32)
             err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
             us = kt.kernel_table(fn, [u, dl, z, B, C], iters=20)["kernel_us_per_iter"]
-            row = dict(dtype=dn, chunk=T, block_d=bd, num_warps=nw, ahead=ahead, us=us, gbs=nbytes / us / 1e3, copy_gbs=copy_gbs,
-                       pct_copy=100 * nbytes / us / 1e3 / copy_gbs, err=err)
+            row = dict(dtype=dn, chunk=T, block_d=bd, num_warps=nw, ahead=ahead, us=us, gbs=nbytes / us / 1e3,
+                       copy_gbs=copy_gbs, pct_copy=100 * nbytes / us / 1e3 / copy_gbs, err=err)
             res.append(row)
             print(json.dumps(row), flush=True)
     out = os.path.join(os.environ.get("OUT", "."), "ssm_access_probe.json")

@@ -82,8 +82,8 @@ def _bin(tool: str) -> str:
 def compile_kernel(kernel: dict, arch: int = 90, fp_fusion: bool = False) -> dict:
     """Compile one captured kernel for cuda:arch; fp_fusion False (default) compiles as XLA's Triton path does on
     the GPU, with no contraction of a multiply and an add into an FMA (Nsight Compute on the H100, jax 0.11: 0
-    fused FP32 instructions in the scan forward; Triton's own default contracts).  Returns ttir, ttgir, llir, ptx, sass (text), ptxas (the -v
-    report), regs, spills (bytes stored + loaded), shared (bytes), compile_s."""
+    fused FP32 instructions in the scan forward; Triton's own default contracts).  Returns ttir, ttgir, llir, ptx,
+    sass (text), ptxas (the -v report), regs, spills (bytes stored + loaded), shared (bytes), compile_s."""
     triton = _triton()
     from triton.backends.compiler import GPUTarget
 

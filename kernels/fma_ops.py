@@ -10,7 +10,7 @@ per element plus an add per element.  These primitives lower to `math.fma` in a 
                           n - 1 FFMA, and the cross-lane steps are plain adds.
 Outside a kernel and in Pallas interpret mode they are the plain jnp expressions (`a * b + c`, `sum(x * y)`).
 Their rules go into Pallas' private Triton lowering table, as `kernels.linear_scan`'s do; `TRITON_ERROR` says why
-when a jax version has moved it.
+when a jax version has moved it, and then both functions are the plain expressions everywhere.
 """
 
 from __future__ import annotations
@@ -31,12 +31,7 @@ def _fma_impl(a, b, c):
     return a * b + c
 
 
-def _fma_abstract(a, b, c):
-    if not (a.shape == b.shape == c.shape and a.dtype == b.dtype == c.dtype):
-        raise ValueError(f"fma: operands must match, got {a.shape} {a.dtype}, {b.shape} {b.dtype}, "
-                         f"{c.shape} {c.dtype}")
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-        raise ValueError(f"fma: floating operands only, got {a.dtype}")
+def _fma_abstract(a, b, c):  # `fma` has broadcast and cast its operands
     return a
 
 
@@ -44,11 +39,7 @@ def _dot_sum_impl(x, y, *, axis: int):
     return jnp.sum(x * y, axis=axis)
 
 
-def _dot_sum_abstract(x, y, *, axis: int):
-    if x.shape != y.shape or x.dtype != y.dtype:
-        raise ValueError(f"dot_sum: x and y must match, got {x.shape} {x.dtype} and {y.shape} {y.dtype}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"dot_sum: floating operands only, got {x.dtype}")
+def _dot_sum_abstract(x, y, *, axis: int):  # `dot_sum` has broadcast, cast and checked its operands
     return jax.core.ShapedArray(x.shape[:axis] + x.shape[axis + 1:], x.dtype)
 
 
@@ -69,6 +60,8 @@ def fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
     dt = jnp.result_type(a, b, c)
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"fma: floating operands only, got {dt}")
+    if TRITON_ERROR:  # no Triton rule on this jax: the plain expression lowers everywhere
+        return _fma_impl(a.astype(dt), b.astype(dt), c.astype(dt))
     return fma_p.bind(a.astype(dt), b.astype(dt), c.astype(dt))
 
 
@@ -80,6 +73,8 @@ def dot_sum(x: jax.Array, y: jax.Array, axis: int) -> jax.Array:
         raise ValueError(f"dot_sum: floating operands only, got {dt}")
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"dot_sum: axis {axis} out of range for rank {x.ndim}")
+    if TRITON_ERROR:  # no Triton rule on this jax: the plain expression lowers everywhere
+        return _dot_sum_impl(x.astype(dt), y.astype(dt), axis=axis % x.ndim)
     return dot_sum_p.bind(x.astype(dt), y.astype(dt), axis=axis % x.ndim)
 
 

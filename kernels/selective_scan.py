@@ -365,11 +365,11 @@ def _to_f32_k(x, interpret: bool):
     """x in f32.  bf16 / f16 through `cvt.f32.{bf16,f16}` (inline PTX) on the GPU: Triton does not move an asm
     past a layout conversion, so rows loaded as bf16 convert once per loaded value, not once per element of the
     broadcast they feed (a plain convert is rematerialised after the conversion: 8x the conversions)."""
-    if x.dtype == jnp.float32 or interpret:
+    src = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}.get(jnp.dtype(x.dtype))
+    if src is None or interpret:
         return x.astype(jnp.float32)
     from jax.experimental.pallas import triton as plt
 
-    src = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}[jnp.dtype(x.dtype)]
     [r] = plt.elementwise_inline_asm(f"cvt.f32.{src} $0, $1;", args=[x], constraints="=r,h", pack=1,
                                      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
     return r
@@ -389,7 +389,7 @@ def _softplus_k(x, interpret: bool):
     s2 = s * s
     p = _ATANH_COEFFS[-1]
     for c in reversed(_ATANH_COEFFS[:-1]):
-        p = fma_ops.fma(p, s2, jnp.full_like(p, c))
+        p = fma_ops.fma(p, s2, c)
     return jnp.maximum(x, 0.0) + s * p
 
 
@@ -584,11 +584,11 @@ def _fwd_chunk_kernel(*refs, st: _Static, save_ckpt: bool = False):
 
         u, bt, ct = (_to_f32_k(v, st.interpret) for v in rows[1:4])
         x = (dt * u)[:, None, :] * bt[:, :, None]
-        x = jnp.where(ti == 0, fma_ops.fma(a, jnp.broadcast_to(h0[None], a.shape), x), x)
+        x = jnp.where(ti == 0, fma_ops.fma(a, h0[None], x), x)
         _, h = linear_scan.linear_scan(a, x, axis=0)
-        y = fma_ops.dot_sum(h, jnp.broadcast_to(ct[:, :, None], h.shape), axis=1)  # [T, BD]
+        y = fma_ops.dot_sum(h, ct[:, :, None], axis=1)  # [T, BD]
         if st.has_D:
-            y = fma_ops.fma(jnp.broadcast_to(Dv[None, :], u.shape), u, y)
+            y = fma_ops.fma(Dv[None, :], u, y)
         if st.has_z:
             zt = _to_f32_k(rows[4], st.interpret)
             y = y * (zt * _sigmoid_k(zt, st.interpret))

@@ -73,3 +73,15 @@ def test_bad_input():
         F.fma(jnp.ones(3, jnp.int32), jnp.ones(3, jnp.int32), jnp.ones(3, jnp.int32))
     with pytest.raises(ValueError, match="floating"):
         F.dot_sum(jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), jnp.int32), 0)
+
+
+def test_plain_expressions_without_the_triton_rules(monkeypatch):
+    """On a jax whose Pallas lowering table moved (TRITON_ERROR set), both are the plain jnp expressions, so a
+    kernel using them still lowers; values unchanged."""
+    a, b, c = _x((4, 3), 0), _x((4, 3), 1), _x((4, 3), 2)
+    monkeypatch.setattr(F, "TRITON_ERROR", "moved")
+    jaxpr = str(jax.make_jaxpr(lambda a, b, c: F.dot_sum(F.fma(a, b, c), b, 1))(a, b, c))
+    assert "iva_fma" not in jaxpr and "iva_dot_sum" not in jaxpr
+    np.testing.assert_allclose(F.dot_sum(F.fma(a, b, c), b, 1),
+                               np.sum((np.float64(a) * np.float64(b) + np.float64(c)) * np.float64(b), 1),
+                               rtol=1e-5, atol=1e-5)
